@@ -1,0 +1,238 @@
+"""Metric definitions, compatible with EasyEdit's, and their aggregation.
+
+Every metric is computed from teacher-forced probes: a prompt followed by an answer. For each
+probe we read, at the answer's positions only, the argmax token and the log-probability of the
+answer token. From those:
+
+* reliability  - token accuracy of `target_new` after the edit prompt: mean over target tokens of
+                 [argmax == target token];
+* generality   - the same on each rephrase prompt (mean over rephrases);
+* locality     - agreement between post-edit and pre-edit argmax tokens over the locality
+                 answer's positions (agreement, not correctness); 1.0 before the edit by definition;
+* portability  - token accuracy of the portability answer after its prompt;
+* efficacy / paraphrase / neighborhood (CounterFact, ROME's probability comparison) - the fraction
+                 of prompts where P(target_new) > P(ground_truth) on the prompt / on rephrases, and
+                 where P(true answer) > P(target_new) on locality (neighbourhood) prompts. P is the
+                 mean per-token log-probability, as in ROME.
+
+Case scores are fractions in [0, 1]; summaries report percent with a bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bench.cases import EditCase
+from bench.models import output_logits
+
+METRIC_DEFINITIONS = "easyedit-token-accuracy/v1"
+TOKEN_METRICS = ("reliability", "generality", "locality", "portability")
+COUNTERFACT_METRICS = ("efficacy", "paraphrase", "neighborhood")
+ALL_METRICS = TOKEN_METRICS + COUNTERFACT_METRICS
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation of a prompt and its answer
+# --------------------------------------------------------------------------------------------
+
+
+def encode_probe(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of `prompt` (with the tokenizer's usual special tokens) and of `answer` as its
+    continuation: a separating space is added unless one side already has it, and no special
+    token is placed in the middle. When tokenising the joined text reproduces the prompt's ids as
+    a prefix, the answer ids are the remainder (exactly what the model sees in running text);
+    otherwise the answer is tokenised on its own."""
+    if not answer:
+        raise ValueError("empty answer")
+    sep = "" if (not prompt or prompt[-1].isspace() or answer[0].isspace()) else " "
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + sep + answer)["input_ids"]
+    eos = tokenizer.eos_token_id
+    # Tokenizers that append EOS would put it at the end of both; compare without it.
+    if eos is not None and prompt_ids and prompt_ids[-1] == eos and full_ids and full_ids[-1] == eos:
+        prompt_ids, full_ids = prompt_ids[:-1], full_ids[:-1]
+    if len(full_ids) > len(prompt_ids) and full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids):]
+    answer_ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+    return prompt_ids, answer_ids
+
+
+@dataclass
+class ProbeResult:
+    answer_ids: list[int]
+    pred_ids: list[int]  # argmax at each answer position (teacher forced)
+    mean_logprob: float  # mean over answer tokens of log P(answer token | prefix)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean([p == a for p, a in zip(self.pred_ids, self.answer_ids)]))
+
+
+@torch.no_grad()
+def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: int = 32) -> list[ProbeResult]:
+    """Teacher-forced argmax and log-probabilities at the answer positions of each probe.
+
+    Right padding keeps every real token at the position it has unbatched; vocabulary logits are
+    computed only at the answer positions (the vocabulary projection dominates the cost)."""
+    device = next(model.parameters()).device
+    encoded = [encode_probe(tokenizer, p, a) for p, a in probes]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[ProbeResult] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        seqs = [p + a for p, a in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for i, (p_ids, a_ids) in enumerate(chunk):
+            seq = p_ids + a_ids
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            for j, tok in enumerate(a_ids):
+                rows.append(i)
+                cols.append(len(p_ids) - 1 + j)  # the position that predicts answer token j
+                targets.append(tok)
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        logprobs = torch.log_softmax(output_logits(model, picked).float(), dim=-1)
+        target_t = torch.tensor(targets, device=device)
+        tok_lp = logprobs.gather(1, target_t[:, None])[:, 0].cpu().tolist()
+        argmax = logprobs.argmax(dim=-1).cpu().tolist()
+        k = 0
+        for _, a_ids in chunk:
+            n = len(a_ids)
+            results.append(ProbeResult(answer_ids=list(a_ids), pred_ids=argmax[k:k + n],
+                                       mean_logprob=float(np.mean(tok_lp[k:k + n]))))
+            k += n
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Per-case evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseEval:
+    """Everything read from the model for one case in one state (pre- or post-edit)."""
+
+    reliability: ProbeResult
+    generality: list[ProbeResult] = field(default_factory=list)
+    locality: list[ProbeResult] = field(default_factory=list)
+    portability: list[ProbeResult] = field(default_factory=list)
+    # CounterFact probability comparison: ground-truth probes on prompt and rephrases, and
+    # target_new probes on locality prompts.
+    truth_prompt: ProbeResult | None = None
+    truth_rephrase: list[ProbeResult] = field(default_factory=list)
+    new_on_locality: list[ProbeResult] = field(default_factory=list)
+
+
+def build_probes(case: EditCase, counterfact: bool) -> list[tuple[str, tuple[str, str]]]:
+    """(slot, (prompt, answer)) pairs for every probe the case needs, in a fixed order."""
+    probes = [("reliability", (case.prompt, case.target_new))]
+    probes += [("generality", (p, case.target_new)) for p in case.rephrase_prompts]
+    probes += [("locality", (pa.prompt, pa.answer)) for pa in case.locality]
+    probes += [("portability", (pa.prompt, pa.answer)) for pa in case.portability]
+    if counterfact and case.ground_truth:
+        probes.append(("truth_prompt", (case.prompt, case.ground_truth)))
+        probes += [("truth_rephrase", (p, case.ground_truth)) for p in case.rephrase_prompts]
+        probes += [("new_on_locality", (pa.prompt, case.target_new)) for pa in case.locality]
+    return probes
+
+
+def evaluate_case(model, tokenizer, case: EditCase, counterfact: bool = False,
+                  batch_size: int = 32) -> CaseEval:
+    """All probes of one case in one batched pass."""
+    probes = build_probes(case, counterfact)
+    results = score_probes(model, tokenizer, [p for _, p in probes], batch_size=batch_size)
+    slots: dict[str, list[ProbeResult]] = {}
+    for (slot, _), res in zip(probes, results):
+        slots.setdefault(slot, []).append(res)
+    return CaseEval(
+        reliability=slots["reliability"][0],
+        generality=slots.get("generality", []),
+        locality=slots.get("locality", []),
+        portability=slots.get("portability", []),
+        truth_prompt=slots.get("truth_prompt", [None])[0],
+        truth_rephrase=slots.get("truth_rephrase", []),
+        new_on_locality=slots.get("new_on_locality", []),
+    )
+
+
+def _mean(values) -> float:
+    return float(np.mean(values))
+
+
+def case_scores(ev: CaseEval, pre: CaseEval | None = None) -> dict[str, float]:
+    """Scores in [0, 1] for one case. `pre` is the pre-edit evaluation of the same case (needed
+    for locality); without it `ev` is itself the pre-edit state and locality is 1 by definition."""
+    scores = {"reliability": ev.reliability.accuracy}
+    if ev.generality:
+        scores["generality"] = _mean([r.accuracy for r in ev.generality])
+    if ev.locality:
+        if pre is None:
+            scores["locality"] = 1.0
+        else:
+            per_prompt = []
+            for now, before in zip(ev.locality, pre.locality):
+                per_prompt.append(_mean([a == b for a, b in zip(now.pred_ids, before.pred_ids)]))
+            scores["locality"] = _mean(per_prompt)
+    if ev.portability:
+        scores["portability"] = _mean([r.accuracy for r in ev.portability])
+    if ev.truth_prompt is not None:
+        scores["efficacy"] = float(ev.reliability.mean_logprob > ev.truth_prompt.mean_logprob)
+        if ev.generality:
+            scores["paraphrase"] = _mean([n.mean_logprob > t.mean_logprob
+                                          for n, t in zip(ev.generality, ev.truth_rephrase)])
+        if ev.locality:
+            scores["neighborhood"] = _mean([t.mean_logprob > n.mean_logprob
+                                            for t, n in zip(ev.locality, ev.new_on_locality)])
+    return scores
+
+
+def predictions(tokenizer, ev: CaseEval) -> dict:
+    """Decoded argmax tokens at the answer positions, for drill-down."""
+    dec = lambda r: tokenizer.decode(r.pred_ids)  # noqa: E731
+    out = {"prompt": dec(ev.reliability), "rephrase": [dec(r) for r in ev.generality],
+           "locality": [dec(r) for r in ev.locality]}
+    if ev.portability:
+        out["portability"] = [dec(r) for r in ev.portability]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (same units as `values`)."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return (float("nan"), float("nan"))
+    if arr.size == 1 or np.all(arr == arr[0]):
+        return (float(arr.mean()), float(arr.mean()))
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(n_resamples, arr.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def summarize_task(records: list[dict]) -> dict[str, dict]:
+    """Per metric {"pre", "post", "ci", "n"} in percent over the finished, error-free records."""
+    ok = [r for r in records if not r.get("error") and r.get("post")]
+    out: dict[str, dict] = {}
+    for metric in ALL_METRICS:
+        post = [r["post"][metric] for r in ok if metric in r["post"]]
+        if not post:
+            continue
+        pre = [r["pre"][metric] for r in ok if metric in r.get("pre", {})]
+        lo, hi = bootstrap_ci(np.asarray(post) * 100)
+        out[metric] = {"pre": round(float(np.mean(pre)) * 100, 4) if pre else None,
+                       "post": round(float(np.mean(post)) * 100, 4),
+                       "ci": [round(lo, 4), round(hi, 4)], "n": len(post)}
+    return out

