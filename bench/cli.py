@@ -56,6 +56,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    default="seen", help="instruction description used at evaluation")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per evaluation batch")
     p.add_argument("--retrain", action="store_true", help="learned editors: ignore cached checkpoints")
+    p.add_argument("--regression", type=_csv, default=[], metavar="TASKS",
+                   help="after the cases, lm-eval regression on these tasks (e.g. "
+                        "fact_retention,bench_perplexity,hellaswag; docs/regression.md)")
+    p.add_argument("--regression-mode", choices=["single", "sequential"], default="single",
+                   help="single: each edit alone (suite on a sample); sequential: all edits at once")
+    p.add_argument("--lm-limit", type=_limit, default=200,
+                   help="docs per lm-eval task (default 200; 0 = all)")
+    p.add_argument("--regression-corpus", default=None, metavar="FILE",
+                   help="text for bench_perplexity (.jsonl with \"text\" or blank-line separated; "
+                        "default: sampled from the unedited model)")
 
 
 def _options_from_args(args) -> "RunOptions":
@@ -70,7 +80,9 @@ def _options_from_args(args) -> "RunOptions":
                       device=args.device, dtype=args.dtype, limit=args.limit, seed=args.seed,
                       data_dir=args.data_dir, output_dir=args.output_dir, hparams=hparams,
                       instruction_mode=args.instruction_mode, batch_size=args.batch_size,
-                      retrain=args.retrain, run_name=args.name)
+                      retrain=args.retrain, run_name=args.name, regression=args.regression,
+                      regression_mode=args.regression_mode, lm_limit=args.lm_limit,
+                      regression_corpus=args.regression_corpus)
 
 
 def cmd_run(args) -> int:
@@ -83,6 +95,66 @@ def cmd_run(args) -> int:
     opts = _options_from_args(args)
     get_editor_class(opts.editor)  # unknown editor: fail before loading anything
     execute(opts, argv=sys.argv[1:])
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train a learned editor (MEND, InstructEdit) and store its checkpoint in the cache."""
+    from bench.models import cache_dir, load_model
+    from bench.runner import build_editor
+    from editors import get_editor_class
+    from editors.base import EditContext, load_hparams_file, parse_hparam_args
+    from tasks.registry import get_card, list_cards, resolve_data_dir
+
+    cls = get_editor_class(args.editor)
+    if not cls.learns:
+        raise BenchError(f"editor {args.editor!r} does not learn; nothing to train")
+    hparams = load_hparams_file(args.hparams_file)
+    hparams.update(parse_hparam_args(args.hparam))
+    if args.max_steps is not None:
+        hparams["max_steps"] = args.max_steps
+    if args.time_budget is not None:
+        hparams["time_budget_s"] = args.time_budget
+    for name in args.holdout:
+        get_card(name)
+    data_dir, builtin = resolve_data_dir(args.data_dir)
+    if builtin:
+        print("NOTE: no data directory found; training on the small built-in sample records.",
+              file=sys.stderr)
+    from bench.runner import RunOptions
+
+    opts = RunOptions(editor=args.editor, holdout=args.holdout, model=args.model, device=args.device,
+                      dtype=args.dtype, seed=args.seed, hparams=hparams)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    editor = build_editor(opts, lm.model.config)
+    ctx = EditContext(cache_dir=cache_dir(), seed=args.seed, data_dir=data_dir,
+                      train_tasks=[n for n in list_cards() if n not in args.holdout],
+                      holdout_tasks=list(args.holdout), retrain=True)
+    editor.prepare(lm, ctx)
+    notes = ctx.notes
+    print(f"checkpoint: {notes.get('checkpoint')}")
+    print(f"trained on: {', '.join(notes.get('train_tasks') or [])}  steps: {notes.get('train_steps')}  "
+          f"time: {notes.get('train_time_s')} s")
+    val = notes.get("final_validation") or {}
+    if val:
+        print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(val.items())
+                                         if isinstance(v, float)))
+    return 0
+
+
+def cmd_regress(args) -> int:
+    """lm-eval scores before and after editing (bench/regression.py, docs/regression.md)."""
+    from bench.regression import DEFAULT_SUITE, RegressionOptions, execute_regress, set_offline_defaults
+    from editors import get_editor_class
+
+    set_offline_defaults()
+    opts = _options_from_args(args)
+    get_editor_class(opts.editor)  # unknown editor: fail before loading anything
+    reg = RegressionOptions(lm_tasks=args.lm_tasks or opts.regression or list(DEFAULT_SUITE),
+                            mode=args.mode or opts.regression_mode, lm_limit=opts.lm_limit,
+                            sample=args.sample, corpus=opts.regression_corpus,
+                            batch_size=opts.batch_size, seed=opts.seed)
+    execute_regress(opts, reg, argv=sys.argv[1:])
     return 0
 
 
@@ -157,6 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default=None, help="run directory name prefix")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train a learned editor (mend, instructedit) and cache it")
+    train.add_argument("--editor", default="mend", help="learned editor to train (default mend)")
+    train.add_argument("--holdout", type=_csv, default=[], metavar="T[,T]",
+                       help="tasks kept out of training")
+    train.add_argument("--model", default="smollm2-135m")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--dtype", default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
+    train.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one editor hyperparameter (repeatable)")
+    train.add_argument("--hparams-file", default=None, help="YAML mapping of hyperparameters")
+    train.add_argument("--max-steps", type=int, default=None, help="training steps (hparam max_steps)")
+    train.add_argument("--time-budget", type=float, default=None, metavar="S",
+                       help="stop training after S seconds (hparam time_budget_s)")
+    train.set_defaults(func=cmd_train)
+
+    regress = sub.add_parser("regress", help="general-capability regression (lm-eval) before/after edits")
+    add_run_arguments(regress)
+    regress.add_argument("--lm-tasks", type=_csv, default=None, metavar="T[,T]",
+                         help="lm-eval tasks (default fact_retention,bench_perplexity)")
+    regress.add_argument("--mode", choices=["single", "sequential"], default=None,
+                         help="single (default): each edit alone, suite on --sample of them; "
+                              "sequential: suite once on the model holding all edits")
+    regress.add_argument("--sample", type=int, default=3, help="edits evaluated in single mode (default 3)")
+    regress.add_argument("--output-dir", default="runs", help="where run directories go (default runs/)")
+    regress.add_argument("--name", default=None, help="run directory name prefix")
+    regress.set_defaults(func=cmd_regress)
 
     lst = sub.add_parser("list", help="list tasks or editors")
     lst.add_argument("what", choices=["tasks", "editors"])

@@ -42,6 +42,11 @@ class RunOptions:
     batch_size: int = 32
     retrain: bool = False
     run_name: str | None = None
+    # lm-eval regression after the cases (bench/regression.py); empty list = none
+    regression: list[str] = field(default_factory=list)
+    regression_mode: str = "single"
+    lm_limit: int | None = 200  # docs per lm-eval task; None = all
+    regression_corpus: str | None = None
 
 
 @dataclass
@@ -69,6 +74,7 @@ def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
     for name in opts.holdout:
         get_card(name)  # unknown holdout names are an error, not ignored
     names = list(opts.tasks)
+    explicit = set(names) | set(opts.holdout)
     if not names:
         names = [n for n in list_cards() if task_status(n, data_dir)["found"]]
     for name in opts.holdout:
@@ -81,10 +87,14 @@ def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
         split = load_split(name, "eval", data_dir, holdout=holdout)
         cases = split.cases if opts.limit is None else split.cases[: opts.limit]
         if not cases:
-            raise BenchError(f"task {name!r} has no usable eval cases in its data")
+            if name in explicit:
+                raise BenchError(f"task {name!r} has no usable eval cases in its data")
+            continue  # chosen by default because its files exist, but they hold no eval case
         planned.append(PlannedTask(name=name, holdout=holdout, metrics=list(card.metrics),
                                    cases=cases, skipped=split.skipped,
                                    data_files=data_file_hashes(name, data_dir)))
+    if not planned:
+        raise BenchError("no task with eval cases found; name one with --task (see bench list tasks)")
     return planned
 
 
@@ -187,12 +197,19 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
         log("      using the small built-in sample records. Numbers are not comparable.")
         log("=" * 72)
     planned = plan_tasks(opts, data_dir)
-    lm = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    if opts.regression:
+        from bench.regression import check_run_options
+
+        check_run_options(opts)  # unknown lm-eval task: fail before the cases
+    shard = Shard.current(opts.device)
+    device = str(shard.device) if shard.world > 1 and opts.device == "auto" else opts.device
+    lm = load_model(opts.model, device=device, dtype=opts.dtype)
     editor = build_editor(opts, lm.model.config)
 
     if resume_dir is None:
         label = opts.run_name or f"{opts.editor}-{'+'.join(t.name for t in planned)}"
-        run = RunDir(new_run_dir(Path(opts.output_dir), label))
+        path = new_run_dir(Path(opts.output_dir), label) if shard.rank == 0 else None
+        run = RunDir(shard.broadcast(path))
     else:
         run = RunDir(resume_dir)
     from tasks.registry import list_cards
@@ -201,7 +218,13 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     ctx = EditContext(cache_dir=Path(_cache_root()), seed=opts.seed, data_dir=data_dir,
                       train_tasks=train_tasks, holdout_tasks=list(opts.holdout),
                       retrain=opts.retrain, log=log)
-    editor.prepare(lm, ctx)
+    # A learned editor trains (or loads its checkpoint) on the first process; the others then
+    # find the cached checkpoint.
+    if shard.rank == 0:
+        editor.prepare(lm, ctx)
+    shard.barrier()
+    if shard.rank != 0:
+        editor.prepare(lm, ctx)
 
     config = {
         "command": "bench " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -221,7 +244,7 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
         "versions": _versions(),
         "notes": ctx.notes,
     }
-    if resume_dir is None:
+    if resume_dir is None and shard.rank == 0:
         run.write_config(config)
     records = run.read_cases()
     done = {(r["task"], r["case_id"]) for r in records}
@@ -234,10 +257,18 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     import torch
 
     torch.manual_seed(opts.seed)
-    todo = [(t, c) for t in planned for c in t.cases if (t.name, c.case_id) not in done]
-    log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go)")
+    order = [(t.name, c.case_id) for t in planned for c in t.cases]
+    # Case i of the planned order belongs to process i mod world: a fixed split, so a resumed
+    # shard picks up exactly its own remaining cases.
+    todo = [(t, c) for i, (t, c) in enumerate((t, c) for t in planned for c in t.cases)
+            if i % shard.world == shard.rank and (t.name, c.case_id) not in done]
+    if shard.rank == 0:
+        log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go"
+            + (f" on this process of {shard.world})" if shard.world > 1 else ")"))
     started = time.perf_counter()
-    bar = tqdm(todo, desc=f"{editor.name}", unit="edit", dynamic_ncols=True)
+    bar = tqdm(todo, desc=f"{editor.name}" + (f"[{shard.rank}]" if shard.world > 1 else ""),
+               unit="edit", dynamic_ncols=True, position=shard.rank)
+    finished = False
     try:
         for task, case in bar:
             bar.set_postfix_str(task.name)
@@ -245,18 +276,65 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
             record = run_case(lm, editor, case, counterfact="counterfact" in task.metrics,
                               batch_size=opts.batch_size)
             record["holdout"] = task.holdout
-            run.append_case(record)
+            run.append_case(record, rank=shard.rank if shard.world > 1 else None)
             records.append(record)
             if record["error"]:
                 tqdm.write(f"case {task.name}/{case.case_id}: {record['error']}")
+        finished = True
     finally:
         bar.close()
-        summary = summarize_run(config, records)
-        summary["wall_time_s"] = round(time.perf_counter() - started, 2)
-        run.write_summary(summary)
-    log(format_summary(summary))
-    log(f"results: {run.path}")
+        if shard.world > 1 and finished:
+            shard.barrier()  # every shard is complete: merge them
+        if shard.rank == 0 and (finished or shard.world == 1):
+            if shard.world > 1:
+                records = run.merge_shards(order)
+            summary = summarize_run(config, records)
+            summary["wall_time_s"] = round(time.perf_counter() - started, 2)
+            run.write_summary(summary)
+    if shard.rank == 0:
+        log(format_summary(summary))
+        if opts.regression:
+            from bench.regression import regression_for_run
+
+            summary["regression"] = regression_for_run(lm, editor, planned, opts, run, data_dir, log=log)
+            run.write_summary(summary)
+        log(f"results: {run.path}")
     return run.path
+
+
+class Shard:
+    """This process's share of a run launched with torchrun / `accelerate launch` (one model
+    copy per process). A plain single-process run is rank 0 of 1 and needs no process group."""
+
+    def __init__(self, rank: int = 0, world: int = 1, state=None, device=None):
+        self.rank, self.world, self.state, self.device = rank, world, state, device
+
+    @classmethod
+    def current(cls, device: str = "auto") -> "Shard":
+        import os
+
+        import torch
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        # Without CUDA, accelerate must be told to form a CPU (gloo) group.
+        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes, state, state.device)
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def broadcast(self, value):
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
 
 def _count_reasons(skipped) -> dict[str, int]:

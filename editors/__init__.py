@@ -15,6 +15,8 @@ ENTRY_POINT_GROUP = "instructedit_bench.editors"
 BUILTIN = {
     "none": "editors.none:NoEdit",
     "ft": "editors.ft:FineTune",
+    "mend": "editors.mend:Mend",
+    "instructedit": "editors.instructedit:InstructEdit",
 }
 
 

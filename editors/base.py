@@ -129,6 +129,9 @@ def _check_type(value, typ, field_name: str):
     if isinstance(value, str) and typ is not str:
         return _coerce(value, typ, field_name)
     origin = typing.get_origin(typ)
+    if value is not None and (origin is typing.Union or str(origin) == "<class 'types.UnionType'>"):
+        non_none = [a for a in typing.get_args(typ) if a is not type(None)]
+        return _check_type(value, non_none[0], field_name)  # Optional[X]: check against X
     if origin in (list, tuple) and isinstance(value, (int, float)):
         value = [value]
     if origin in (list, tuple) and isinstance(value, (list, tuple)):

@@ -70,6 +70,11 @@ class RomeHparams:
     stats_corpus: text file (one document per line, or JSONL with "text") for C; None = text
         sampled from the model itself with seed `seed`.
     seed: seed for the context texts and the self-sampled statistics corpus.
+    reuse_context_prefix: run the context texts through the model once per run and reuse their
+        attention keys/values in every optimisation step of every edit (the same result up to
+        float rounding, about twice as fast); cases whose tokenisation merges across the
+        context/prompt boundary, and models where a check at preparation fails, use full
+        sequences.
     """
 
     layer: int = 4
@@ -87,6 +92,7 @@ class RomeHparams:
     mom2_dtype: str = "float32"
     stats_corpus: str | None = None
     seed: int = 0
+    reuse_context_prefix: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,17 +204,17 @@ def context_templates(model, tokenizer, identity: str | None, hp: RomeHparams,
     spec = json.dumps({"id": identity, "lengths": list(hp.context_lengths),
                        "counts": list(hp.context_counts), "seed": hp.seed}, sort_keys=True)
     key = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    if identity is not None and key in _CONTEXT_MEMO:
-        return list(_CONTEXT_MEMO[key])
     path = Path(cache_dir) / "rome" / f"contexts-{key}.json" if cache_dir and identity else None
-    if path is not None and path.exists():
+    if identity is not None and key in _CONTEXT_MEMO:
+        templates = list(_CONTEXT_MEMO[key])
+    elif path is not None and path.exists():
         templates = json.loads(path.read_text())["templates"]
     else:
         templates = generate_context_templates(model, tokenizer, list(hp.context_lengths),
                                                list(hp.context_counts), hp.seed)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"spec": json.loads(spec), "templates": templates}, indent=1))
+    if path is not None and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"spec": json.loads(spec), "templates": templates}, indent=1))
     if identity is not None:
         _CONTEXT_MEMO[key] = list(templates)
     return templates
@@ -248,6 +254,37 @@ class _Prepared:
     templates: list[str]
     c_inv: torch.Tensor | None
     layer: int
+    prefix: "_PrefixCache | None" = None
+
+
+@dataclass
+class _PrefixCache:
+    """Attention keys/values of the context texts: one row per template plus one (empty) row
+    for the essence prompt, right-padded to `width`."""
+
+    ids: list[list[int]]  # real prefix token ids per row ([] for the bare prompt and essence)
+    width: int
+    cache: object  # a transformers Cache (supports crop)
+    mask: torch.Tensor  # (rows, width): 1 at real prefix tokens
+    versions: dict = field(default_factory=dict)  # parameter name -> tensor version when built
+    watched: dict = field(default_factory=dict)  # copy of the weight ROME edits, when built
+
+    def snapshot(self, model, watch: str) -> None:
+        params = dict(model.named_parameters())
+        self.versions = {n: p._version for n, p in params.items()}
+        self.watched = {watch: params[watch].detach().clone()}
+
+    def valid_for(self, model) -> bool:
+        """True while the model's weights are those the cache was computed with: unchanged
+        versions, or only the watched weight touched and back to its old value (edit+restore)."""
+        params = dict(model.named_parameters())
+        touched = [n for n, p in params.items() if p._version != self.versions.get(n)]
+        if any(n not in self.watched or not torch.equal(params[n], self.watched[n])
+               for n in touched):
+            return False
+        for n in touched:
+            self.versions[n] = params[n]._version
+        return True
 
 
 @dataclass
@@ -258,6 +295,7 @@ class _Seq:
     tgt_len: int = 0
     kl_pos: int = -1  # essence prompt: position whose next-token distribution is kept
     labels: list[int] = field(default_factory=list)  # target token ids
+    prefix_len: int | None = 0  # leading tokens that are the context text (None: unknown)
 
 
 class Rome(Editor):
@@ -269,6 +307,8 @@ class Rome(Editor):
         self._prepared: _Prepared | None = None
         self.last_timings: dict[str, float] = {}
         self.last_info: dict = {}
+        self.last_key: torch.Tensor | None = None  # k* and v* of the latest edit
+        self.last_value: torch.Tensor | None = None
 
     @classmethod
     def default_hparams(cls, config) -> RomeHparams:
@@ -302,9 +342,17 @@ class Rome(Editor):
                         f"sampled from the model (seed {hp.seed})",
                         stats_cache=str(stats.path) if stats.path else None,
                         stats_loaded_from_cache=stats.loaded)
+        prefix = None
+        if hp.reuse_context_prefix:
+            prefix = build_prefix_cache(model, tokenizer, layout, templates)
+            if prefix is None:
+                log("rome: context-prefix reuse unavailable for this model; using full sequences")
+            else:
+                prefix.snapshot(model, param_name(model, layout.layers[layer].mlp_out))
+        info["context_prefix_reused"] = prefix is not None
         if notes is not None:
             notes["rome"] = info
-        return _Prepared(id(model), layout, templates, c_inv, layer)
+        return _Prepared(id(model), layout, templates, c_inv, layer, prefix)
 
     def _state(self, model, tokenizer) -> _Prepared:
         if self._prepared is None or self._prepared.model_id != id(model):
@@ -316,6 +364,7 @@ class Rome(Editor):
 
     def apply(self, model: nn.Module, tokenizer, case) -> EditHandle:
         st = self._state(model, tokenizer)
+        self._tokenizer = tokenizer
         module = st.layout.layers[st.layer].mlp_out
         t0 = time.perf_counter()
         rewrite, essence = self.build_sequences(tokenizer, case, st.templates)
@@ -327,6 +376,7 @@ class Rome(Editor):
         rank_one_update(module, key, value, st.c_inv)
         t3 = time.perf_counter()
         self.last_timings = {"key_s": t1 - t0, "value_s": t2 - t1, "update_s": t3 - t2}
+        self.last_key, self.last_value = key.detach(), value.detach()
         return handle
 
     def build_sequences(self, tokenizer, case, templates) -> tuple[list[_Seq], _Seq]:
@@ -342,7 +392,8 @@ class Rome(Editor):
                 raise BenchError(f"subject '{case.subject}' overlaps the target tokens")
             # Teacher forcing: the last target token is never an input.
             rewrite.append(_Seq(ids[: t_start + t_len - 1], lookup, t_start, t_len,
-                                labels=ids[t_start: t_start + t_len]))
+                                labels=ids[t_start: t_start + t_len],
+                                prefix_len=_prefix_tokens(prefix, ids, offsets)))
         e_text = ESSENCE_TEMPLATE.format(case.subject)
         e_ids, e_off = _encode(tokenizer, e_text)
         essence = _Seq(e_ids, last_token_in_span(tokenizer, e_text, 0, len(case.subject),
@@ -375,23 +426,41 @@ class Rome(Editor):
         layout = st.layout
         device = _device(model)
         seqs = rewrite + [essence]
-        ids, mask = _pad([s.ids for s in seqs], 0, device)
+        if st.prefix is not None and not st.prefix.valid_for(model):
+            # The model was changed (e.g. sequential edits without restore): recompute.
+            st.prefix = build_prefix_cache(model, self._tokenizer, layout, st.templates)
+            if st.prefix is not None:
+                st.prefix.snapshot(model, param_name(model, layout.layers[st.layer].mlp_out))
+        prefix = st.prefix
+        if prefix is not None and (len(seqs) != len(prefix.ids) or any(
+                s.prefix_len is None or s.ids[: s.prefix_len] != p
+                for s, p in zip(seqs, prefix.ids))):
+            prefix = None  # this case's tokenisation does not reuse the cached context tokens
+        # With the prefix cache, each row only runs its tokens after the context text.
+        skip = [len(p) for p in prefix.ids] if prefix is not None else [0] * len(seqs)
+        ids, mask = _pad([s.ids[k:] for s, k in zip(seqs, skip)], 0, device)
         batch, width = ids.shape
+        extra = {}
+        if prefix is not None:
+            extra = {"past_key_values": prefix.cache, "use_cache": True,
+                     "position_ids": torch.arange(width, device=device)[None]
+                     + torch.tensor(skip, device=device)[:, None]}
+            mask = torch.cat([prefix.mask.to(device), mask], dim=1)
 
         # Where the delta goes: each sequence's subject-last token.
         edit_mask = torch.zeros(batch, width, 1, device=device)
-        for b, s in enumerate(seqs):
-            edit_mask[b, s.lookup] = 1.0
+        for b, (s, k) in enumerate(zip(seqs, skip)):
+            edit_mask[b, s.lookup - k] = 1.0
         # Positions whose logits a loss reads: target predictions, then the essence position.
         rows, cols, labels, owner = [], [], [], []
         for b, s in enumerate(rewrite):
             for j in range(s.tgt_len):
                 rows.append(b)
-                cols.append(s.tgt_start + j - 1)  # the position that predicts target token j
+                cols.append(s.tgt_start + j - 1 - skip[b])  # the position predicting token j
                 labels.append(s.labels[j])
                 owner.append(b)
         rows.append(len(seqs) - 1)
-        cols.append(essence.kl_pos)
+        cols.append(essence.kl_pos - skip[-1])
         rows_t = torch.tensor(rows, device=device)
         cols_t = torch.tensor(cols, device=device)
         labels_t = torch.tensor(labels, device=device)
@@ -408,7 +477,7 @@ class Rome(Editor):
 
         def edit_hook(module, args, out):
             if state["init"] is None:
-                state["init"] = out[0, seqs[0].lookup].detach().float().clone()
+                state["init"] = out[0, seqs[0].lookup - skip[0]].detach().float().clone()
             return out + edit_mask.to(out.dtype) * delta.to(out.dtype)
 
         captured = {}
@@ -427,7 +496,13 @@ class Rome(Editor):
             with torch.enable_grad():
                 for step in range(hp.v_num_grad_steps):
                     opt.zero_grad()
-                    out = layout.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                    if prefix is not None:
+                        try:
+                            out = layout.decoder(input_ids=ids, attention_mask=mask, **extra)
+                        finally:
+                            _crop(prefix.cache, prefix.width)  # drop this step's suffix entries
+                    else:
+                        out = layout.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                     if use_final:
                         hidden = out.last_hidden_state
                     else:
@@ -462,6 +537,7 @@ class Rome(Editor):
             for h in handles:
                 h.remove()
         info["steps"] = steps
+        info["prefix_reused"] = prefix is not None
         info["delta_norm"] = delta.norm().item()
         info["value_norm"] = state["init"].norm().item()
         self.last_info = info
@@ -480,3 +556,92 @@ def _pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.T
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _prefix_tokens(prefix: str, ids: list[int], offsets) -> int | None:
+    """How many leading tokens of `ids` belong to the context text `prefix` (None when the
+    tokenizer gives no offsets)."""
+    if not prefix:
+        return 0
+    if offsets is None:
+        return None
+    end = len(prefix.rstrip())
+    n = 0
+    while n < len(ids) and offsets[n][1] <= end:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def build_prefix_cache(model, tokenizer, layout, templates: list[str]) -> _PrefixCache | None:
+    """Keys/values of the context texts for the rows [templates..., essence]; None when the model
+    cannot reuse them exactly (checked on a probe suffix against full sequences)."""
+    device = _device(model)
+    prefixes = [t[: t.index("{}")].rstrip() for t in templates] + [""]
+    ids = []
+    for p in prefixes:
+        if not p:
+            ids.append([])
+            continue
+        got, offsets = _encode(tokenizer, p + " x")
+        n = _prefix_tokens(p, got, offsets)
+        if n is None:
+            return None
+        ids.append(got[:n])
+    width = max(len(i) for i in ids)
+    if width == 0:
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Rows without a context run pad tokens (unmasked here so no query attends to nothing); the
+    # edit steps mask them out.
+    fill = [i if i else [pad] * width for i in ids]
+    run_ids, run_mask = _pad(fill, pad, device)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for r, i in enumerate(ids):
+        mask[r, : len(i)] = 1
+    try:
+        out = layout.decoder(input_ids=run_ids, attention_mask=run_mask, use_cache=True)
+        cache = out.past_key_values
+        if cache is None or not hasattr(cache, "crop"):
+            return None
+        prefix = _PrefixCache(ids=ids, width=width, cache=cache, mask=mask.to(device))
+        # Check: a probe suffix through the cache == the same tokens as full sequences.
+        probe = list(tokenizer(" is a check", add_special_tokens=False)["input_ids"])
+        suf, suf_mask = _pad([probe] * len(ids), pad, device)
+        pos = torch.arange(suf.shape[1], device=device)[None] + \
+            torch.tensor([len(i) for i in ids], device=device)[:, None]
+        try:
+            cached = layout.decoder(input_ids=suf, attention_mask=torch.cat([prefix.mask, suf_mask], 1),
+                                    position_ids=pos, past_key_values=cache,
+                                    use_cache=True).last_hidden_state
+        finally:
+            _crop(cache, width)
+        full_ids, full_mask = _pad([i + probe for i in ids], pad, device)
+        full = layout.decoder(input_ids=full_ids, attention_mask=full_mask,
+                              use_cache=False).last_hidden_state
+        expect = torch.stack([full[r, len(i): len(i) + len(probe)] for r, i in enumerate(ids)])
+        scale = expect.abs().max().clamp_min(1e-6)
+        if not torch.isfinite(cached).all() or \
+                (cached.float() - expect.float()).abs().max() / scale > 1e-3:
+            return None
+        return prefix
+    except Exception:  # noqa: BLE001 - any model that cannot do this falls back to full sequences
+        return None
+
+
+def _crop(cache, width: int) -> None:
+    """Drop cache entries beyond the first `width` positions (a negative count works on both
+    the older and the newer transformers Cache.crop)."""
+    extra = cache.get_seq_length() - width
+    if extra > 0:
+        cache.crop(-extra)
+    # What remains is a slice of this step's concatenation: cut it from the autograd graph.
+    for layer in getattr(cache, "layers", []):
+        for attr in ("keys", "values"):
+            t = getattr(layer, attr, None)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                setattr(layer, attr, t.detach())
+    for attr in ("key_cache", "value_cache"):  # older transformers
+        tensors = getattr(cache, attr, None)
+        if isinstance(tensors, list):
+            tensors[:] = [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]

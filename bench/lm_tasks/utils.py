@@ -1,0 +1,45 @@
+"""Dataset builders named by the YAML task files in this directory (`custom_dataset`).
+
+lm-eval calls them as `fn(**task_metadata, **dataset_kwargs)`; the metadata carries every key
+given to the TaskManager (`bench regress` passes the paths of the files it wrote), so each
+function picks its own keys and ignores the rest. Both return a DatasetDict with one "test"
+split. This module is loaded by lm-eval from its file path, so it imports the harness lazily.
+"""
+
+from __future__ import annotations
+
+
+def _dataset(docs: list[dict]):
+    import datasets
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def fact_retention_dataset(fact_retention_file: str | None = None, data_dir: str | None = None,
+                           tasks: str | list | None = None, seed: int = 0, **_ignored):
+    """Docs from the JSONL written by `bench regress`, or built now from a data directory
+    (standalone use: `lm_eval --include_path bench/lm_tasks --tasks fact_retention
+    --metadata '{"data_dir": "...", "tasks": "counterfact"}'`)."""
+    from bench.regression import build_fact_retention_docs, read_jsonl
+
+    if fact_retention_file:
+        docs = read_jsonl(fact_retention_file)
+    else:
+        from tasks.registry import resolve_data_dir
+
+        names = tasks.split(",") if isinstance(tasks, str) else list(tasks or [])
+        directory, _ = resolve_data_dir(data_dir)
+        docs = build_fact_retention_docs(directory, names or ["counterfact"], seed=int(seed))
+    if not docs:
+        raise ValueError("fact_retention: no docs (no locality records with distinct answers)")
+    return _dataset(docs)
+
+
+def perplexity_dataset(perplexity_file: str | None = None, **_ignored):
+    """Documents of the corpus file (JSONL with "text", or plain text split on blank lines)."""
+    from bench.regression import read_corpus
+
+    if not perplexity_file:
+        raise ValueError("bench_perplexity: no corpus; pass the metadata key perplexity_file "
+                         "(bench regress does this itself)")
+    return _dataset([{"text": t} for t in read_corpus(perplexity_file)])

@@ -1,0 +1,273 @@
+"""`mend`: Model Editor Networks with Gradient Decomposition (Mitchell et al., 2022).
+
+The fine-tuning gradient of an edit's loss with respect to a projection weight is a sum of
+rank-one terms d_t u_t^T (the gradient at the layer's output times its input, one per token). MEND
+trains a small network per weight shape that rewrites each pair (u_t, d_t) into (u~_t, d~_t); the
+edit is dW = -lr_w * sum_t d~_t u~_t^T with a learned step size per weight. Editing costs one
+forward and one backward pass plus the tiny network. The network is trained once per model and
+set of training tasks (`bench train --editor mend`, or automatically by `bench run`) and cached
+under $BENCH_CACHE/editors. See docs/mend.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.cases import EditCase
+from bench.errors import BenchError
+from editors.base import EditContext, EditHandle, Editor
+from editors.meta_training import (EditorNetwork, MetaTrainer, cache_key, edit_factors,
+                                   hparams_dict, load_checkpoint, save_checkpoint, select_targets,
+                                   split_train_val, stored_delta)
+
+
+@dataclass
+class MendHparams:
+    """layers: blocks whose MLP weights are edited (None: the last three); modules: mlp_in
+    and/or mlp_out projections of those blocks; rank, n_hidden: the low-rank residual network
+    (n_hidden ReLU layers + one linear layer, each rank `rank`); edit_lr: initial per-weight step
+    size; lr / lr_lr: Adam learning rates of the networks / of the step sizes; c_edit, c_loc:
+    weights of the edit NLL and the locality KL; batch_size: edits per training step; max_steps,
+    time_budget_s: training stops at whichever comes first (0 = no time limit); val_cases:
+    validation edits (held out of the training splits, split evenly across tasks), checked every
+    val_every steps, stopping after `patience` checks without improvement (0 = never);
+    mixture: round_robin or uniform over training tasks; grad_clip: max gradient norm;
+    checkpoint: load this checkpoint (path without suffix) instead of the cache (never trains)."""
+
+    layers: list[int] | None = None
+    modules: list[str] = field(default_factory=lambda: ["mlp_in", "mlp_out"])
+    rank: int = 256
+    n_hidden: int = 1
+    edit_lr: float = 1e-4
+    lr: float = 1e-4
+    lr_lr: float = 1e-4
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    batch_size: int = 4
+    max_steps: int = 300
+    time_budget_s: float = 900.0
+    val_cases: int = 32
+    val_every: int = 50
+    patience: int = 4
+    mixture: str = "round_robin"
+    grad_clip: float = 100.0
+    checkpoint: str | None = None
+
+
+# Hyperparameters that do not change what training produces (left out of the cache key).
+NOT_TRAINING = ("checkpoint",)
+
+
+class Mend(Editor):
+    name = "mend"
+    Hparams = MendHparams
+    learns = True
+    uses_instructions = False
+
+    def __init__(self, hparams=None):
+        super().__init__(hparams)
+        self.network: EditorNetwork | None = None
+        self.targets = None
+        self._model = None
+        self.checkpoint_meta: dict | None = None
+
+    @classmethod
+    def default_hparams(cls, config) -> MendHparams:
+        n = config.get_text_config().num_hidden_layers
+        return MendHparams(layers=list(range(max(0, n - 3), n)))
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def setup(self, lm) -> None:
+        """Targets and a freshly initialised network for this model (seeded by the caller)."""
+        hp = self.hparams
+        n = lm.layout.num_layers
+        layers = hp.layers if hp.layers is not None else list(range(max(0, n - 3), n))
+        self.targets = select_targets(lm.model, lm.layout, layers, list(hp.modules))
+        self.network = EditorNetwork(self.targets, hp.rank, hp.n_hidden, hp.edit_lr).to(lm.device)
+        self._model = lm.model
+
+    def training_case(self, case: EditCase, seed: int) -> EditCase:
+        """What the network is trained on for `case` (MEND: the case as it is)."""
+        return case
+
+    def training_hparams(self) -> dict:
+        return {k: v for k, v in hparams_dict(self.hparams).items() if k not in NOT_TRAINING}
+
+    @staticmethod
+    def training_tasks(ctx: EditContext) -> list[str]:
+        """ctx.train_tasks that have a train split whose data is found, minus held-out tasks."""
+        from tasks.registry import data_file_hashes, get_card
+
+        out = []
+        for name in ctx.train_tasks:
+            if name in ctx.holdout_tasks:
+                continue
+            card = get_card(name)
+            if card.holdout_only or card.rule("train", False, ctx.data_dir is None) is None:
+                continue
+            try:
+                data_file_hashes(name, ctx.data_dir, split="train")
+            except BenchError:
+                continue  # data not found
+            out.append(name)
+        return out
+
+    def key_for(self, lm, ctx: EditContext, tasks: list[str]) -> str:
+        from tasks.registry import data_file_hashes
+
+        hashes = {t: data_file_hashes(t, ctx.data_dir, split="train") for t in tasks}
+        return cache_key(lm.identity, self.name, self.training_hparams(), tasks, ctx.seed, hashes)
+
+    def checkpoint_stem(self, lm, ctx: EditContext, tasks: list[str]) -> Path:
+        return Path(ctx.cache_dir) / "editors" / f"{self.name}-{self.key_for(lm, ctx, tasks)[:20]}"
+
+    # -- prepare: load or train ----------------------------------------------------------------
+
+    def prepare(self, lm, ctx: EditContext) -> None:
+        torch.manual_seed(ctx.seed)
+        self.setup(lm)
+        hp = self.hparams
+        if hp.checkpoint:
+            meta = load_checkpoint(Path(hp.checkpoint), self.network)
+            self._check_meta(meta, lm)
+            self._note(ctx, Path(hp.checkpoint), meta, "explicit")
+            return
+        tasks = self.training_tasks(ctx)
+        if not tasks:
+            raise BenchError(f"{self.name}: no training task with a train split and data "
+                             f"(train tasks {ctx.train_tasks}, held out {ctx.holdout_tasks})")
+        stem = self.checkpoint_stem(lm, ctx, tasks)
+        if not ctx.retrain and stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file():
+            meta = load_checkpoint(stem, self.network)
+            self._check_meta(meta, lm)
+            ctx.log(f"{self.name}: loaded trained editor {stem}.safetensors "
+                    f"({meta['steps']} steps on {', '.join(meta['train_tasks'])})")
+            self._note(ctx, stem, meta, "cache")
+            return
+        ctx.log(f"{self.name}: training the editor network on {', '.join(tasks)} "
+                f"(held out: {', '.join(ctx.holdout_tasks) or 'none'}); checkpoint {stem}")
+        meta = self.train(lm, None, ctx, tasks=tasks)
+        meta["cache_key"] = self.key_for(lm, ctx, tasks)
+        save_checkpoint(stem, self.network, meta)
+        self.checkpoint_meta = meta
+        ctx.log(f"{self.name}: trained {meta['steps']} steps in {meta['train_time_s']} s "
+                f"({meta['stop_reason']}); saved {stem}.safetensors")
+        self._note(ctx, stem, meta, "trained")
+
+    def _check_meta(self, meta: dict, lm) -> None:
+        if meta.get("editor") != self.name:
+            raise BenchError(f"checkpoint is for editor {meta.get('editor')!r}, not {self.name!r}")
+        if meta.get("model", {}).get("identity") != lm.identity:
+            raise BenchError(f"checkpoint was trained on {meta.get('model', {}).get('identity')}, "
+                             f"not on {lm.identity}")
+        self.checkpoint_meta = meta
+
+    def _note(self, ctx: EditContext, stem: Path, meta: dict, source: str) -> None:
+        ctx.notes.update({
+            "checkpoint": str(stem) + ".safetensors", "checkpoint_source": source,
+            "train_tasks": meta.get("train_tasks"), "holdout_tasks": meta.get("holdout_tasks"),
+            "train_time_s": meta.get("train_time_s"), "train_steps": meta.get("steps"),
+            "per_task": meta.get("per_task"), "final_validation": meta.get("final_validation"),
+        })
+
+    # -- training ------------------------------------------------------------------------------
+
+    def load_training_data(self, ctx: EditContext, tasks: list[str]):
+        from tasks.registry import load_split
+
+        per_task_val = math.ceil(self.hparams.val_cases / len(tasks)) if self.hparams.val_cases else 0
+        train_by_task, val_by_task, counts = {}, {}, {}
+        for name in tasks:
+            cases = load_split(name, "train", ctx.data_dir).cases
+            tr, va = split_train_val(cases, per_task_val, salt=f"meta-val:{ctx.seed}")
+            train_by_task[name] = tr
+            if va:
+                val_by_task[name] = va
+            counts[name] = {"train": len(tr), "val": len(va)}
+        return train_by_task, val_by_task, counts
+
+    def train(self, lm, train_cases: dict[str, list[EditCase]] | None, ctx: EditContext,
+              tasks: list[str] | None = None) -> dict:
+        """Train the network (in place) and return the checkpoint meta. `train_cases` (task ->
+        cases) replaces loading the tasks' train splits from ctx.data_dir."""
+        if self.network is None:
+            torch.manual_seed(ctx.seed)
+            self.setup(lm)
+        hp = self.hparams
+        if train_cases is not None:
+            tasks = sorted(train_cases)
+            per_task_val = math.ceil(hp.val_cases / len(tasks)) if hp.val_cases else 0
+            train_by_task, val_by_task, counts = {}, {}, {}
+            for name in tasks:
+                tr, va = split_train_val(train_cases[name], per_task_val, salt=f"meta-val:{ctx.seed}")
+                train_by_task[name], counts[name] = tr, {"train": len(tr), "val": len(va)}
+                if va:
+                    val_by_task[name] = va
+        else:
+            tasks = tasks if tasks is not None else self.training_tasks(ctx)
+            train_by_task, val_by_task, counts = self.load_training_data(ctx, tasks)
+        for name in tasks:
+            if name in ctx.holdout_tasks:
+                raise BenchError(f"{self.name}: held-out task {name!r} cannot be a training task")
+            bad = [c.case_id for c in train_by_task[name] + val_by_task.get(name, []) if c.task != name]
+            if bad or name in ctx.holdout_tasks:
+                raise AssertionError(f"cases of other tasks filed under {name}: {bad[:3]}")
+
+        cache: dict[str, EditCase] = {}
+
+        def prepare_case(case: EditCase) -> EditCase:
+            key = f"{case.task}/{case.case_id}"
+            if key not in cache:
+                cache[key] = self.training_case(case, ctx.seed)
+            return cache[key]
+
+        random_state = torch.random.get_rng_state()
+        torch.manual_seed(ctx.seed)
+        trainer = MetaTrainer(lm, self.network, self.targets, hp, train_by_task, val_by_task,
+                              holdout=list(ctx.holdout_tasks), seed=ctx.seed,
+                              prepare_case=prepare_case, log=ctx.log)
+        started = time.time()
+        info = trainer.fit()
+        torch.random.set_rng_state(random_state)
+        for name in tasks:
+            counts[name]["sampled"] = info["sampled_per_task"].get(name, 0)
+        meta = {
+            "editor": self.name, "uses_instructions": self.uses_instructions,
+            "hparams": hparams_dict(hp),
+            "model": {"spec": lm.spec, "identity": lm.identity, "source_hash": lm.source_hash},
+            "edited_weights": [t.name for t in self.targets],
+            "train_tasks": tasks, "holdout_tasks": list(ctx.holdout_tasks),
+            "mixture": hp.mixture, "per_task": counts, "seed": ctx.seed,
+            "steps": info["steps"], "best_step": info["best_step"],
+            "stop_reason": info["stop_reason"], "train_time_s": info["train_time_s"],
+            "s_per_step": info["s_per_step"], "final_validation": info["final_validation"],
+            "history": info["history"], "started": started,
+            "torch": torch.__version__,
+        }
+        self.checkpoint_meta = meta
+        return meta
+
+    # -- editing -------------------------------------------------------------------------------
+
+    def apply(self, model, tokenizer, case: EditCase) -> EditHandle:
+        if self.network is None:
+            raise BenchError(f"{self.name}: prepare() must load or train the editor before apply()")
+        if model is not self._model:
+            raise BenchError(f"{self.name}: apply() got a different model from the one prepared")
+        self.network.eval()
+        factors = edit_factors(model, tokenizer, self.targets, case.prompt, case.target_new)
+        with torch.no_grad():
+            deltas = self.network.deltas(self.targets, factors)
+        handle = EditHandle(model, [t.name for t in self.targets])
+        with torch.no_grad():
+            for t in self.targets:
+                w = t.module.weight
+                w.add_(stored_delta(t, deltas[t.name]).to(w.dtype))
+        return handle
+

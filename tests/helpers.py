@@ -1,0 +1,117 @@
+"""Helpers for the runner and CLI tests (not a test module).
+
+* `bench` subprocess helpers;
+* small editors used through the editor registry (`editors.BUILTIN` is monkeypatched to them);
+* `python -m tests.helpers slow-run ARGS...`: `bench run ARGS...` with every FT edit slowed down,
+  so a test can SIGKILL it after a few cases have been written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.errors import BenchError
+from editors.base import EditHandle, Editor
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocesses
+# --------------------------------------------------------------------------------------------
+
+
+def bench_command() -> list[str]:
+    """The installed console script next to this interpreter, else `python -m bench`."""
+    script = Path(sys.executable).with_name("bench")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bench"]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(extra)
+    return env
+
+
+def start(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """Start a command without waiting for it, so several can run side by side."""
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=subprocess_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_bench(args: list, cwd: Path, **env: str) -> subprocess.Popen:
+    return start(bench_command() + list(args), cwd, **env)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_bench(args: list, cwd: Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    return finish(start_bench(args, cwd, **env), timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Editors for registry-level tests
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FailingHparams:
+    fail_every: int = 2  # every n-th apply() raises a BenchError
+
+
+class FailingEditor(Editor):
+    """Changes nothing; every `fail_every`-th edit fails with a BenchError."""
+
+    name = "failing"
+    Hparams = FailingHparams
+
+    def __init__(self, hparams=None):
+        super().__init__(hparams)
+        self.calls = 0
+
+    def apply(self, model, tokenizer, case) -> EditHandle:
+        self.calls += 1
+        if self.calls % self.hparams.fail_every == 0:
+            raise BenchError(f"refusing case {case.case_id}")
+        return EditHandle(model, [])
+
+
+# --------------------------------------------------------------------------------------------
+# A slow `bench run` to be killed
+# --------------------------------------------------------------------------------------------
+
+
+def slow_run(argv: list[str], delay: float) -> int:
+    """`bench run ARGV` with `delay` seconds added to every FT edit."""
+    import torch
+
+    from bench.cli import main
+    from editors.ft import FineTune
+
+    torch.set_num_threads(1)
+    apply = FineTune.apply
+
+    def slow_apply(self, model, tokenizer, case):
+        handle = apply(self, model, tokenizer, case)
+        time.sleep(delay)
+        return handle
+
+    FineTune.apply = slow_apply
+    return main(["run"] + argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "slow-run":
+        sys.exit("usage: python -m tests.helpers slow-run [bench run arguments]")
+    sys.exit(slow_run(sys.argv[2:], delay=float(os.environ.get("SLOW_EDIT_DELAY", "0.5"))))

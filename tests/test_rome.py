@@ -1,0 +1,184 @@
+"""ROME on tiny random models of the three supported layouts (Llama, GPT-2 Conv1D, GPT-NeoX)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import editors.key_stats as key_stats
+import editors.rome as rome
+from bench.cases import EditCase
+from bench.errors import BenchError
+from editors.base import EditContext
+from editors.rome import Rome, rank_one_update
+from tests.tiny import ARCHS, tiny_model
+
+CASE = EditCase(case_id="1", task="t", prompt="The mother tongue of Danielle Darrieux",
+                subject="Danielle Darrieux", target_new="English", ground_truth="French")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared machine run far faster on one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_hparams(lm, **changes):
+    hp = Rome.default_hparams(lm.model.config)
+    # Random tiny models have MLP outputs of norm ~0.01: let the delta grow (no clamp, no decay).
+    base = dict(mom2_n_samples=400, v_num_grad_steps=30, context_lengths=[4],
+                context_counts=[3], clamp_norm_factor=1e4, v_weight_decay=0.0)
+    base.update(changes)
+    for k, v in base.items():
+        setattr(hp, k, v)
+    return hp
+
+
+def ctx_for(tmp_path):
+    return EditContext(cache_dir=tmp_path, log=lambda s: None)
+
+
+def next_token(lm, prompt):
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return lm.model(ids).logits[0, -1].argmax().item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_one_weight_target_and_exact_restore(arch, tmp_path):
+    lm = tiny_model(arch)
+    editor = Rome(tiny_hparams(lm))
+    editor.prepare(lm, ctx_for(tmp_path))
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    target_first = lm.tokenizer(" " + CASE.target_new).input_ids[0]
+    assert next_token(lm, CASE.prompt) != target_first
+
+    handle = editor.apply(lm.model, lm.tokenizer, CASE)
+
+    changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == handle.changed
+    assert changed == [lm.layout.layers[editor.hparams.layer].mlp_out_name + ".weight"]
+    assert next_token(lm, CASE.prompt) == target_first
+
+    handle.restore()
+    for n, p in lm.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mom2", [False, True])
+def test_update_maps_key_to_value(arch, mom2, tmp_path):
+    """After the update the projection sends k* to v* (bias included), for Linear and Conv1D."""
+    lm = tiny_model(arch)
+    editor = Rome(tiny_hparams(lm, mom2_adjustment=mom2, v_num_grad_steps=3))
+    editor.prepare(lm, ctx_for(tmp_path))
+    editor.apply(lm.model, lm.tokenizer, CASE)
+    module = lm.layout.layers[editor.hparams.layer].mlp_out
+    with torch.no_grad():
+        out = module(editor.last_key[None])[0]
+    torch.testing.assert_close(out, editor.last_value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_c", [False, True])
+def test_conv1d_update_equals_linear(use_c):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    d_in, d_out = 6, 4
+    linear = nn.Linear(d_in, d_out)
+    conv = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        conv.bias.copy_(linear.bias)
+    k, v = torch.randn(d_in), torch.randn(d_out)
+    a = torch.randn(d_in, 3 * d_in)
+    c_inv = torch.linalg.inv(a @ a.T / a.shape[1]) if use_c else None
+    rank_one_update(linear, k, v, c_inv)
+    rank_one_update(conv, k, v, c_inv)
+    torch.testing.assert_close(conv.weight.T, linear.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(k[None])[0], v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv(k[None])[0], v, rtol=1e-5, atol=1e-5)
+
+
+def test_key_statistics_and_contexts_are_cached(tmp_path, monkeypatch):
+    lm = tiny_model("llama")
+    hp = tiny_hparams(lm)
+    ctx1 = ctx_for(tmp_path)
+    Rome(hp).prepare(lm, ctx1)
+    info = ctx1.notes["rome"]
+    assert info["stats_tokens"] == hp.mom2_n_samples and not info["stats_loaded_from_cache"]
+    assert len(info["context_templates"]) == 1 + sum(hp.context_counts)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(key_stats, "compute_moments", boom)
+    monkeypatch.setattr(key_stats, "sample_documents", boom)
+    monkeypatch.setattr(rome, "generate_context_templates", boom)
+    monkeypatch.setattr(rome, "_CONTEXT_MEMO", {})  # force the disk cache, not the memo
+    ctx2 = ctx_for(tmp_path)
+    editor = Rome(hp)
+    editor.prepare(lm, ctx2)
+    assert ctx2.notes["rome"]["stats_loaded_from_cache"]
+    assert ctx2.notes["rome"]["stats_tokens"] == hp.mom2_n_samples
+    assert ctx2.notes["rome"]["context_templates"] == info["context_templates"]
+    assert list((tmp_path / "stats").glob("*.safetensors"))
+
+
+def test_context_templates_reproducible():
+    lm = tiny_model("gpt_neox")
+    a = rome.generate_context_templates(lm.model, lm.tokenizer, [5, 10], [10, 10], seed=3)
+    b = rome.generate_context_templates(lm.model, lm.tokenizer, [5, 10], [10, 10], seed=3)
+    assert a == b and len(a) == 21 and a[0] == "{}"
+    assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
+
+
+def test_subject_not_in_prompt(tmp_path):
+    lm = tiny_model("gpt2")
+    editor = Rome(tiny_hparams(lm, mom2_adjustment=False))
+    bad = EditCase(case_id="2", task="t", prompt="The capital of France is", subject="Toko Yasuda",
+                   target_new="Rome")
+    with pytest.raises(BenchError, match="subject 'Toko Yasuda' not found in prompt"):
+        editor.apply(lm.model, lm.tokenizer, bad)
+
+
+def test_subject_last_token_with_and_without_leading_space():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    prompt = "The mother tongue of Danielle Darrieux is"
+    start, end = rome.find_subject(prompt, "Danielle Darrieux")
+    # Byte-level BPE: the space is part of the following token.
+    bpe = tiny_model("llama").tokenizer
+    ids = bpe(prompt).input_ids
+    j = rome.last_token_in_span(bpe, prompt, start, end)
+    assert bpe.decode(ids[: j + 1]).endswith("Darrieux") and not bpe.decode(ids[j + 1:]).startswith("x")
+    # Word-level on whitespace: no token carries a space.
+    words = prompt.split()
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]")
+    assert rome.last_token_in_span(tok, prompt, start, end) == words.index("Darrieux")
+    # Case-insensitive fallback.
+    assert rome.find_subject("danielle darrieux speaks", "Danielle Darrieux") == (0, 17)
+
+
+def test_stats_corpus_file_jsonl_and_plain(tmp_path):
+    lm = tiny_model("gpt2")
+    plain = tmp_path / "corpus.txt"
+    plain.write_text("The Eiffel Tower is in Paris.\nDanielle Darrieux spoke French.\n" * 20)
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": line}) for line in plain.read_text().splitlines()))
+    assert key_stats.read_corpus(plain) == key_stats.read_corpus(jsonl)
+    ctx = ctx_for(tmp_path)
+    Rome(tiny_hparams(lm, stats_corpus=str(jsonl), mom2_n_samples=100)).prepare(lm, ctx)
+    assert ctx.notes["rome"]["stats_tokens"] == 100
+    with pytest.raises(BenchError):
+        key_stats.read_corpus(tmp_path / "missing.txt")

@@ -1,0 +1,265 @@
+"""The runner on a tiny model and tests/fixtures/data: run files, summary, errors, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import bench.models
+import editors
+from bench.errors import BenchError
+from bench.results import RunDir
+from bench.runner import RunOptions, execute, resume, summarize_run
+from tests.helpers import FIXTURE_DATA, start
+from tests.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASKS = ["counterfact", "zsre", "recent"]
+N_CASES = {"counterfact": 6, "zsre": 1, "recent": 3}  # eval cases in the fixture data
+FT_HPARAMS = {"steps": "2", "layers": "1"}
+
+
+@pytest.fixture
+def tiny_load(monkeypatch):
+    """bench.models.load_model returns a fresh tiny Llama, whatever the spec."""
+    calls = []
+
+    def fake_load(spec="smollm2-135m", device="auto", dtype="auto"):
+        calls.append((spec, device, dtype))
+        return tiny_model("llama")
+
+    monkeypatch.setattr(bench.models, "load_model", fake_load)
+    return calls
+
+
+def options(tmp_path, **changes) -> RunOptions:
+    base = dict(editor="ft", tasks=list(TASKS), model="tiny", device="cpu", limit=None,
+                data_dir=str(FIXTURE_DATA), output_dir=str(tmp_path / "runs"),
+                hparams=dict(FT_HPARAMS), batch_size=4)
+    base.update(changes)
+    return RunOptions(**base)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def strip_volatile(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "wall_time_s"}
+
+
+def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
+    logs = []
+    argv = ["run", "--task", ",".join(TASKS)]
+    path = execute(options(tmp_path), argv=argv, log=logs.append)
+    assert tiny_load == [("tiny", "cpu", "auto")]
+    assert path.parent == tmp_path / "runs" and path.name.startswith("ft-counterfact+zsre+recent-")
+    assert sorted(p.name for p in path.iterdir()) == ["cases.jsonl", "config.json", "summary.json"]
+
+    config = json.loads((path / "config.json").read_text())
+    assert config["argv"] == argv and config["command"] == "bench " + " ".join(argv)
+    assert config["editor"] == {"name": "ft", "hparams": {"layers": [1], "steps": 2, "lr": 5e-4,
+                                                          "weight_decay": 0.0, "norm_constraint": 5e-4,
+                                                          "objective": "prompt_last", "min_loss": 0.01},
+                                "uses_instructions": False}
+    assert config["metric_definitions"] == "easyedit-token-accuracy/v1"
+    assert config["data_dir"] == str(FIXTURE_DATA)
+    assert config["model"]["spec"] == "random:llama" and config["model"]["dtype"] == "float32"
+    assert RunOptions(**config["options"]) == options(tmp_path)
+    tasks = {t["name"]: t for t in config["tasks"]}
+    assert list(tasks) == TASKS
+    assert {n: t["n_cases"] for n, t in tasks.items()} == N_CASES
+    assert {n: t["skipped"] for n, t in tasks.items()} == {"counterfact": 0, "zsre": 1, "recent": 1}
+    assert tasks["recent"]["skipped_reasons"] == {"missing field 'prompt'": 1}
+    hashes = tasks["counterfact"]["data_files"]
+    assert "counterfact/counterfact-edit.json" in hashes
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in hashes.values())
+    for key in ("created", "versions", "seed", "limit", "instruction_mode", "notes"):
+        assert key in config
+
+    records = read_lines(path / "cases.jsonl")
+    assert len(records) == sum(N_CASES.values())
+    keys = [(r["task"], r["case_id"]) for r in records]
+    assert len(set(keys)) == len(keys)
+    assert [t for t, _ in keys] == [t for t in TASKS for _ in range(N_CASES[t])]
+    for r in records:
+        assert r["error"] is None and r["holdout"] is False
+        assert r["case"]["case_id"] == r["case_id"]
+        assert set(r["predictions"]) == {"pre", "post"} and set(r["time"]) == {"edit_s", "eval_s"}
+        assert r["pre"]["locality"] == 1.0
+        assert all(0.0 <= v <= 1.0 for v in list(r["pre"].values()) + list(r["post"].values()))
+        expected = {"reliability", "generality", "locality"}
+        if r["task"] == "counterfact":
+            expected |= {"efficacy", "paraphrase", "neighborhood"}
+        if r["task"] == "recent":
+            expected |= {"portability"}
+        assert set(r["post"]) == set(r["pre"]) == expected
+
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["config"] == {"model": "random:llama", "editor": "ft",
+                                 "hparams": config["editor"]["hparams"], "seed": 0,
+                                 "metric_definitions": "easyedit-token-accuracy/v1"}
+    assert set(summary["tasks"]) == set(TASKS)
+    for task, metrics in summary["tasks"].items():
+        recs = [r for r in records if r["task"] == task]
+        assert set(metrics) == set(recs[0]["post"])
+        for metric, s in metrics.items():
+            assert set(s) == {"pre", "post", "ci", "n"}
+            assert s["n"] == N_CASES[task]
+            mean = 100 * sum(r["post"][metric] for r in recs) / len(recs)
+            assert s["post"] == pytest.approx(mean, abs=1e-4)
+            assert s["ci"][0] <= s["post"] + 1e-9 and s["post"] <= s["ci"][1] + 1e-9
+        assert metrics["locality"]["pre"] == 100.0
+    info = summary["task_info"]
+    assert info["zsre"] == {"holdout": False, "n_cases": 1, "planned_cases": 1, "errors": 0,
+                            "skipped": 1, "skipped_reasons": {"missing field 'answers'": 1}}
+    assert info["recent"]["skipped"] == 1 and info["counterfact"]["skipped"] == 0
+    assert strip_volatile(summary) == summarize_run(config, records)
+    assert any("records skipped" in line for line in logs)  # the printed table notes skips
+    assert any(f"results: {path}" == line for line in logs)
+
+
+def test_limit_and_holdout(tmp_path, tiny_load):
+    path = execute(options(tmp_path, editor="none", tasks=["counterfact"], holdout=["zsre"], limit=2,
+                           hparams={}), argv=[], log=lambda s: None)
+    records = read_lines(path / "cases.jsonl")
+    assert [(r["task"], r["holdout"]) for r in records] == [("counterfact", False)] * 2 + [("zsre", True)] * 2
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["task_info"]["zsre"]["holdout"] is True
+    assert summary["task_info"]["zsre"]["skipped"] == 3  # the whole file is eval when held out
+    # the `none` editor changes nothing: post == pre, locality agrees everywhere
+    for r in records:
+        assert r["post"] == r["pre"]
+    assert summary["tasks"]["counterfact"]["locality"]["post"] == 100.0
+
+
+def test_failed_edits_are_recorded_and_counted(tmp_path, tiny_load, monkeypatch):
+    monkeypatch.setitem(editors.BUILTIN, "failing", "tests.helpers:FailingEditor")
+    logs = []
+    path = execute(options(tmp_path, editor="failing", tasks=["counterfact"], hparams={}),
+                   argv=[], log=logs.append)
+    records = read_lines(path / "cases.jsonl")
+    failed = [r for r in records if r["error"]]
+    assert len(records) == 6 and len(failed) == 3
+    assert all(r["error"].startswith("refusing case") and "post" not in r and "pre" in r for r in failed)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["task_info"]["counterfact"]["errors"] == 3
+    assert summary["task_info"]["counterfact"]["n_cases"] == 6
+    assert all(s["n"] == 3 for s in summary["tasks"]["counterfact"].values())
+    assert any("3 case errors" in line for line in logs)
+
+
+def test_option_errors(tmp_path, tiny_load):
+    with pytest.raises(BenchError, match="--limit must be positive"):
+        execute(options(tmp_path, limit=0), log=lambda s: None)
+    with pytest.raises(BenchError, match="--instruction must be seen or unseen"):
+        execute(options(tmp_path, instruction_mode="maybe"), log=lambda s: None)
+    with pytest.raises(BenchError, match="unknown task 'nope'"):
+        execute(options(tmp_path, holdout=["nope"]), log=lambda s: None)
+    with pytest.raises(BenchError, match="unknown hyperparameter 'stepz'"):
+        execute(options(tmp_path, hparams={"stepz": "1"}), log=lambda s: None)
+    assert tiny_load and not (tmp_path / "runs").exists()  # nothing written for failed starts
+    with pytest.raises(BenchError, match="does not exist"):
+        resume(tmp_path / "no-such-run", log=lambda s: None)
+
+
+# --------------------------------------------------------------------------------------------
+# Crash safety
+# --------------------------------------------------------------------------------------------
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.write_bytes("".join(lines).encode())
+
+
+def test_torn_last_line_is_dropped_and_truncated(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.read_cases() == []
+    good = [json.dumps({"task": "t", "case_id": str(i)}) + "\n" for i in range(3)]
+    write_lines(run.cases_path, good + ['{"task": "t", "case_i'])
+    assert [r["case_id"] for r in run.read_cases()] == ["0", "1", "2"]
+    assert run.cases_path.read_text() == "".join(good)  # truncated away
+    run.append_case({"task": "t", "case_id": "3"})
+    assert [r["case_id"] for r in run.read_cases()] == ["0", "1", "2", "3"]
+
+    # a complete object without its newline is treated as torn as well
+    write_lines(run.cases_path, good + [json.dumps({"task": "t", "case_id": "9"})])
+    assert [r["case_id"] for r in run.read_cases()] == ["0", "1", "2"]
+    assert run.cases_path.read_text() == "".join(good)
+
+    # blank lines are fine; a corrupt line that is not the last one is an error
+    write_lines(run.cases_path, [good[0], "\n", good[1]])
+    assert len(run.read_cases()) == 2
+    write_lines(run.cases_path, [good[0], "{oops\n", good[1]])
+    with pytest.raises(BenchError, match="corrupt line at byte"):
+        run.read_cases()
+
+
+def wait_for_lines(path_glob, n: int, proc, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"slow run exited early ({proc.returncode}): {err[-2000:]}")
+        for cases in path_glob():
+            if cases.exists() and cases.read_bytes().count(b"\n") >= n:
+                return cases.parent
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no {n} cases within {timeout} s")
+
+
+def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir):
+    """A `bench run` (FT edits slowed down) is SIGKILLed after 3 cases; a torn line is added; the
+    resumed run ends with every case exactly once and the summary of a straight run."""
+    out = tmp_path / "killed"
+    args = ["--editor", "ft", "--task", ",".join(TASKS), "--model", tiny_model_dir, "--device", "cpu",
+            "--data-dir", FIXTURE_DATA, "--output-dir", out, "--limit", "0", "--batch-size", "4",
+            "--hparam", "steps=2", "--hparam", "layers=1", "--name", "killed"]
+    proc = start([sys.executable, "-m", "tests.helpers", "slow-run"] + args, cwd=tmp_path,
+                 SLOW_EDIT_DELAY="0.4")
+    # Meanwhile, the same run straight through, in this process.
+    straight = execute(options(tmp_path, model=str(tiny_model_dir), output_dir=str(tmp_path / "straight")),
+                       argv=[], log=lambda s: None)
+    try:
+        run_path = wait_for_lines(lambda: out.glob("*/cases.jsonl"), 3, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert run_path.name.startswith("killed-")
+    done = read_lines(run_path / "cases.jsonl")
+    total = sum(N_CASES.values())
+    assert 3 <= len(done) < total
+    assert not (run_path / "summary.json").exists()  # SIGKILL: no finally block ran
+    with open(run_path / "cases.jsonl", "a") as f:  # as if killed in the middle of a write
+        f.write('{"task": "recent", "case_id": "recent-te')
+
+    logs = []
+    assert resume(run_path, log=logs.append) == run_path
+    assert any(f"({len(done)} cases already done, {total - len(done)} to go)" in line for line in logs)
+    records = read_lines(run_path / "cases.jsonl")
+    reference = read_lines(straight / "cases.jsonl")
+    assert [(r["task"], r["case_id"]) for r in records] == [(r["task"], r["case_id"]) for r in reference]
+    assert records[: len(done)] == done  # finished cases untouched
+    for r, ref in zip(records, reference):
+        assert (r["pre"], r["post"], r["predictions"]) == (ref["pre"], ref["post"], ref["predictions"])
+    summary = json.loads((run_path / "summary.json").read_text())
+    ref_summary = json.loads((straight / "summary.json").read_text())
+    assert strip_volatile(summary) == strip_volatile(ref_summary)
+
+    # resuming a finished run runs nothing and rewrites the same summary
+    logs.clear()
+    resume(run_path, log=logs.append)
+    assert any(f"({total} cases already done, 0 to go)" in line for line in logs)
+    assert len(read_lines(run_path / "cases.jsonl")) == total
+    assert strip_volatile(json.loads((run_path / "summary.json").read_text())) == strip_volatile(ref_summary)
