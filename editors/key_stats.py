@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,7 @@ def _sampled_docs_cached(model, tokenizer, identity: str, n_tokens: int, seed: i
     if path is not None:
         flat = torch.tensor([t for d in docs for t in d], dtype=torch.int64)
         lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file({"ids": flat, "lengths": lengths}, str(tmp))
         tmp.replace(path)
     return docs
@@ -272,7 +273,7 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
         for layer in missing:
             path = paths.get(layer)
             if path is not None:
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 save_file({"mom2": moments[layer].contiguous()}, str(tmp),
                           metadata={"identity": identity, "layer": str(layer), "corpus": tag,
                                     "n_samples": str(n_samples), "n_tokens": str(count),

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
-from bench.models import find_layout, is_transposed, output_logits, weight_out_in
+from bench.models import find_layout, output_logits, weight_out_in
 from editors.base import EditContext, EditHandle, Editor, param_name
 from editors.key_stats import inverse_mom2, layer_stats
 
@@ -41,8 +41,8 @@ CONTEXT_STARTERS = ("The", "Therefore", "Because", "I", "You")
 ESSENCE_TEMPLATE = "{} is a"
 
 # Default edited layer as a fraction of depth, chosen by the layer sweep on SmolLM2-135M
-# (30 layers; docs/rome.md): round(0.14 * 30) = 4.
-DEFAULT_LAYER_FRACTION = 0.14
+# (30 layers; docs/rome.md): round(0.07 * 30) = 2.
+DEFAULT_LAYER_FRACTION = 0.07
 
 
 @dataclass
@@ -59,7 +59,9 @@ class RomeHparams:
     v_weight_decay: weight of ||delta|| / ||v_orig||^2 in the loss (ROME's form).
     clamp_norm_factor: after each step the delta is scaled back to at most this multiple of
         the original value's norm.
-    v_early_stop_loss: stop optimising once the total loss falls below this.
+    v_early_stop_nll: stop optimising once the target NLL term (mean over prompts of the mean
+        per-token negative log-likelihood) falls below this. ROME stops on the total loss; the
+        KL term here (read after "is a") rarely falls below 0.05, so that rule never fires.
     context_lengths / context_counts: the context prefixes: for each pair, `count` texts of
         `length` tokens sampled from the model (top-k 5, seed `seed`), each followed by ". ".
         The defaults (10 of length 5, 10 of length 10) give the prompt plus 20 context-prefixed
@@ -77,14 +79,14 @@ class RomeHparams:
         sequences.
     """
 
-    layer: int = 4
+    layer: int = 2
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     v_loss_layer: int = -1
     kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
-    v_early_stop_loss: float = 0.05
+    v_early_stop_nll: float = 0.05
     context_lengths: list[int] = field(default_factory=lambda: [5, 10])
     context_counts: list[int] = field(default_factory=lambda: [10, 10])
     mom2_adjustment: bool = True
@@ -309,6 +311,7 @@ class Rome(Editor):
         self.last_info: dict = {}
         self.last_key: torch.Tensor | None = None  # k* and v* of the latest edit
         self.last_value: torch.Tensor | None = None
+        self._tokenizer = None
 
     @classmethod
     def default_hparams(cls, config) -> RomeHparams:
@@ -368,7 +371,7 @@ class Rome(Editor):
         module = st.layout.layers[st.layer].mlp_out
         t0 = time.perf_counter()
         rewrite, essence = self.build_sequences(tokenizer, case, st.templates)
-        key = self.compute_key(model, st, rewrite)
+        key = self.compute_key(model, st, rewrite, essence)
         t1 = time.perf_counter()
         value = self.compute_value(model, st, rewrite, essence)
         t2 = time.perf_counter()
@@ -400,12 +403,45 @@ class Rome(Editor):
                                                  e_ids, e_off), kl_pos=len(e_ids) - 1)
         return rewrite, essence
 
+    def _batch(self, model, st: _Prepared, seqs: list[_Seq], cut: list[int] | None = None):
+        """Padded inputs for `seqs` (rows: rewriting prompts then the essence prompt), each cut
+        to its first `cut[b]` tokens. With a valid prefix cache only the tokens after the
+        context text run; returns (ids, mask, skip, decoder kwargs, prefix or None)."""
+        device = _device(model)
+        if st.prefix is not None and not st.prefix.valid_for(model):
+            # The model was changed (e.g. sequential edits without restore): recompute.
+            st.prefix = build_prefix_cache(model, self._tokenizer, st.layout, st.templates)
+            if st.prefix is not None:
+                st.prefix.snapshot(model, param_name(model, st.layout.layers[st.layer].mlp_out))
+        prefix = st.prefix
+        if prefix is not None and (len(seqs) != len(prefix.ids) or any(
+                s.prefix_len is None or s.ids[: s.prefix_len] != p
+                for s, p in zip(seqs, prefix.ids))):
+            prefix = None  # this case's tokenisation does not reuse the cached context tokens
+        skip = [len(p) for p in prefix.ids] if prefix is not None else [0] * len(seqs)
+        cut = cut or [len(s.ids) for s in seqs]
+        ids, mask = _pad([s.ids[k:c] for s, k, c in zip(seqs, skip, cut)], 0, device)
+        extra = {"use_cache": False}
+        if prefix is not None:
+            extra = {"past_key_values": prefix.cache, "use_cache": True,
+                     "position_ids": torch.arange(ids.shape[1], device=device)[None]
+                     + torch.tensor(skip, device=device)[:, None]}
+            mask = torch.cat([prefix.mask.to(device), mask], dim=1)
+        return ids, mask, skip, extra, prefix
+
+    def _forward(self, st: _Prepared, ids, mask, extra, prefix):
+        try:
+            return st.layout.decoder(input_ids=ids, attention_mask=mask, **extra)
+        finally:
+            if prefix is not None:
+                _crop(prefix.cache, prefix.width)  # drop this call's entries
+
     @torch.no_grad()
-    def compute_key(self, model, st: _Prepared, rewrite: list[_Seq]) -> torch.Tensor:
+    def compute_key(self, model, st: _Prepared, rewrite: list[_Seq], essence: _Seq) -> torch.Tensor:
         """k*: the projection's input at the subject's last token, averaged over the prompts
-        (each truncated just after the subject: later tokens cannot change it)."""
-        seqs = [s.ids[: s.lookup + 1] for s in rewrite]
-        ids, mask = _pad(seqs, 0, _device(model))
+        (each cut just after the subject: later tokens cannot change it)."""
+        seqs = rewrite + [essence]
+        ids, mask, skip, extra, prefix = self._batch(model, st, seqs, [s.lookup + 1 for s in seqs])
         got = {}
 
         def hook(module, args):
@@ -413,11 +449,11 @@ class Rome(Editor):
 
         h = st.layout.layers[st.layer].mlp_out.register_forward_pre_hook(hook)
         try:
-            st.layout.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            self._forward(st, ids, mask, extra, prefix)
         finally:
             h.remove()
-        rows = torch.arange(len(seqs), device=ids.device)
-        cols = torch.tensor([s.lookup for s in rewrite], device=ids.device)
+        rows = torch.arange(len(rewrite), device=ids.device)
+        cols = torch.tensor([s.lookup - k for s, k in zip(rewrite, skip)], device=ids.device)
         return got["k"][rows, cols].float().mean(0)
 
     def compute_value(self, model, st: _Prepared, rewrite: list[_Seq], essence: _Seq) -> torch.Tensor:
@@ -426,26 +462,9 @@ class Rome(Editor):
         layout = st.layout
         device = _device(model)
         seqs = rewrite + [essence]
-        if st.prefix is not None and not st.prefix.valid_for(model):
-            # The model was changed (e.g. sequential edits without restore): recompute.
-            st.prefix = build_prefix_cache(model, self._tokenizer, layout, st.templates)
-            if st.prefix is not None:
-                st.prefix.snapshot(model, param_name(model, layout.layers[st.layer].mlp_out))
-        prefix = st.prefix
-        if prefix is not None and (len(seqs) != len(prefix.ids) or any(
-                s.prefix_len is None or s.ids[: s.prefix_len] != p
-                for s, p in zip(seqs, prefix.ids))):
-            prefix = None  # this case's tokenisation does not reuse the cached context tokens
         # With the prefix cache, each row only runs its tokens after the context text.
-        skip = [len(p) for p in prefix.ids] if prefix is not None else [0] * len(seqs)
-        ids, mask = _pad([s.ids[k:] for s, k in zip(seqs, skip)], 0, device)
+        ids, mask, skip, extra, prefix = self._batch(model, st, seqs)
         batch, width = ids.shape
-        extra = {}
-        if prefix is not None:
-            extra = {"past_key_values": prefix.cache, "use_cache": True,
-                     "position_ids": torch.arange(width, device=device)[None]
-                     + torch.tensor(skip, device=device)[:, None]}
-            mask = torch.cat([prefix.mask.to(device), mask], dim=1)
 
         # Where the delta goes: each sequence's subject-last token.
         edit_mask = torch.zeros(batch, width, 1, device=device)
@@ -496,13 +515,7 @@ class Rome(Editor):
             with torch.enable_grad():
                 for step in range(hp.v_num_grad_steps):
                     opt.zero_grad()
-                    if prefix is not None:
-                        try:
-                            out = layout.decoder(input_ids=ids, attention_mask=mask, **extra)
-                        finally:
-                            _crop(prefix.cache, prefix.width)  # drop this step's suffix entries
-                    else:
-                        out = layout.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                    out = self._forward(st, ids, mask, extra, prefix)
                     if use_final:
                         hidden = out.last_hidden_state
                     else:
@@ -523,7 +536,7 @@ class Rome(Editor):
                     loss = nll + kl + wd
                     info = {"steps": step, "loss": loss.item(), "nll": nll.item(),
                             "kl": kl.item(), "target_prob": torch.exp(-per_prompt).mean().item()}
-                    if loss.item() < hp.v_early_stop_loss:
+                    if nll.item() < hp.v_early_stop_nll:
                         break
                     loss.backward()
                     opt.step()

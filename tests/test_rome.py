@@ -14,7 +14,7 @@ from bench.cases import EditCase
 from bench.errors import BenchError
 from editors.base import EditContext
 from editors.rome import Rome, rank_one_update
-from tests.tiny import ARCHS, tiny_model
+from tests.tiny import ARCHS, tiny_config, tiny_model
 
 CASE = EditCase(case_id="1", task="t", prompt="The mother tongue of Danielle Darrieux",
                 subject="Danielle Darrieux", target_new="English", ground_truth="French")
@@ -44,6 +44,12 @@ def ctx_for(tmp_path):
     return EditContext(cache_dir=tmp_path, log=lambda s: None)
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache directory for the module: statistics of each tiny model are computed once."""
+    return tmp_path_factory.mktemp("rome-cache")
+
+
 def next_token(lm, prompt):
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -51,10 +57,10 @@ def next_token(lm, prompt):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_edit_one_weight_target_and_exact_restore(arch, tmp_path):
+def test_edit_one_weight_target_and_exact_restore(arch, shared_cache):
     lm = tiny_model(arch)
     editor = Rome(tiny_hparams(lm))
-    editor.prepare(lm, ctx_for(tmp_path))
+    editor.prepare(lm, ctx_for(shared_cache))
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     target_first = lm.tokenizer(" " + CASE.target_new).input_ids[0]
     assert next_token(lm, CASE.prompt) != target_first
@@ -73,16 +79,40 @@ def test_edit_one_weight_target_and_exact_restore(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("mom2", [False, True])
-def test_update_maps_key_to_value(arch, mom2, tmp_path):
+def test_update_maps_key_to_value(arch, mom2, shared_cache):
     """After the update the projection sends k* to v* (bias included), for Linear and Conv1D."""
     lm = tiny_model(arch)
     editor = Rome(tiny_hparams(lm, mom2_adjustment=mom2, v_num_grad_steps=3))
-    editor.prepare(lm, ctx_for(tmp_path))
+    editor.prepare(lm, ctx_for(shared_cache))
     editor.apply(lm.model, lm.tokenizer, CASE)
     module = lm.layout.layers[editor.hparams.layer].mlp_out
     with torch.no_grad():
         out = module(editor.last_key[None])[0]
     torch.testing.assert_close(out, editor.last_value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_context_prefix_reuse_is_exact(arch, shared_cache):
+    """Reusing the context texts' keys/values gives the same k* and v* as full sequences, also
+    for a second edit applied on top of the first (the cache is rebuilt for the changed model)."""
+    case2 = EditCase(case_id="3", task="t", prompt="Toko Yasuda plays the", subject="Toko Yasuda",
+                     target_new="piano")
+    got = {}
+    for reuse in (True, False):
+        lm = tiny_model(arch)
+        editor = Rome(tiny_hparams(lm, reuse_context_prefix=reuse, v_num_grad_steps=5))
+        editor.prepare(lm, ctx_for(shared_cache))
+        assert editor._prepared.prefix is not None if reuse else editor._prepared.prefix is None
+        out = []
+        for case in (CASE, case2):  # sequential: no restore in between
+            editor.apply(lm.model, lm.tokenizer, case)
+            assert editor.last_info["prefix_reused"] == reuse
+            out.append((editor.last_key, editor.last_value))
+        got[reuse] = out
+    for (k1, v1), (k2, v2) in zip(got[True], got[False]):
+        torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5)
+        # Adam amplifies float rounding in near-zero gradient coordinates a little.
+        assert (v1 - v2).norm() / v2.norm() < 1e-3
 
 
 @pytest.mark.parametrize("use_c", [False, True])
@@ -182,3 +212,26 @@ def test_stats_corpus_file_jsonl_and_plain(tmp_path):
     assert ctx.notes["rome"]["stats_tokens"] == 100
     with pytest.raises(BenchError):
         key_stats.read_corpus(tmp_path / "missing.txt")
+
+
+def test_runner_records_notes_and_case_errors(tmp_path, monkeypatch):
+    """`bench run --editor rome` on the tiny Llama and the fixture CounterFact data."""
+    import bench.models
+    from bench.runner import RunOptions, execute
+    from tests.helpers import FIXTURE_DATA
+
+    monkeypatch.setattr(bench.models, "load_model", lambda *a, **k: tiny_model("llama"))
+    monkeypatch.setattr(bench.models, "load_config", lambda *a, **k: tiny_config("llama"),
+                        raising=False)
+    opts = RunOptions(editor="rome", tasks=["counterfact"], model="tiny", device="cpu", limit=2,
+                      data_dir=str(FIXTURE_DATA), output_dir=str(tmp_path / "runs"),
+                      hparams={"mom2_n_samples": "300", "v_num_grad_steps": "2",
+                               "context_counts": "2", "context_lengths": "4"}, batch_size=4)
+    path = execute(opts, argv=["run"], log=lambda s: None)
+    config = json.loads((path / "config.json").read_text())
+    notes = config["notes"]["rome"]
+    assert notes["stats_tokens"] == 300 and len(notes["context_templates"]) == 3
+    records = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:  # an edit either succeeded or failed with a one-line reason
+        assert ("post" in r) != bool(r["error"])
