@@ -17,6 +17,7 @@ BUILTIN = {
     "ft": "editors.ft:FineTune",
     "mend": "editors.mend:Mend",
     "instructedit": "editors.instructedit:InstructEdit",
+    "rome": "editors.rome:Rome",
 }
 
 

@@ -49,7 +49,7 @@ class MendHparams:
     c_edit: float = 0.1
     c_loc: float = 1.0
     batch_size: int = 4
-    max_steps: int = 300
+    max_steps: int = 250
     time_budget_s: float = 900.0
     val_cases: int = 32
     val_every: int = 50

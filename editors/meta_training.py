@@ -134,18 +134,27 @@ def encode_batch(tokenizer, probes: list[tuple[str, str]], device) -> ProbeBatch
                       lengths=lengths)
 
 
+def _base_hidden(model: nn.Module, batch: ProbeBatch) -> torch.Tensor:
+    out = model.base_model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def logprobs_at_answers(model: nn.Module, hidden: torch.Tensor, batch: ProbeBatch) -> torch.Tensor:
+    picked = hidden[batch.rows, batch.cols]
+    return torch.log_softmax(output_logits(model, picked).float(), dim=-1)
+
+
 def answer_logprobs(model: nn.Module, batch: ProbeBatch, params: dict | None = None) -> torch.Tensor:
     """log-softmax over the vocabulary at every answer position, (K, V); `params` (names inside
     model.base_model -> tensors) replace the base model's weights for this call only."""
-    base = model.base_model
-    kwargs = {"input_ids": batch.ids, "attention_mask": batch.mask}
     if params:
-        hidden = torch.func.functional_call(base, params, args=(), kwargs=kwargs, strict=False)
+        hidden = torch.func.functional_call(
+            model.base_model, params, args=(),
+            kwargs={"input_ids": batch.ids, "attention_mask": batch.mask, "use_cache": False},
+            strict=False).last_hidden_state
     else:
-        hidden = base(**kwargs)
-    hidden = hidden.last_hidden_state
-    picked = hidden[batch.rows, batch.cols]
-    return torch.log_softmax(output_logits(model, picked).float(), dim=-1)
+        hidden = _base_hidden(model, batch)
+    return logprobs_at_answers(model, hidden, batch)
 
 
 def per_sequence_mean(values: torch.Tensor, batch: ProbeBatch, n_seq: int) -> torch.Tensor:
@@ -161,20 +170,34 @@ def per_sequence_mean(values: torch.Tensor, batch: ProbeBatch, n_seq: int) -> to
 # --------------------------------------------------------------------------------------------
 
 
-def edit_factors(model: nn.Module, tokenizer, targets: list[EditTarget], prompt: str,
-                 answer: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Rank-one factors of d NLL(answer | prompt) / dW for every target weight.
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (u (N, in), d (N, out))
 
-    The loss is the mean NLL of the answer tokens, teacher forced. A forward hook on each edited
-    projection records its input u (T, in) and adds a zero "probe" tensor to its output; the
-    gradient of the loss with respect to that probe is d (T, out). Positions that cannot reach the
-    loss (the last token) are dropped. Returns name -> (u, d), both float32 and detached, with
-    dL/dW (out, in) = d^T u."""
-    device = next(model.parameters()).device
-    batch = encode_batch(tokenizer, [(prompt, answer)], device)
-    n = batch.lengths[0] - 1  # positions 0 .. n-1 can influence the answer tokens
+
+@dataclass
+class FactorPass:
+    """What one forward/backward pass over a batch of probes yields."""
+
+    factors: list[Factors]  # per edit row (the first n_edits rows of the batch)
+    logprobs: torch.Tensor  # (K, V) pre-edit log-probabilities at every answer position, detached
+    block_inputs: list[tuple[tuple, dict]] | None  # (args, kwargs) each block >= first got
+
+
+def factor_pass(model: nn.Module, batch: ProbeBatch, targets: list[EditTarget], n_edits: int,
+                capture_from: int | None = None, blocks: nn.ModuleList | None = None) -> FactorPass:
+    """Rank-one factors of d NLL / dW for the first `n_edits` rows of `batch`, each row's loss
+    being the mean NLL of its answer tokens (teacher forced); rows do not interact, so one pass
+    over the sum of the row losses gives every row its own gradient.
+
+    A forward hook on each edited projection records its input u (B, T, in) and adds a zero
+    "probe" tensor to its output; the gradient of the loss with respect to the probe is d
+    (B, T, out), and dL_row/dW (out, in) = d_row^T u_row. Positions that cannot reach the loss (a
+    row's last token, padding) are dropped. The other rows (rephrase, locality probes) only
+    contribute their pre-edit log-probabilities and, with `capture_from`, the inputs of blocks
+    capture_from.. (to rerun only those blocks after the edit)."""
+    device = batch.ids.device
     inputs: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
+    captured: list[tuple[tuple, dict]] = []
     handles = []
 
     def make_hook(name):
@@ -185,23 +208,88 @@ def edit_factors(model: nn.Module, tokenizer, targets: list[EditTarget], prompt:
             return output + probe
         return hook
 
+    def capture_hook(module, args, kwargs):
+        captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+
     try:
         for t in targets:
             handles.append(t.module.register_forward_hook(make_hook(t.name)))
+        if capture_from is not None:
+            for block in list(blocks)[capture_from:]:
+                handles.append(block.register_forward_pre_hook(capture_hook, with_kwargs=True))
         with torch.enable_grad():
-            logp = answer_logprobs(model, batch)
-            loss = -logp.gather(1, batch.targets[:, None]).mean()
-            names = [t.name for t in targets]
-            grads = torch.autograd.grad(loss, [probes[nm] for nm in names], allow_unused=True)
+            logp = logprobs_at_answers(model, _base_hidden(model, batch), batch)
+            tok_nll = -logp.gather(1, batch.targets[:, None])[:, 0]
+            row_nll = per_sequence_mean(tok_nll, batch, len(batch.lengths))
+            loss = row_nll[:n_edits].sum()
+            grads = torch.autograd.grad(loss, [probes[t.name] for t in targets], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for t, g in zip(targets, grads):
-        u = inputs[t.name][0, :n].float()
-        d = torch.zeros(n, t.out_dim, device=device) if g is None else g[0, :n].float()
-        out[t.name] = (u, d)
-    return out
+    factors: list[Factors] = []
+    for row in range(n_edits):
+        n = batch.lengths[row] - 1  # positions 0 .. n-1 can influence the answer tokens
+        f = {}
+        for t, g in zip(targets, grads):
+            u = inputs[t.name][row, :n].float()
+            d = torch.zeros(n, t.out_dim, device=device) if g is None else g[row, :n].float()
+            f[t.name] = (u, d)
+        factors.append(f)
+    return FactorPass(factors=factors, logprobs=logp.detach(),
+                      block_inputs=captured if capture_from is not None else None)
+
+
+def edit_factors(model: nn.Module, tokenizer, targets: list[EditTarget], prompt: str,
+                 answer: str) -> Factors:
+    """Factors (u, d) of the gradient of the mean NLL of `answer` after `prompt`, per weight."""
+    device = next(model.parameters()).device
+    batch = encode_batch(tokenizer, [(prompt, answer)], device)
+    return factor_pass(model, batch, targets, 1).factors[0]
+
+
+class LowRankEdits:
+    """Applies per-row low-rank weight changes during a forward pass, without writing weights:
+    a forward hook on each edited projection adds x @ dW^T to its output, computed as
+    (x @ U^T) @ D with dW = D^T U (U: (R, N, in), D: (R, N, out), one pair per batch row), which
+    is what the projection with weight W + dW would output."""
+
+    def __init__(self, targets: list[EditTarget], per_row: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.targets, self.per_row, self.handles = targets, per_row, []
+
+    def __enter__(self):
+        for t in self.targets:
+            u, d = self.per_row[t.name]
+
+            def hook(module, args, output, u=u, d=d):
+                x = args[0]
+                return output + torch.bmm(torch.bmm(x.float(), u.transpose(1, 2)), d).to(output.dtype)
+            self.handles.append(t.module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def rerun_blocks(model: nn.Module, layout, first: int, block_inputs: list[tuple[tuple, dict]]) -> torch.Tensor:
+    """Final hidden states from blocks first.. onwards, given the inputs they saw in a previous
+    pass (hidden states replaced in turn by each block's output), then the final norm."""
+    blocks = list(layout.blocks)[first:]
+    if len(block_inputs) != len(blocks):
+        raise RuntimeError("captured block inputs do not match the blocks")
+    hidden = None
+    for block, (args, kwargs) in zip(blocks, block_inputs):
+        if hidden is not None:
+            if args:
+                args = (hidden,) + tuple(args[1:])
+            else:
+                kwargs = dict(kwargs, hidden_states=hidden)
+        out = block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if layout.final_norm is not None:
+        hidden = layout.final_norm(hidden)
+    return hidden
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,15 +387,20 @@ class EditorNetwork(nn.Module):
                                    for k, (i, o, n) in sorted(shapes.items())})
         self.edit_lrs = nn.Parameter(torch.full((len(targets),), float(edit_lr)))
 
-    def deltas(self, targets: list[EditTarget], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               update_stats: bool = False) -> dict[str, torch.Tensor]:
-        """name -> dW in (out, in) terms."""
+    def edit_factors_out(self, targets: list[EditTarget], factors: Factors,
+                         update_stats: bool = False) -> Factors:
+        """name -> (U, D) with dW (out, in) = D^T U: U = -lr_w u~, D = d~."""
         out = {}
         for i, t in enumerate(targets):
             u, d = factors[t.name]
             u2, d2 = self.nets[t.shape_key](u, d, t.cond, update_stats=update_stats)
-            out[t.name] = -self.edit_lrs[i] * (d2.T @ u2)
+            out[t.name] = (-self.edit_lrs[i] * u2, d2)
         return out
+
+    def deltas(self, targets: list[EditTarget], factors: Factors,
+               update_stats: bool = False) -> dict[str, torch.Tensor]:
+        """name -> dW in (out, in) terms."""
+        return {n: d.T @ u for n, (u, d) in self.edit_factors_out(targets, factors, update_stats).items()}
 
 
 def stored_delta(t: EditTarget, delta_out_in: torch.Tensor) -> torch.Tensor:
@@ -358,7 +451,39 @@ class MetaTrainer:
         net_params = [p for n, p in network.named_parameters() if n != "edit_lrs"]
         self.opt = torch.optim.Adam([{"params": net_params, "lr": hp.lr},
                                      {"params": lr_params, "lr": hp.lr_lr}])
-        self.base_params = {t.base_name: t.module.weight for t in targets}
+        self.layout = lm.layout
+        self.first_block = min(self._block_index(t) for t in targets)
+        self.fast = False  # rerun only blocks >= first_block after the edit (checked below)
+        self.fast = self._check_fast_path()
+        log(f"post-edit passes: {'blocks %d.. only' % self.first_block if self.fast else 'full model'}")
+
+    def _block_index(self, t: EditTarget) -> int:
+        for i, block in enumerate(self.layout.blocks):
+            if any(m is t.module for m in block.modules()):
+                return i
+        raise BenchError(f"edited weight {t.name} is not inside a transformer block")
+
+    def _check_fast_path(self) -> bool:
+        """Rerunning the blocks from the first edited one on captured inputs must reproduce the
+        full forward pass; otherwise every post-edit pass runs the full model."""
+        case = self.prepare_case(self.train_by_task[self.tasks[0]][0])
+        probes = [(case.prompt, case.target_new)] + [(p, case.target_new) for p in case.rephrase_prompts]
+        probes += [(pa.prompt, pa.answer) for pa in case.locality]
+        batch = encode_batch(self.tok, probes, self.lm.device)
+        try:
+            fp = factor_pass(self.model, batch, self.targets, 1, capture_from=self.first_block,
+                             blocks=self.layout.blocks)
+            with torch.no_grad():
+                hidden = rerun_blocks(self.model, self.layout, self.first_block, fp.block_inputs)
+                again = logprobs_at_answers(self.model, hidden, batch)
+            diff = (again - fp.logprobs).abs().max().item()
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the full model
+            self.log(f"block rerun unavailable ({type(exc).__name__}: {exc}); using full passes")
+            return False
+        if diff > 1e-3:
+            self.log(f"block rerun differs from the full pass by {diff:.2e}; using full passes")
+            return False
+        return True
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -391,36 +516,58 @@ class MetaTrainer:
 
     # -- one edit ------------------------------------------------------------------------------
 
-    def edit_losses(self, case: EditCase, update_stats: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(edit NLL, locality KL, stats) for one case, differentiable w.r.t. the network."""
-        case = self.prepare_case(case)
+    def step_losses(self, cases: list[EditCase], update_stats: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(edit NLL, locality KL, stats) over a batch of independent single edits,
+        differentiable w.r.t. the network. Each case is edited on its own (row-wise low-rank
+        weight changes); the losses are averaged over the cases' probes."""
+        cases = [self.prepare_case(c) for c in cases]
+        n = len(cases)
+        probes = [(c.prompt, c.target_new) for c in cases]
+        owner, kind = list(range(n)), ["edit"] * n
+        for e, c in enumerate(cases):
+            for p in c.rephrase_prompts:
+                probes.append((p, c.target_new))
+                owner.append(e)
+                kind.append("rephrase")
+        for e, c in enumerate(cases):
+            for pa in c.locality:
+                probes.append((pa.prompt, pa.answer))
+                owner.append(e)
+                kind.append("loc")
         device = self.lm.device
-        factors = edit_factors(self.model, self.tok, self.targets, case.prompt, case.target_new)
-        deltas = self.net.deltas(self.targets, factors, update_stats=update_stats)
-        params = {t.base_name: t.module.weight + stored_delta(t, deltas[t.name]).to(t.module.weight.dtype)
-                  for t in self.targets}
-        edit_probes = [(case.prompt, case.target_new)] + [(p, case.target_new) for p in case.rephrase_prompts]
-        loc_probes = [(pa.prompt, pa.answer) for pa in case.locality]
-        batch = encode_batch(self.tok, edit_probes + loc_probes, device)
-        n_edit = len(edit_probes)
-        is_edit = batch.rows < n_edit
-        if loc_probes:
-            loc_batch = encode_batch(self.tok, loc_probes, device)
-            with torch.no_grad():
-                pre_loc = answer_logprobs(self.model, loc_batch)
-        post = answer_logprobs(self.model, batch, params)
-        tok_lp = post.gather(1, batch.targets[:, None])[:, 0]
-        seq_nll = per_sequence_mean(-tok_lp, batch, len(edit_probes) + len(loc_probes))[:n_edit]
-        l_edit = seq_nll.mean()
+        batch = encode_batch(self.tok, probes, device)
+        fp = factor_pass(self.model, batch, self.targets, n,
+                         capture_from=self.first_block if self.fast else None, blocks=self.layout.blocks)
+        per_case = [self.net.edit_factors_out(self.targets, f, update_stats=update_stats) for f in fp.factors]
+        owner_t = torch.tensor(owner, device=device)
+        per_row = {}
+        for t in self.targets:
+            width = max(pc[t.name][0].shape[0] for pc in per_case)
+            us = torch.stack([F.pad(pc[t.name][0], (0, 0, 0, width - pc[t.name][0].shape[0])) for pc in per_case])
+            ds = torch.stack([F.pad(pc[t.name][1], (0, 0, 0, width - pc[t.name][1].shape[0])) for pc in per_case])
+            per_row[t.name] = (us.index_select(0, owner_t), ds.index_select(0, owner_t))
+        with LowRankEdits(self.targets, per_row):
+            if self.fast:
+                hidden = rerun_blocks(self.model, self.layout, self.first_block, fp.block_inputs)
+            else:
+                hidden = _base_hidden(self.model, batch)
+        post = logprobs_at_answers(self.model, hidden, batch)
+        row_kind = [kind[r] for r in batch.seq_of_token]
+        is_loc = torch.tensor([k == "loc" for k in row_kind], device=device)
+        tok_nll = -post.gather(1, batch.targets[:, None])[:, 0]
         hits = (post.argmax(-1) == batch.targets).float()
-        seq_acc = per_sequence_mean(hits, batch, len(edit_probes) + len(loc_probes))
-        stats = {"edit_acc": seq_acc[0].item(),
-                 "rephrase_acc": seq_acc[1:n_edit].mean().item() if n_edit > 1 else float("nan")}
-        if loc_probes:
-            post_loc = post[~is_edit]
+        n_rows = len(probes)
+        row_nll = per_sequence_mean(tok_nll, batch, n_rows)
+        row_acc = per_sequence_mean(hits, batch, n_rows)
+        edit_rows = torch.tensor([k != "loc" for k in kind], device=device)
+        l_edit = row_nll[edit_rows].mean()
+        reph = [i for i, k in enumerate(kind) if k == "rephrase"]
+        stats = {"edit_acc": row_acc[:n].mean().item(),
+                 "rephrase_acc": row_acc[reph].mean().item() if reph else float("nan")}
+        if bool(is_loc.any()):
+            pre_loc, post_loc = fp.logprobs[is_loc], post[is_loc]
             kl = (pre_loc.exp() * (pre_loc - post_loc)).sum(-1).mean()
-            agree = (post_loc.argmax(-1) == pre_loc.argmax(-1)).float().mean().item()
-            stats["loc_agree"] = agree
+            stats["loc_agree"] = (post_loc.argmax(-1) == pre_loc.argmax(-1)).float().mean().item()
         else:
             kl = torch.zeros((), device=device)
             stats["loc_agree"] = float("nan")
@@ -430,29 +577,29 @@ class MetaTrainer:
     def train_step(self, cases: list[EditCase]) -> dict:
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        rows = []
-        for case in cases:
-            l_edit, l_loc, stats = self.edit_losses(case, update_stats=True)
-            loss = (self.hp.c_edit * l_edit + self.hp.c_loc * l_loc) / len(cases)
-            loss.backward()
-            stats["loss"] = loss.item() * len(cases)
-            rows.append(stats)
+        l_edit, l_loc, stats = self.step_losses(cases, update_stats=True)
+        loss = self.hp.c_edit * l_edit + self.hp.c_loc * l_loc
+        loss.backward()
         if self.hp.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hp.grad_clip)
         self.opt.step()
-        return _mean_stats(rows)
+        stats["loss"] = loss.item()
+        return stats
 
     @torch.no_grad()
     def validate(self) -> dict:
         self.net.eval()
-        rows = []
-        for task in sorted(self.val_by_task):
-            for case in self.val_by_task[task]:
-                with torch.enable_grad():  # edit_factors needs autograd; the network does not
-                    l_edit, l_loc, stats = self.edit_losses(case, update_stats=False)
-                stats["loss"] = self.hp.c_edit * l_edit.item() + self.hp.c_loc * l_loc.item()
-                rows.append(stats)
-        return _mean_stats(rows)
+        cases = [c for task in sorted(self.val_by_task) for c in self.val_by_task[task]]
+        rows, size = [], max(1, self.hp.batch_size)
+        for start in range(0, len(cases), size):
+            chunk = cases[start:start + size]
+            l_edit, l_loc, stats = self.step_losses(chunk, update_stats=False)
+            stats["loss"] = self.hp.c_edit * l_edit.item() + self.hp.c_loc * l_loc.item()
+            rows.append((len(chunk), stats))
+        total = sum(k for k, _ in rows)
+        return {key: sum(k * st[key] for k, st in rows if not math.isnan(st[key])) /
+                max(1, sum(k for k, st in rows if not math.isnan(st[key])))
+                for key in rows[0][1]} if total else {}
 
     def fit(self) -> dict:
         from tqdm import tqdm
