@@ -27,7 +27,9 @@ from editors.frozen import frozen_prefix
 class FTHparams:
     """layers: blocks whose MLP output projection is tuned (default: 70% of the depth, which is
     layer 21 of 30 as in EasyEdit's Llama setting); steps, lr, weight_decay: Adam;
-    norm_constraint: L-inf radius around the original weights (None or 0 = unconstrained);
+    norm_constraint: L-inf radius around the original weights (None or 0 = unconstrained).
+    The default 5e-3 was measured on SmolLM2-135M (10 CounterFact edits: reliability 80, locality
+    70; 5e-4 left reliability at 0; 2e-2 gave 100 / 50); EasyEdit's Llama setting is 5e-5;
     objective: "prompt_last" (FT-L) or "target_masked" (FT-M); min_loss: stop early once the loss
     falls below it (EasyEdit's 1e-2); frozen_prefix: reuse the unchanged lower blocks' outputs
     across steps (same numbers, less compute; off = the plain path, for benchmarks)."""
@@ -36,7 +38,7 @@ class FTHparams:
     steps: int = 25
     lr: float = 5e-4
     weight_decay: float = 0.0
-    norm_constraint: float | None = 5e-4
+    norm_constraint: float | None = 5e-3
     objective: str = "prompt_last"
     min_loss: float = 1e-2
     frozen_prefix: bool = True  # compute blocks below the lowest tuned layer once per edit
