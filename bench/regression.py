@@ -274,7 +274,7 @@ def cached_generated_corpus(lm, seed: int, log=print) -> tuple[list[str], str]:
     if path.exists():
         return [r["text"] for r in read_jsonl(path)], str(path)
     log(f"generating the perplexity corpus from the unedited model ({CORPUS_DOCS} docs, seed {seed}) ...")
-    texts = generate_corpus(lm, seed=seed)
+    texts = generate_corpus(lm, seed=seed, n_docs=CORPUS_DOCS, new_tokens=CORPUS_NEW_TOKENS)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, [{"text": t} for t in texts])
     return texts, str(path)
@@ -311,17 +311,24 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
 
 
+_TASK_MANAGERS: dict[tuple, object] = {}
+
+
 def task_manager(names: list[str], metadata: dict | None = None):
     """An lm-eval TaskManager with bench/lm_tasks on its include path (lm-eval's own task
-    index only when a name outside the offline suite is asked for: building it takes ~20 s).
-    Unknown names are a BenchError."""
+    index only when a name outside the offline suite is asked for: building it takes 10-20 s,
+    so managers are kept per (index, metadata) for the process). Unknown names: BenchError."""
     set_offline_defaults()
-    with _quiet_lm_eval():
-        from lm_eval.tasks import TaskManager
+    defaults = any(n not in OFFLINE_TASKS for n in names)
+    key = (defaults, json.dumps(metadata or {}, sort_keys=True))
+    tm = _TASK_MANAGERS.get(key)
+    if tm is None:
+        with _quiet_lm_eval():
+            from lm_eval.tasks import TaskManager
 
-        defaults = any(n not in OFFLINE_TASKS for n in names)
-        tm = TaskManager(include_path=str(LM_TASKS_DIR), include_defaults=defaults,
-                         metadata=metadata or None)
+            tm = TaskManager(include_path=str(LM_TASKS_DIR), include_defaults=defaults,
+                             metadata=dict(metadata) if metadata else None)
+        _TASK_MANAGERS[key] = tm
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise BenchError(f"unknown lm-eval task {unknown[0]!r}: not an lm-eval task, group or tag "
@@ -559,15 +566,18 @@ def _compare(before: dict, afters: list[dict], seed: int) -> dict:
 def format_table(block: dict) -> str:
     import pandas as pd
 
+    def num(v, fmt=".4g"):
+        return "inf" if v is None else format(v, fmt)
+
     rows = []
     for task, metrics in block["results"].items():
         for metric, r in metrics.items():
-            se = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-            rows.append({"lm task": task, "metric": metric, "before": f"{r['before']:.4f}",
-                         "after": f"{r['after']:.4f}", "diff": f"{r['diff']:+.4f}",
-                         "diff se": se(r["diff_stderr"]),
-                         "z": "" if not r["diff_stderr"] else f"{r['diff'] / r['diff_stderr']:+.1f}",
-                         "n": r["n"]})
+            z = (f"{r['diff'] / r['diff_stderr']:+.1f}"
+                 if r["diff"] is not None and r["diff_stderr"] else "")
+            rows.append({"lm task": task, "metric": metric, "before": num(r["before"]),
+                         "after": num(r["after"]), "diff": num(r["diff"], "+.4g"),
+                         "diff se": "" if r["diff_stderr"] is None else num(r["diff_stderr"]),
+                         "z": z, "n": r["n"]})
     if not rows:
         return "no regression results"
     head = (f"regression ({block['mode']}: {block['n_edits_applied']} edits applied, suite run on "
@@ -637,11 +647,16 @@ def run_regression(lm, editor, cases: list, reg: RegressionOptions, out_dir: Pat
         rec["time"] = {"edit_s": round(t_edit, 4)}
         on_case(rec)
 
+    from tqdm import tqdm
+
+    def progress(items, what):
+        return tqdm(items, desc=f"{editor.name} {reg.mode}: {what}", unit="edit", dynamic_ncols=True)
+
     torch.manual_seed(reg.seed)
     if reg.mode == "single":
         chosen = set(random.Random(f"regression-sample:{reg.seed}").sample(
             range(len(cases)), min(reg.sample, len(cases))))
-        for i, case in enumerate(cases):
+        for i, case in enumerate(progress(cases, "apply, score, restore")):
             if on_case is None and i not in chosen:
                 continue  # nothing would be measured on it (bench run already scored the cases)
             pre = score(case) if on_case else None
@@ -665,7 +680,7 @@ def run_regression(lm, editor, cases: list, reg: RegressionOptions, out_dir: Pat
         pres = [score(c) if on_case else None for c in cases]
         handles, applied = [], []
         try:
-            for case, pre in zip(cases, pres):
+            for case, pre in zip(progress(cases, "apply"), pres):
                 t0 = time.perf_counter()
                 try:
                     handles.append(editor.apply(model, tok, case))

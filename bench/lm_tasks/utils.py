@@ -43,3 +43,14 @@ def perplexity_dataset(perplexity_file: str | None = None, **_ignored):
         raise ValueError("bench_perplexity: no corpus; pass the metadata key perplexity_file "
                          "(bench regress does this itself)")
     return _dataset([{"text": t} for t in read_corpus(perplexity_file)])
+
+
+def safe_weighted_perplexity(items) -> float:
+    """exp(-sum(loglikelihood) / sum(count)) over (loglikelihood, count) pairs, as lm-eval's
+    weighted_perplexity, but inf where the exponential overflows."""
+    import math
+
+    total = sum(ll for ll, _ in items)
+    count = sum(n for _, n in items)
+    rate = -total / count
+    return math.exp(rate) if rate < 709.0 else float("inf")

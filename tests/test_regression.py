@@ -1,0 +1,202 @@
+"""lm-eval regression (bench/regression.py) on a tiny model and tests/fixtures/data.
+
+A test-only editor that sharpens the output distribution (scales the LM head by 8) stands in for
+a destructive edit: it must show up as a higher perplexity, and both modes must leave every
+weight exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench.models
+import bench.regression as regression
+from bench.cli import main
+from bench.errors import BenchError
+from bench.regression import (RegressionOptions, build_fact_retention_docs, execute_regress,
+                              read_corpus)
+from bench.runner import RunOptions, execute
+from editors.base import EditHandle, Editor, param_name
+from tests.helpers import FIXTURE_DATA
+from tests.tiny import CORPUS, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclass
+class ScaleHeadHparams:
+    factor: float = 8.0
+
+
+class ScaleHead(Editor):
+    """Destructive on purpose: multiplies the output embedding (LM head) by `factor`."""
+
+    name = "scale-head"
+    Hparams = ScaleHeadHparams
+
+    def apply(self, model, tokenizer, case) -> EditHandle:
+        name = param_name(model, model.get_output_embeddings())
+        handle = EditHandle(model, [name])
+        with torch.no_grad():
+            dict(model.named_parameters())[name].mul_(self.hparams.factor)
+        return handle
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snap) -> bool:
+    now = model.state_dict()
+    return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
+
+
+@pytest.fixture
+def tiny_lm(monkeypatch):
+    """load_model returns this one tiny Llama, so the test can inspect its weights afterwards."""
+    lm = tiny_model("llama")
+    monkeypatch.setattr(bench.models, "load_model", lambda *a, **k: lm)
+    return lm
+
+
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(CORPUS))
+    return path
+
+
+def _opts(tmp_path, **kw) -> RunOptions:
+    base = dict(editor="scale-head", tasks=["counterfact"], limit=2, data_dir=str(FIXTURE_DATA),
+                output_dir=str(tmp_path / "runs"), batch_size=8)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+# --------------------------------------------------------------------------------------------
+# Suite construction
+# --------------------------------------------------------------------------------------------
+
+
+def test_fact_retention_docs_are_seeded_and_well_formed():
+    docs = build_fact_retention_docs(FIXTURE_DATA, ["counterfact", "recent"], seed=0)
+    again = build_fact_retention_docs(FIXTURE_DATA, ["counterfact", "recent"], seed=0)
+    assert docs == again and docs
+    assert build_fact_retention_docs(FIXTURE_DATA, ["counterfact", "recent"], seed=1) != docs or len(docs) < 3
+    for d in docs:
+        assert 2 <= len(d["choices"]) <= 4
+        assert len({c.lower() for c in d["choices"]}) == len(d["choices"])
+        assert d["task"] in ("counterfact", "recent")
+    # probes of the edited cases are left out
+    edited = {(d["task"], d["case_id"]) for d in docs[:1]}
+    fewer = build_fact_retention_docs(FIXTURE_DATA, ["counterfact", "recent"], seed=0, exclude=edited)
+    assert not edited & {(d["task"], d["case_id"]) for d in fewer}
+
+
+def test_read_corpus_formats(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\nline two\n\n\nsecond doc\n")
+    assert read_corpus(txt) == ["first doc\nline two", "second doc"]
+    jl = tmp_path / "b.jsonl"
+    jl.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert read_corpus(jl) == ["one", "two"]
+    with pytest.raises(BenchError, match="not found"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(BenchError, match="no documents"):
+        read_corpus(tmp_path / "empty.txt")
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through lm-eval
+# --------------------------------------------------------------------------------------------
+
+
+def test_single_mode_detects_damage_and_restores(tmp_path, tiny_lm, corpus_file):
+    snap = _snapshot(tiny_lm.model)
+    reg = RegressionOptions(mode="single", sample=2, lm_limit=8, corpus=str(corpus_file),
+                            batch_size=8)
+    run = execute_regress(_opts(tmp_path, limit=3), reg, argv=["regress"], log=lambda m: None,
+                          editor_class=ScaleHead)
+    assert _same(tiny_lm.model, snap)
+    block = json.loads((run / "regression.json").read_text())
+    assert block["restored_bit_exact"] is True
+    assert block["mode"] == "single" and block["n_edits_applied"] == 3 and block["n_evaluated"] == 2
+    assert sum(e["evaluated"] for e in block["edits"]) == 2
+    ppl = block["results"]["bench_perplexity"]
+    bpb = ppl["bits_per_byte"]
+    assert bpb["after"] > bpb["before"] and bpb["diff"] > 2 * bpb["diff_stderr"] > 0
+    assert ppl["word_perplexity"]["diff"] > 0
+    assert len(ppl["bits_per_byte"]["after_per_edit"]) == 2
+    fr = block["results"]["fact_retention"]["acc"]
+    assert 0 <= fr["before"] <= 1 and fr["stderr_method"] == "paired per-doc differences"
+    # files: config, one case record per edit, raw lm-eval output, summary block
+    cases = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == 3 and all("post" in c for c in cases)
+    assert (run / "regression" / "lm_eval-before.json").exists()
+    assert (run / "regression" / "fact_retention.jsonl").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["regression"]["results"]["bench_perplexity"]["bits_per_byte"]["diff"] > 0
+    assert "counterfact" in summary["tasks"]
+
+
+def test_sequential_mode_generated_corpus_and_restore(tmp_path, tiny_lm, monkeypatch):
+    monkeypatch.setattr(regression, "CORPUS_DOCS", 4)
+    monkeypatch.setattr(regression, "CORPUS_NEW_TOKENS", 24)
+    snap = _snapshot(tiny_lm.model)
+    reg = RegressionOptions(mode="sequential", lm_limit=8, batch_size=8, seed=3)
+    run = execute_regress(_opts(tmp_path, limit=3, seed=3), reg, argv=["regress"],
+                          log=lambda m: None, editor_class=ScaleHead)
+    assert _same(tiny_lm.model, snap)
+    block = json.loads((run / "regression.json").read_text())
+    assert block["restored_bit_exact"] is True
+    assert block["n_evaluated"] == 1 and block["n_edits_applied"] == 3
+    assert "generated from the unedited model" in block["suite"]["bench_perplexity"]["source"]
+    docs = regression.read_jsonl(run / "regression" / "perplexity_corpus.jsonl")
+    assert len(docs) == 4
+    # three stacked x8 scalings: far sharper, far worse on text the unedited model wrote
+    bpb = block["results"]["bench_perplexity"]["bits_per_byte"]
+    assert bpb["after"] > bpb["before"] + 1.0
+    # the corpus is seeded: a second generation gives the same text
+    again = regression.generate_corpus(tiny_lm, seed=3, n_docs=4, new_tokens=24)
+    assert [d["text"] for d in docs] == again
+
+
+def test_run_regression_hook(tmp_path, tiny_lm, corpus_file, monkeypatch):
+    import editors
+
+    monkeypatch.setitem(editors.BUILTIN, "scale-head", f"{__name__}:ScaleHead")
+    snap = _snapshot(tiny_lm.model)
+    opts = _opts(tmp_path, regression=["bench_perplexity"], regression_mode="sequential",
+                 lm_limit=4, regression_corpus=str(corpus_file))
+    run = execute(opts, argv=["run"], log=lambda m: None)
+    assert _same(tiny_lm.model, snap)
+    summary = json.loads((run / "summary.json").read_text())
+    reg = summary["regression"]
+    assert reg["mode"] == "sequential" and reg["lm_tasks"] == ["bench_perplexity"]
+    assert reg["results"]["bench_perplexity"]["bits_per_byte"]["diff"] > 0
+    assert (run / "regression.json").exists()
+
+
+def test_unknown_and_unloadable_lm_tasks(tmp_path, capsys, tiny_lm):
+    rc = main(["regress", "--editor", "none", "--task", "counterfact", "--limit", "1",
+               "--data-dir", str(FIXTURE_DATA), "--output-dir", str(tmp_path),
+               "--lm-tasks", "fact_retention,no_such_lm_task"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "no_such_lm_task" in err and err.startswith("bench: error:")
+    assert not any(tmp_path.iterdir())  # failed before creating a run directory
+    # a real lm-eval task whose data cannot be reached offline: one line naming it and the cause
+    reg = RegressionOptions(lm_tasks=["arc_easy"], lm_limit=2)
+    try:
+        regression.LMSuite(tiny_lm, reg, tmp_path / "r", FIXTURE_DATA, ["counterfact"])
+    except BenchError as exc:
+        msg = str(exc)
+    else:
+        pytest.skip("arc_easy's data is in the local datasets cache")
+    assert "arc_easy" in msg and "could not load its data" in msg and "\n" not in msg
