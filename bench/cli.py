@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "default: sampled from the unedited model)")
 
 
-def _options_from_args(args) -> "RunOptions":
+def _options_from_args(args):
     from bench.runner import RunOptions
     from editors.base import load_hparams_file, parse_hparam_args
 

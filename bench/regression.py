@@ -765,16 +765,11 @@ def execute_regress(opts, reg: RegressionOptions, argv: list[str] | None = None,
     """`bench regress`: a run directory with config.json, cases.jsonl (the edits, scored like
     `bench run`), regression.json, regression/ and summary.json (with a `regression` block).
     `editor_class` replaces the registry lookup (tests)."""
-    import dataclasses
-    import sys
-    from datetime import datetime, timezone
-
-    from bench.metrics import METRIC_DEFINITIONS
     from bench.models import load_model
     from bench.results import RunDir, new_run_dir
-    from bench.runner import (_cache_root, _count_reasons, _versions, _wrap_for_editor,
-                              build_editor, plan_tasks, summarize_run)
-    from editors.base import EditContext, hparams_to_dict, override_hparams
+    from bench.runner import (_cache_root, _wrap_for_editor, build_editor, plan_tasks, run_config,
+                              summarize_run)
+    from editors.base import EditContext, override_hparams
     from tasks.registry import list_cards, resolve_data_dir
 
     reg.check()
@@ -797,22 +792,8 @@ def execute_regress(opts, reg: RegressionOptions, argv: list[str] | None = None,
                       train_tasks=[n for n in list_cards() if n not in opts.holdout],
                       holdout_tasks=list(opts.holdout), retrain=opts.retrain, log=log)
     editor.prepare(lm, ctx)
-    args = list(argv if argv is not None else sys.argv[1:])
-    config = {
-        "command": "bench " + " ".join(args), "argv": args,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "options": dataclasses.asdict(opts), "regression": asdict(reg),
-        "model": {"spec": lm.spec, "source_hash": lm.source_hash,
-                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device)},
-        "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
-                   "uses_instructions": editor.uses_instructions},
-        "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
-                   "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
-                   "skipped_reasons": _count_reasons(t.skipped)} for t in planned],
-        "data_dir": str(data_dir) if data_dir else "built-in sample",
-        "seed": opts.seed, "limit": opts.limit, "instruction_mode": opts.instruction_mode,
-        "metric_definitions": METRIC_DEFINITIONS, "versions": _versions(), "notes": ctx.notes,
-    }
+    config = run_config(opts, lm, editor, planned, data_dir, ctx.notes, argv)
+    config["regression"] = asdict(reg)
     try:
         import lm_eval
 

@@ -183,7 +183,7 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     from tqdm import tqdm
 
     from bench.models import load_config, load_model, resolve_device, resolve_dtype
-    from editors.base import EditContext, hparams_to_dict
+    from editors.base import EditContext
     from tasks.registry import resolve_data_dir
 
     if opts.instruction_mode not in ("seen", "unseen"):
@@ -227,24 +227,7 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     if shard.rank != 0:
         editor.prepare(lm, ctx)
 
-    config = {
-        "command": "bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "argv": list(argv if argv is not None else sys.argv[1:]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "options": dataclasses.asdict(opts),
-        "model": {"spec": lm.spec, "source_hash": lm.source_hash,
-                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device)},
-        "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
-                   "uses_instructions": editor.uses_instructions},
-        "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
-                   "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
-                   "skipped_reasons": _count_reasons(t.skipped)} for t in planned],
-        "data_dir": str(data_dir) if data_dir else "built-in sample",
-        "seed": opts.seed, "limit": opts.limit, "instruction_mode": opts.instruction_mode,
-        "metric_definitions": METRIC_DEFINITIONS,
-        "versions": _versions(),
-        "notes": ctx.notes,
-    }
+    config = run_config(opts, lm, editor, planned, data_dir, ctx.notes, argv)
     if resume_dir is None and shard.rank == 0:
         run.write_config(config)
     records = run.read_cases()
@@ -336,6 +319,32 @@ class Shard:
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
+
+
+def run_config(opts: RunOptions, lm, editor, planned: list[PlannedTask], data_dir: Path | None,
+               notes: dict, argv: list[str] | None) -> dict:
+    """The config.json of a run: everything needed to reproduce and compare it."""
+    from editors.base import hparams_to_dict
+
+    args = list(argv if argv is not None else sys.argv[1:])
+    return {
+        "command": "bench " + " ".join(args),
+        "argv": args,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": dataclasses.asdict(opts),
+        "model": {"spec": lm.spec, "source_hash": lm.source_hash,
+                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device)},
+        "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
+                   "uses_instructions": editor.uses_instructions},
+        "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
+                   "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
+                   "skipped_reasons": _count_reasons(t.skipped)} for t in planned],
+        "data_dir": str(data_dir) if data_dir else "built-in sample",
+        "seed": opts.seed, "limit": opts.limit, "instruction_mode": opts.instruction_mode,
+        "metric_definitions": METRIC_DEFINITIONS,
+        "versions": _versions(),
+        "notes": notes,
+    }
 
 
 def _count_reasons(skipped) -> dict[str, int]:
