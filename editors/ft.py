@@ -87,7 +87,10 @@ class FineTune(Editor):
 
         prompt_ids, target_ids = encode_probe(tokenizer, case.prompt, case.target_new)
         device = weights[0].device
-        ids = torch.tensor([prompt_ids + target_ids], device=device)
+        # prompt_last reads only the last prompt position, which (causal attention) does not
+        # depend on the target tokens: feed the prompt alone.
+        fed = prompt_ids if hp.objective == "prompt_last" else prompt_ids + target_ids
+        ids = torch.tensor([fed], device=device)
         for w in weights:
             w.requires_grad_(True)
         opt = torch.optim.Adam(weights, lr=hp.lr, weight_decay=hp.weight_decay)

@@ -1,0 +1,476 @@
+"""Speed benchmark: the optimised and the plain path of FT-L and ROME, side by side.
+
+    python benchmarks/speed.py --cases 5 --editors ft,rome --json speed.json
+    python benchmarks/speed.py --curve --curve-cases 2
+
+Compare mode (default) builds two editors per method from the reference hyperparameters
+(FT-L: layer 21, 25 Adam steps, lr 5e-4, editor defaults for norm_constraint, objective
+prompt_last and min_loss 1e-2; ROME: layer 5, 25 value steps, context_counts 10,10 with
+lengths 5,10, no covariance adjustment) that differ only in the optimisation switch
+(FT `frozen_prefix`, ROME `reuse_context_prefix`), and runs both on the same CounterFact
+cases through bench.runner.run_case, alternating which path goes first case by case, so
+that a busy machine slows both alike. It prints seconds per edit (edit only and edit plus
+pre- and post-edit evaluation), the ratios optimised/plain and optimised/reference, and
+every metric's post-edit mean for both paths.
+
+Curve mode (--curve) times the edit alone (no evaluation) against model size (the tiny
+random Llama of tests/tiny.py and SmolLM2-135M) for FT and ROME, and against the number of
+ROME context prompts on SmolLM2-135M, with the peak resident-memory increase during the edit.
+
+Absolute seconds depend on the machine's load (reported at start and end); the ratios
+optimised/plain, measured in the same process on the same cases, are the robust figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.models import LoadedModel, cache_dir, load_model  # noqa: E402
+from bench.runner import run_case  # noqa: E402
+from editors.base import EditContext  # noqa: E402
+from editors.ft import FineTune, FTHparams  # noqa: E402
+from editors.rome import Rome, RomeHparams  # noqa: E402
+
+MODEL = "smollm2-135m"
+DATA_DIR = Path(os.environ.get("BENCH_DATA", "/work/shared/data"))
+METRICS = ("reliability", "generality", "locality", "efficacy", "paraphrase", "neighborhood")
+# The issue author's figures on this machine, idle (another framework, SmolLM2-135M float32,
+# first 50 CounterFact edit records). ROME's figure has no separate evaluation time.
+REFERENCE = {"ft": {"edit_s": 2.3, "eval_s": 0.4}, "rome": {"edit_s": 30.0, "eval_s": None}}
+TARGET = {"ft": 0.4, "rome": 0.7}  # optimised seconds per edit / reference, at most
+SWITCH = {"ft": "frozen_prefix", "rome": "reuse_context_prefix"}
+REF_LAYER = {"ft": 21, "rome": 5}  # on SmolLM2-135M's 30 layers
+
+
+# ------------------------------------------------------------------------------------------
+# Machine, memory and step counting
+# ------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict:
+    import transformers
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Peak resident-set growth while the block runs: psutil sampled every `interval` seconds
+    on a background thread; without psutil, the growth of ru_maxrss (which only sees growth
+    beyond the process's earlier peak, so it is a lower bound)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.delta_mib = 0.0
+        self.source = "psutil" if rss_bytes() is not None else "ru_maxrss"
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        if self.source == "psutil":
+            import psutil
+
+            proc = psutil.Process()
+            self._base = proc.memory_info().rss
+            self._peak = self._base
+
+            def sample():
+                while not self._stop.is_set():
+                    self._peak = max(self._peak, proc.memory_info().rss)
+                    self._stop.wait(self.interval)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        else:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.source == "psutil":
+            self._thread.join()
+            self._peak = max(self._peak, rss_bytes())
+        else:
+            self._peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.delta_mib = (self._peak - self._base) / 2**20
+        return False
+
+
+class StepCounter:
+    """Counts optimizer steps taken by any torch optimizer inside the block (both editors stop
+    early on a loss threshold, so steps differ from case to case)."""
+
+    def __enter__(self):
+        self.n = 0
+
+        def hook(_opt, _args, _kwargs):
+            self.n += 1
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._handle = register_optimizer_step_post_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+# Cases, models, editors
+# ------------------------------------------------------------------------------------------
+
+
+def load_cases(n: int, offset: int = 0):
+    from tasks.registry import load_split
+
+    split = load_split("counterfact", "eval", DATA_DIR)
+    return split.cases[offset: offset + n]
+
+
+def load_lm(spec: str) -> tuple[LoadedModel, Path, tempfile.TemporaryDirectory | None]:
+    """The model and the cache directory its editors prepare into (a throwaway one for the
+    random tiny model, so it leaves nothing in the shared cache)."""
+    if spec == "tiny-llama":
+        from tests.tiny import tiny_model
+
+        tmp = tempfile.TemporaryDirectory(prefix="speed-tiny-")
+        return tiny_model("llama"), Path(tmp.name), tmp
+    return load_model(spec, device="cpu", dtype="float32"), cache_dir(), None
+
+
+def scaled_layer(name: str, n_layers: int) -> int:
+    """The reference layer (of 30) at the same relative depth for another model."""
+    if n_layers == 30:
+        return REF_LAYER[name]
+    return max(0, min(n_layers - 1, round(REF_LAYER[name] / 30 * n_layers)))
+
+
+def context_spec(n_contexts: int) -> tuple[list[int], list[int]]:
+    """(lengths, counts) for `n_contexts` context prompts, half of length 5 and half of 10."""
+    if n_contexts <= 0:
+        return [], []
+    return [5, 10], [n_contexts // 2, n_contexts - n_contexts // 2]
+
+
+def make_hparams(name: str, n_layers: int, optimised: bool, n_contexts: int = 20, steps: int = 25):
+    layer = scaled_layer(name, n_layers)
+    if name == "ft":
+        # norm_constraint, objective (prompt_last) and min_loss (1e-2) stay the editor defaults.
+        return FTHparams(layers=[layer], steps=steps, lr=5e-4, frozen_prefix=optimised)
+    lengths, counts = context_spec(n_contexts)
+    return RomeHparams(layer=layer, v_num_grad_steps=steps, context_lengths=lengths,
+                       context_counts=counts, mom2_adjustment=False, v_loss_layer=-1,
+                       reuse_context_prefix=optimised)
+
+
+def make_editor(name: str, lm: LoadedModel, cache: Path, hparams) -> tuple[object, float]:
+    """The editor, prepared; returns (editor, seconds spent in prepare)."""
+    editor = (FineTune if name == "ft" else Rome)(hparams)
+    t0 = time.perf_counter()
+    editor.prepare(lm, EditContext(cache_dir=cache, seed=0, log=lambda s: print(s, file=sys.stderr)))
+    return editor, time.perf_counter() - t0
+
+
+def warm_up(name: str, lm: LoadedModel, cache: Path, optimised: bool, case, n_contexts: int = 20) -> None:
+    """One short edit (2 steps) so the first timed edit pays no first-call costs."""
+    editor, _ = make_editor(name, lm, cache, make_hparams(name, lm.layout.num_layers, optimised,
+                                                          n_contexts, steps=2))
+    editor.apply(lm.model, lm.tokenizer, case).restore()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Compare mode
+# ------------------------------------------------------------------------------------------
+
+
+def timed_case(lm: LoadedModel, editor, case) -> dict:
+    with StepCounter() as steps:
+        rec = run_case(lm, editor, case, counterfact=True, batch_size=32)
+    out = {"case_id": case.case_id, "error": rec["error"], "steps": steps.n, "load": loadavg()}
+    if rec["error"]:
+        return out
+    out.update(edit_s=rec["time"]["edit_s"], eval_s=rec["time"]["eval_s"],
+               pre={k: rec["pre"][k] for k in METRICS if k in rec["pre"]},
+               post={k: rec["post"][k] for k in METRICS if k in rec["post"]})
+    if isinstance(editor, Rome):
+        out["phases"] = {k: round(v, 4) for k, v in editor.last_timings.items()}
+        out["prefix_reused"] = editor.last_info.get("prefix_reused")
+    return out
+
+
+def compare(lm: LoadedModel, names: list[str], cases, warmup: bool) -> dict:
+    results = {}
+    for name in names:
+        editors, prepare_s = {}, {}
+        for path, optimised in (("optimised", True), ("plain", False)):
+            hp = make_hparams(name, lm.layout.num_layers, optimised)
+            editors[path], prepare_s[path] = make_editor(name, lm, cache_dir(), hp)
+            if warmup:
+                warm_up(name, lm, cache_dir(), optimised, cases[0])
+        runs = {"optimised": [], "plain": []}
+        for i, case in enumerate(cases):
+            order = ("optimised", "plain") if i % 2 == 0 else ("plain", "optimised")
+            for path in order:
+                r = timed_case(lm, editors[path], case)
+                runs[path].append(r)
+                log(f"{name} {path:9s} case {case.case_id}: edit {r.get('edit_s', float('nan')):.2f} s, "
+                    f"eval {r.get('eval_s', float('nan')):.2f} s, {r['steps']} steps, load {r['load']}"
+                    + (f"  ERROR {r['error']}" if r["error"] else ""))
+        results[name] = {"hparams": {p: dataclasses.asdict(e.hparams) for p, e in editors.items()},
+                         "prepare_s": prepare_s, "runs": runs}
+    return results
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(results: dict) -> dict:
+    out = {}
+    for name, res in results.items():
+        ok_ids = set.intersection(*({r["case_id"] for r in runs if not r["error"]}
+                                    for runs in res["runs"].values()))
+        s = {}
+        for path, runs in res["runs"].items():
+            ok = [r for r in runs if r["case_id"] in ok_ids]
+            s[path] = {"n": len(ok), "errors": len(runs) - len(ok),
+                       "edit_s": _mean([r["edit_s"] for r in ok]),
+                       "total_s": _mean([r["edit_s"] + r["eval_s"] for r in ok]),
+                       "eval_s": _mean([r["eval_s"] for r in ok]),
+                       "steps": _mean([r["steps"] for r in ok]),
+                       "pre": {m: 100 * _mean([r["pre"][m] for r in ok if m in r["pre"]]) for m in METRICS},
+                       "post": {m: 100 * _mean([r["post"][m] for r in ok if m in r["post"]]) for m in METRICS}}
+            if name == "rome":
+                s[path]["phases"] = {k: _mean([r["phases"][k] for r in ok])
+                                     for k in ("key_s", "value_s", "update_s")}
+                s[path]["prefix_reused"] = sum(bool(r["prefix_reused"]) for r in ok)
+        by_case = {p: {r["case_id"]: r for r in runs} for p, runs in res["runs"].items()}
+        per_case = [by_case["optimised"][c]["edit_s"] / by_case["plain"][c]["edit_s"] for c in sorted(ok_ids)]
+        o, p, ref = s["optimised"], s["plain"], REFERENCE[name]
+        s["ratio_edit"] = o["edit_s"] / p["edit_s"]
+        s["ratio_total"] = o["total_s"] / p["total_s"]
+        s["ratio_edit_median_case"] = statistics.median(per_case) if per_case else float("nan")
+        s["vs_reference_edit"] = o["edit_s"] / ref["edit_s"]
+        s["vs_reference_total"] = (o["total_s"] / (ref["edit_s"] + ref["eval_s"])
+                                   if ref["eval_s"] is not None else None)
+        s["max_metric_diff"] = max(abs(o["post"][m] - p["post"][m]) for m in METRICS)
+        out[name] = s
+    return out
+
+
+def fmt(x, nd=2) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def compare_tables(summary: dict) -> str:
+    lines = ["| editor | path | n | steps | s/edit (edit) | s/edit (edit+eval) | opt/plain edit "
+             "(median per case) | opt/plain edit+eval | reference s/edit | opt/reference | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in summary.items():
+        ref = REFERENCE[name]
+        ref_txt = f"{ref['edit_s']:.1f}" + (f" (+{ref['eval_s']:.1f} eval)" if ref["eval_s"] else "")
+        for path in ("optimised", "plain"):
+            p = s[path]
+            opt_row = path == "optimised"
+            vs_ref = fmt(s["vs_reference_edit"]) + (f" ({fmt(s['vs_reference_total'])} edit+eval)"
+                                                    if s["vs_reference_total"] is not None else "")
+            lines.append(
+                f"| {name} | {path} | {p['n']} | {fmt(p['steps'], 1)} | {fmt(p['edit_s'])} | {fmt(p['total_s'])} | "
+                + (f"{fmt(s['ratio_edit'])} ({fmt(s['ratio_edit_median_case'])}) | {fmt(s['ratio_total'])} | "
+                   f"{ref_txt} | {vs_ref} | <= {TARGET[name]} |" if opt_row else "| | | | |"))
+    lines += ["", "| editor | metric | pre | plain | optimised | optimised - plain |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name, s in summary.items():
+        for m in METRICS:
+            o, p = s["optimised"]["post"][m], s["plain"]["post"][m]
+            lines.append(f"| {name} | {m} | {fmt(s['plain']['pre'][m], 1)} | {fmt(p, 1)} | "
+                         f"{fmt(o, 1)} | {fmt(o - p, 2)} |")
+    if "rome" in summary:
+        lines += ["", "| rome path | key s | value s | update s | cases with prefix reused |",
+                  "|---|---:|---:|---:|---:|"]
+        for path in ("optimised", "plain"):
+            ph = summary["rome"][path]["phases"]
+            lines.append(f"| {path} | {fmt(ph['key_s'])} | {fmt(ph['value_s'])} | {fmt(ph['update_s'], 3)} | "
+                         f"{summary['rome'][path]['prefix_reused']}/{summary['rome'][path]['n']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Curve mode
+# ------------------------------------------------------------------------------------------
+
+
+def curve_point(name: str, spec: str, lm: LoadedModel, cache: Path, cases, optimised: bool, n_contexts: int,
+                warmup: bool) -> dict:
+    hp = make_hparams(name, lm.layout.num_layers, optimised, n_contexts)
+    editor, prep = make_editor(name, lm, cache, hp)
+    if warmup:
+        warm_up(name, lm, cache, optimised, cases[0], n_contexts)
+    times, mems, steps = [], [], []
+    for case in cases:
+        with StepCounter() as sc, PeakRSS() as mem:
+            t0 = time.perf_counter()
+            handle = editor.apply(lm.model, lm.tokenizer, case)
+            times.append(time.perf_counter() - t0)
+        handle.restore()
+        mems.append(mem.delta_mib)
+        steps.append(sc.n)
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    return {"model": spec, "params_m": n_params / 1e6, "layers": lm.layout.num_layers,
+            "editor": name, "path": "optimised" if optimised else "plain",
+            "layer": scaled_layer(name, lm.layout.num_layers),
+            "contexts": n_contexts if name == "rome" else None, "prepare_s": prep,
+            "edit_s": _mean(times), "steps": _mean(steps), "peak_rss_mib": max(mems),
+            "rss_source": PeakRSS().source, "n": len(cases), "load": loadavg()}
+
+
+def curve(models: list[str], contexts: list[int], n_cases: int, names: list[str], warmup: bool) -> list[dict]:
+    cases = load_cases(n_cases)
+    points, memo = [], {}
+
+    def point(name, spec, lm, cache, optimised, n_ctx):
+        key = (name, spec, optimised, n_ctx if name == "rome" else None)
+        if key not in memo:
+            memo[key] = curve_point(name, spec, lm, cache, cases, optimised, n_ctx, warmup)
+            p = memo[key]
+            log(f"curve {spec} {name} {p['path']} contexts {p['contexts']}: {p['edit_s']:.2f} s/edit, "
+                f"peak +{p['peak_rss_mib']:.0f} MiB, load {p['load']}")
+            points.append(p)
+        return memo[key]
+
+    for spec in models:
+        lm, cache, tmp = load_lm(spec)
+        try:
+            for name in names:
+                for optimised in (True, False):
+                    point(name, spec, lm, cache, optimised, 20)
+            if spec == MODEL and "rome" in names:
+                for n_ctx in contexts:
+                    for optimised in (True, False):
+                        point("rome", spec, lm, cache, optimised, n_ctx)
+        finally:
+            del lm
+            if tmp is not None:
+                tmp.cleanup()
+    return points
+
+
+def curve_tables(points: list[dict]) -> str:
+    def ratio(p, key):
+        other = [q for q in points if q["model"] == p["model"] and q["editor"] == p["editor"]
+                 and q["contexts"] == p["contexts"] and q["path"] == "plain"]
+        return fmt(p[key] / other[0][key]) if other and p["path"] == "optimised" else ""
+
+    lines = ["| model | params (M) | editor | layer | contexts | path | steps | s/edit | opt/plain | "
+             "peak RSS growth (MiB) |", "|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+    for p in sorted(points, key=lambda q: (q["editor"], q["params_m"], q["contexts"] or 0, q["path"])):
+        lines.append(f"| {p['model']} | {p['params_m']:.2f} | {p['editor']} | {p['layer']} | "
+                     f"{'' if p['contexts'] is None else 1 + p['contexts']} | {p['path']} | "
+                     f"{fmt(p['steps'], 1)} | {fmt(p['edit_s'])} | {ratio(p, 'edit_s')} | "
+                     f"{fmt(p['peak_rss_mib'], 0)} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=10, help="CounterFact edit records (the first N)")
+    ap.add_argument("--editors", default="ft,rome")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--json", default=None, help="write all measurements here")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed 2-step edit per path")
+    ap.add_argument("--curve", action="store_true", help="cost curves instead of the comparison")
+    ap.add_argument("--curve-cases", type=int, default=2)
+    ap.add_argument("--curve-models", default=f"tiny-llama,{MODEL}")
+    ap.add_argument("--curve-contexts", default="0,4,10,20", help="ROME context prompts (besides the bare prompt)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    torch.manual_seed(0)
+    names = [n.strip() for n in args.editors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SWITCH]
+    if unknown:
+        ap.error(f"unknown editors {unknown}; choose from ft, rome")
+
+    info = {"machine": machine(), "load_start": loadavg(), "argv": sys.argv[1:]}
+    started = time.perf_counter()
+    if args.curve:
+        points = curve([m.strip() for m in args.curve_models.split(",") if m.strip()],
+                       [int(c) for c in args.curve_contexts.split(",") if c.strip()],
+                       args.curve_cases, names, not args.no_warmup)
+        info["curve"] = points
+        table = curve_tables(points)
+    else:
+        lm = load_model(MODEL, device="cpu", dtype="float32")
+        cases = load_cases(args.cases)
+        results = compare(lm, names, cases, not args.no_warmup)
+        info["compare"] = results
+        info["summary"] = summarize(results)
+        table = compare_tables(info["summary"])
+    info["load_end"] = loadavg()
+    info["wall_s"] = round(time.perf_counter() - started, 1)
+    m = info["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} "
+          f"thread(s), transformers {m['transformers']}, python {m['python']}")
+    print(f"load average (1, 5, 15 min): start {info['load_start']}, end {info['load_end']}; "
+          f"wall {info['wall_s']} s")
+    print()
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
