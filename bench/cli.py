@@ -14,6 +14,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _MarkGiven(argparse.Action):
+    """Stores the value and records that the option was given (`<dest>_given`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _csv(value: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
@@ -43,7 +51,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"{DEFAULT_MODEL}, a local checkpoint directory, a .gguf file or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT,
+    p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT, action=_MarkGiven,
                    help=f"cases per task (default {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
@@ -88,7 +96,8 @@ def cmd_run(args) -> int:
     from editors import get_editor_class
 
     if args.resume:
-        resume(Path(args.resume))
+        # An explicit --limit with --resume extends the run to that many cases per task.
+        resume(Path(args.resume), limit=args.limit if getattr(args, "limit_given", False) else "keep")
         return 0
     opts = _options_from_args(args)
     get_editor_class(opts.editor)  # unknown editor: fail before loading anything

@@ -178,7 +178,7 @@ def format_summary(summary: dict) -> str:
 
 
 def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | None = None,
-            log=print) -> Path:
+            log=print, rewrite_config: bool = False) -> Path:
     """Run (or resume) a benchmark run; returns the run directory."""
     from tqdm import tqdm
 
@@ -228,7 +228,12 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
         editor.prepare(lm, ctx)
 
     config = run_config(opts, lm, editor, planned, data_dir, ctx.notes, argv)
-    if resume_dir is None and shard.rank == 0:
+    if shard.rank == 0 and (resume_dir is None or rewrite_config):
+        if rewrite_config:  # keep the original command and date; note the extension
+            old = run.read_config()
+            config["command"], config["argv"], config["created"] = old["command"], old["argv"], old["created"]
+            config["extended"] = old.get("extended", []) + [
+                {"limit": opts.limit, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
         run.write_config(config)
     records = run.read_cases()
     done = {(r["task"], r["case_id"]) for r in records}
@@ -360,8 +365,14 @@ def _cache_root() -> Path:
     return cache_dir()
 
 
-def resume(run_path: Path, log=print) -> Path:
+def resume(run_path: Path, log=print, limit: int | None | str = "keep") -> Path:
+    """Continue a run with its stored options. `limit` other than "keep" extends (or narrows) the
+    cases per task; finished cases are never rerun and config.json records the new plan."""
     run = RunDir(run_path)
     config = run.read_config()
     opts = RunOptions(**config["options"])
+    if limit != "keep" and limit != opts.limit:
+        opts.limit = limit
+        return execute(opts, resume_dir=run.path, argv=config.get("argv"), log=log,
+                       rewrite_config=True)
     return execute(opts, resume_dir=run.path, argv=config.get("argv"), log=log)

@@ -277,3 +277,20 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir
     assert any(f"({total} cases already done, 0 to go)" in line for line in logs)
     assert len(read_lines(run_path / "cases.jsonl")) == total
     assert strip_volatile(json.loads((run_path / "summary.json").read_text())) == strip_volatile(ref_summary)
+
+
+def test_resume_with_a_larger_limit_extends_the_run(tmp_path, tiny_load):
+    from bench.results import RunDir
+
+    first = execute(options(tmp_path, limit=2), log=lambda s: None)
+    before = RunDir(first).read_cases()
+    assert len(before) == sum(min(2, n) for n in N_CASES.values())
+    resume(first, log=lambda s: None, limit=None)  # all cases
+    after = RunDir(first).read_cases()
+    assert len(after) == sum(N_CASES.values())
+    assert after[: len(before)] == before  # finished cases kept, not rerun
+    config = RunDir(first).read_config()
+    assert config["limit"] is None and config["extended"][0]["limit"] is None
+    assert {t["name"]: t["n_cases"] for t in config["tasks"]} == N_CASES
+    summary = RunDir(first).read_summary()
+    assert {t: i["n_cases"] for t, i in summary["task_info"].items()} == N_CASES
