@@ -195,3 +195,31 @@ def test_unreachable_hub_id_is_one_line_error(tmp_path):
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("bench: error: cannot reach the Hugging Face hub for "
                                  "'no-such-owner/no-such-model' and it is not in the local cache")
+
+
+@pytest.mark.parametrize("config_name", ["Gemma2Config", "Gemma3TextConfig"])
+def test_gemma_layout_and_softcapped_logits(config_name):
+    """Gemma (Llama-style, with final-logit softcapping) is mapped from its structure, and logits
+    computed only where read equal the model's own."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from bench.models import find_layout, output_logits
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, final_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layout = find_layout(model)
+    assert layout.num_layers == 4
+    assert [b.mlp_out_name for b in layout.layers] == [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    assert len(layout.layers[0].mlp_in) == 2 and layout.final_norm is model.model.norm
+    ids = tok("The Eiffel Tower is located in", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = model(ids).logits[0]
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0]
+        torch.testing.assert_close(output_logits(model, hidden), full, rtol=1e-5, atol=1e-5)
