@@ -172,7 +172,9 @@ def cmd_list(args) -> int:
         for name, origin in sorted(available_editors().items()):
             try:
                 cls = get_editor_class(name)
-                doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+                text = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+                paragraph = " ".join(text.split("\n\n")[0].split())
+                doc = [paragraph.split(". ")[0].rstrip(".")[:90]] if paragraph else []
                 flags = ", ".join(f for f, on in (("learns", cls.learns),
                                                   ("instructions", cls.uses_instructions)) if on)
                 print(f"{name:14s} {origin:10s} {flags:22s} {doc[0] if doc else ''}")
