@@ -40,7 +40,7 @@ def _limit(value: str) -> int | None:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from bench.defaults import DEFAULT_LIMIT, DEFAULT_MODEL
+    from bench.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
 
     p.add_argument("--editor", default="ft", help="editor name (bench list editors); default ft")
     p.add_argument("--task", type=_csv, default=[], metavar="T[,T]",
@@ -67,8 +67,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "fact_retention,bench_perplexity,hellaswag; docs/regression.md)")
     p.add_argument("--regression-mode", choices=["single", "sequential"], default="single",
                    help="single: each edit alone (suite on a sample); sequential: all edits at once")
-    p.add_argument("--lm-limit", type=_limit, default=200,
-                   help="docs per lm-eval task (default 200; 0 = all)")
+    p.add_argument("--lm-limit", type=_limit, default=DEFAULT_LM_LIMIT,
+                   help=f"docs per lm-eval task (default {DEFAULT_LM_LIMIT}; 0 = all)")
     p.add_argument("--regression-corpus", default=None, metavar="FILE",
                    help="text for bench_perplexity (.jsonl with \"text\" or blank-line separated; "
                         "default: sampled from the unedited model)")

@@ -236,16 +236,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     resolved = resolve_model(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kwargs = {"local_files_only": True} if not resolved.hub else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **_local_only(resolved))
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt,
+                                                     **_local_only(resolved))
     except (OSError, ValueError, SafetensorError) as exc:  # ValueError: a directory without a
         # checkpoint (no tokenizer / config); SafetensorError: a corrupt weights file
-        if resolved.hub and isinstance(exc, OSError):
-            raise BenchError(f"cannot reach the Hugging Face hub for {spec!r} and it is not in the "
-                             "local cache; pass a local directory or .gguf file with --model") from exc
-        raise BenchError(f"cannot load model from {resolved.path}: {str(exc).splitlines()[0]}") from exc
+        raise _load_error(spec, resolved, exc, "model") from exc
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
@@ -261,13 +258,22 @@ def load_config(spec: str = DEFAULT_MODEL):
 
     resolved = resolve_model(spec)
     try:
-        return AutoConfig.from_pretrained(str(resolved.path),
-                                          **({"local_files_only": True} if not resolved.hub else {}))
+        return AutoConfig.from_pretrained(str(resolved.path), **_local_only(resolved))
     except (OSError, ValueError) as exc:
-        if resolved.hub and isinstance(exc, OSError):
-            raise BenchError(f"cannot reach the Hugging Face hub for {spec!r} and it is not in the "
-                             "local cache; pass a local directory or .gguf file with --model") from exc
-        raise BenchError(f"cannot load model config from {resolved.path}: {str(exc).splitlines()[0]}") from exc
+        raise _load_error(spec, resolved, exc, "model config") from exc
+
+
+def _local_only(resolved: ResolvedModel) -> dict:
+    """Never touch the network for a local checkpoint."""
+    return {} if resolved.hub else {"local_files_only": True}
+
+
+def _load_error(spec: str, resolved: ResolvedModel, exc: Exception, what: str) -> BenchError:
+    """One line for a failed load: an unreachable hub names the fix, anything else the cause."""
+    if resolved.hub and isinstance(exc, OSError):
+        return BenchError(f"cannot reach the Hugging Face hub for {spec!r} and it is not in the "
+                          "local cache; pass a local directory or .gguf file with --model")
+    return BenchError(f"cannot load {what} from {resolved.path}: {str(exc).splitlines()[0]}")
 
 
 def model_from_config(config, tokenizer, seed: int = 0, device: str = "cpu") -> LoadedModel:

@@ -35,13 +35,13 @@ from typing import Callable
 
 import numpy as np
 
+from bench.defaults import DEFAULT_LM_LIMIT  # noqa: F401  (docs per lm-eval task; None = all)
 from bench.errors import BenchError
 from bench.lm_tasks import LM_TASKS_DIR, OFFLINE_TASKS
 
 DEFAULT_SUITE = list(OFFLINE_TASKS)
 MODES = ("single", "sequential")
 DEFAULT_MODE = "single"
-DEFAULT_LM_LIMIT = 200  # docs per lm-eval task (lm-eval's `limit`); None = all
 DEFAULT_SAMPLE = 3  # edits evaluated in single mode
 FACT_CHOICES = 4  # true answer + 3 distractors
 FACT_MAX_DOCS = 1000  # docs written to fact_retention.jsonl (before --lm-limit)

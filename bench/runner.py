@@ -20,7 +20,7 @@ from bench.errors import BenchError
 from bench.metrics import METRIC_DEFINITIONS, case_scores, evaluate_case, predictions, summarize_task
 from bench.results import RunDir, new_run_dir
 
-from bench.defaults import DEFAULT_LIMIT
+from bench.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT
 
 
 @dataclass
@@ -45,7 +45,7 @@ class RunOptions:
     # lm-eval regression after the cases (bench/regression.py); empty list = none
     regression: list[str] = field(default_factory=list)
     regression_mode: str = "single"
-    lm_limit: int | None = 200  # docs per lm-eval task; None = all
+    lm_limit: int | None = DEFAULT_LM_LIMIT  # docs per lm-eval task; None = all
     regression_corpus: str | None = None
 
 
