@@ -21,6 +21,7 @@ from bench.metrics import encode_probe
 from bench.models import find_layout, output_logits
 from editors.base import EditHandle, Editor, param_name
 from editors.frozen import frozen_prefix
+from editors.vocab_loss import token_nll
 
 
 @dataclass
@@ -32,7 +33,9 @@ class FTHparams:
     70; 5e-4 left reliability at 0; 2e-2 gave 100 / 50); EasyEdit's Llama setting is 5e-5;
     objective: "prompt_last" (FT-L) or "target_masked" (FT-M); min_loss: stop early once the loss
     falls below it (EasyEdit's 1e-2); frozen_prefix: reuse the unchanged lower blocks' outputs
-    across steps (same numbers, less compute; off = the plain path, for benchmarks)."""
+    across steps (same numbers, less compute; off = the plain path, for benchmarks);
+    fused_vocab_loss: compute the loss and its gradient in one pass over the vocabulary matrix
+    on CPU (editors/vocab_loss.py; equal up to float rounding; off = the plain path)."""
 
     layers: list[int] | None = None
     steps: int = 25
@@ -42,6 +45,7 @@ class FTHparams:
     objective: str = "prompt_last"
     min_loss: float = 1e-2
     frozen_prefix: bool = True  # compute blocks below the lowest tuned layer once per edit
+    fused_vocab_loss: bool = True  # on CPU: loss and its gradient in one read of the vocabulary
 
 
 class FineTune(Editor):
@@ -71,10 +75,12 @@ class FineTune(Editor):
         hidden = model.base_model(input_ids=ids).last_hidden_state[0]
         target_t = torch.tensor(target, device=ids.device)
         if self.hparams.objective == "prompt_last":
-            logp = torch.log_softmax(output_logits(model, hidden[prompt_len - 1]).float(), -1)
-            return -logp[target_t].mean()
-        positions = torch.arange(prompt_len - 1, prompt_len - 1 + len(target), device=ids.device)
-        logp = torch.log_softmax(output_logits(model, hidden[positions]).float(), -1)
+            read = hidden[prompt_len - 1].expand(len(target), -1)  # every target token, one position
+        else:
+            read = hidden[prompt_len - 1: prompt_len - 1 + len(target)]
+        if self.hparams.fused_vocab_loss:
+            return token_nll(model, read, target_t).mean()
+        logp = torch.log_softmax(output_logits(model, read).float(), -1)
         return -logp.gather(1, target_t[:, None]).mean()
 
     def apply(self, model, tokenizer, case: EditCase) -> EditHandle:
@@ -89,7 +95,8 @@ class FineTune(Editor):
         device = weights[0].device
         # prompt_last reads only the last prompt position, which (causal attention) does not
         # depend on the target tokens: feed the prompt alone.
-        fed = prompt_ids if hp.objective == "prompt_last" else prompt_ids + target_ids
+        # target_masked reads positions up to the second-to-last target token: the last is not fed.
+        fed = prompt_ids if hp.objective == "prompt_last" else prompt_ids + target_ids[:-1]
         ids = torch.tensor([fed], device=device)
         for w in weights:
             w.requires_grad_(True)

@@ -429,12 +429,42 @@ class Rome(Editor):
             mask = torch.cat([prefix.mask.to(device), mask], dim=1)
         return ids, mask, skip, extra, prefix
 
-    def _forward(self, st: _Prepared, ids, mask, extra, prefix):
+    def _forward(self, st: _Prepared, ids, mask, extra, keep: int | None = None):
+        """One decoder pass; with a cache in `extra`, its entries beyond the first `keep`
+        positions (this call's) are dropped afterwards."""
         try:
             return st.layout.decoder(input_ids=ids, attention_mask=mask, **extra)
         finally:
-            if prefix is not None:
-                _crop(prefix.cache, prefix.width)  # drop this call's entries
+            if keep is not None and extra.get("past_key_values") is not None:
+                _crop(extra["past_key_values"], keep)
+
+    @torch.no_grad()
+    def _cache_fixed_tokens(self, st: _Prepared, seqs: list[_Seq], skip: list[int], prefix, device):
+        """Tokens before each row's subject-last token do not depend on the delta (it is added at
+        that token and attention is causal). Run them once per edit after the cached context
+        text, keep their keys/values, and let every optimisation step run only the tokens from
+        the subject's last token on. Returns (ids, mask, skip, extra, cache width to keep)."""
+        heads = [s.ids[k: s.lookup] for s, k in zip(seqs, skip)]
+        past_mask = (prefix.mask.to(device) if prefix is not None
+                     else torch.zeros(len(seqs), 0, dtype=torch.long, device=device))
+        cache = prefix.cache if prefix is not None else None
+        head_mask = torch.zeros(len(seqs), 0, dtype=torch.long, device=device)
+        if any(heads):
+            head_ids, head_mask = _pad(heads, 0, device)
+            pos = torch.arange(head_ids.shape[1], device=device)[None] + torch.tensor(skip, device=device)[:, None]
+            # Padding is unmasked in this pass (so no query attends to nothing) and masked later.
+            out = st.layout.decoder(input_ids=head_ids, position_ids=pos, past_key_values=cache,
+                                    attention_mask=torch.cat([past_mask, torch.ones_like(head_mask)], 1),
+                                    use_cache=True)
+            cache = out.past_key_values
+        tails = [s.ids[s.lookup:] for s in seqs]
+        ids, tail_mask = _pad(tails, 0, device)
+        new_skip = [s.lookup for s in seqs]
+        extra = {"use_cache": cache is not None, "past_key_values": cache,
+                 "position_ids": torch.arange(ids.shape[1], device=device)[None]
+                 + torch.tensor(new_skip, device=device)[:, None]}
+        keep = past_mask.shape[1] + head_mask.shape[1]
+        return ids, torch.cat([past_mask, head_mask, tail_mask], 1), new_skip, extra, keep
 
     @torch.no_grad()
     def compute_key(self, model, st: _Prepared, rewrite: list[_Seq], essence: _Seq) -> torch.Tensor:
@@ -449,7 +479,7 @@ class Rome(Editor):
 
         h = st.layout.layers[st.layer].mlp_out.register_forward_pre_hook(hook)
         try:
-            self._forward(st, ids, mask, extra, prefix)
+            self._forward(st, ids, mask, extra, prefix.width if prefix is not None else None)
         finally:
             h.remove()
         rows = torch.arange(len(rewrite), device=ids.device)
@@ -464,6 +494,9 @@ class Rome(Editor):
         seqs = rewrite + [essence]
         # With the prefix cache, each row only runs its tokens after the context text.
         ids, mask, skip, extra, prefix = self._batch(model, st, seqs)
+        keep = prefix.width if prefix is not None else None
+        if hp.reuse_context_prefix:  # ... and, with this, only from the subject's last token on
+            ids, mask, skip, extra, keep = self._cache_fixed_tokens(st, seqs, skip, prefix, device)
         batch, width = ids.shape
 
         # Where the delta goes: each sequence's subject-last token.
@@ -515,7 +548,7 @@ class Rome(Editor):
             with torch.enable_grad():
                 for step in range(hp.v_num_grad_steps):
                     opt.zero_grad()
-                    out = self._forward(st, ids, mask, extra, prefix)
+                    out = self._forward(st, ids, mask, extra, keep)
                     if use_final:
                         hidden = out.last_hidden_state
                     else:
@@ -549,6 +582,8 @@ class Rome(Editor):
         finally:
             for h in handles:
                 h.remove()
+            if prefix is not None:
+                _crop(prefix.cache, prefix.width)  # leave the shared context cache as it was
         info["steps"] = steps
         info["prefix_reused"] = prefix is not None
         info["delta_norm"] = delta.norm().item()

@@ -115,6 +115,22 @@ def test_context_prefix_reuse_is_exact(arch, shared_cache):
         assert (v1 - v2).norm() / v2.norm() < 1e-3
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fixed_tokens_reuse_without_contexts_is_exact(arch, shared_cache):
+    """With no context texts, the tokens before the subject's last token are still run once per
+    edit and reused by every step: v* equals the full-sequence optimisation."""
+    got = {}
+    for reuse in (True, False):
+        lm = tiny_model(arch)
+        editor = Rome(tiny_hparams(lm, reuse_context_prefix=reuse, v_num_grad_steps=5,
+                                   context_lengths=[], context_counts=[]))
+        editor.prepare(lm, ctx_for(shared_cache))
+        editor.apply(lm.model, lm.tokenizer, CASE)
+        got[reuse] = (editor.last_key, editor.last_value)
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-4, atol=1e-5)
+    assert (got[True][1] - got[False][1]).norm() / got[False][1].norm() < 1e-3
+
+
 @pytest.mark.parametrize("use_c", [False, True])
 def test_conv1d_update_equals_linear(use_c):
     from transformers.pytorch_utils import Conv1D
