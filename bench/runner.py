@@ -371,6 +371,9 @@ def resume(run_path: Path, log=print, limit: int | None | str = "keep") -> Path:
     run = RunDir(run_path)
     config = run.read_config()
     opts = RunOptions(**config["options"])
+    # Pin every editor hyperparameter as the run resolved it, so a changed default in the code
+    # cannot silently edit the remaining cases differently from the finished ones.
+    opts.hparams = {**config["editor"]["hparams"], **opts.hparams}
     if limit != "keep" and limit != opts.limit:
         opts.limit = limit
         return execute(opts, resume_dir=run.path, argv=config.get("argv"), log=log,

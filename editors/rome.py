@@ -72,6 +72,9 @@ class RomeHparams:
     stats_corpus: text file (one document per line, or JSONL with "text") for C; None = text
         sampled from the model itself with seed `seed`.
     seed: seed for the context texts and the self-sampled statistics corpus.
+    residual_key: which key the update maps exactly to v*: "prompt" (the bare prompt's key, as
+        ROME's and EasyEdit's code do; the edit then holds exactly on the prompt itself) or
+        "mean" (k*, the paper's equation). The direction is C^-1 k* either way.
     reuse_context_prefix: run the context texts through the model once per run and reuse their
         attention keys/values in every optimisation step of every edit (the same result up to
         float rounding, about twice as fast); cases whose tokenisation merges across the
@@ -95,6 +98,7 @@ class RomeHparams:
     stats_corpus: str | None = None
     seed: int = 0
     reuse_context_prefix: bool = True
+    residual_key: str = "prompt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,12 +233,14 @@ def context_templates(model, tokenizer, identity: str | None, hp: RomeHparams,
 
 @torch.no_grad()
 def rank_one_update(module: nn.Module, key: torch.Tensor, value: torch.Tensor,
-                    c_inv: torch.Tensor | None) -> None:
-    """Change `module` (nn.Linear or GPT-2 Conv1D) in place so that module(key) == value:
-    W <- W + (value - module(key)) u^T / (u^T key), u = C^-1 key (u = key when c_inv is None)."""
+                    c_inv: torch.Tensor | None, residual_key: torch.Tensor | None = None) -> None:
+    """Change `module` (nn.Linear or GPT-2 Conv1D) in place so that module(k) == value for
+    k = residual_key (default: key): W <- W + (value - module(k)) u^T / (u^T k), with the update
+    direction u = C^-1 key (u = key when c_inv is None)."""
     w = weight_out_in(module)  # (out, in) view of the stored weight
-    k = key.to(torch.float32)
-    u = k if c_inv is None else c_inv.to(k.device, torch.float32) @ k
+    u = key.to(torch.float32)
+    u = u if c_inv is None else c_inv.to(u.device, torch.float32) @ u
+    k = (key if residual_key is None else residual_key).to(torch.float32)
     current = w.float() @ k
     bias = getattr(module, "bias", None)
     if bias is not None:
@@ -311,6 +317,7 @@ class Rome(Editor):
         self.last_info: dict = {}
         self.last_key: torch.Tensor | None = None  # k* and v* of the latest edit
         self.last_value: torch.Tensor | None = None
+        self.last_residual_key: torch.Tensor | None = None
         self._tokenizer = None
 
     @classmethod
@@ -332,6 +339,8 @@ class Rome(Editor):
         layer = hp.layer if hp.layer >= 0 else layout.num_layers + hp.layer
         if not 0 <= layer < layout.num_layers:
             raise BenchError(f"rome: layer {hp.layer} out of range for a {layout.num_layers}-layer model")
+        if hp.residual_key not in ("prompt", "mean"):
+            raise BenchError(f"rome: residual_key must be prompt or mean, got {hp.residual_key!r}")
         templates = context_templates(model, tokenizer, identity, hp, cache_dir)
         c_inv = None
         info = {"layer": layer, "context_templates": templates}
@@ -371,15 +380,18 @@ class Rome(Editor):
         module = st.layout.layers[st.layer].mlp_out
         t0 = time.perf_counter()
         rewrite, essence = self.build_sequences(tokenizer, case, st.templates)
-        key = self.compute_key(model, st, rewrite, essence)
+        keys = self.compute_keys(model, st, rewrite, essence)
+        key = keys.mean(0)  # k*: the update direction is C^-1 k*
         t1 = time.perf_counter()
         value = self.compute_value(model, st, rewrite, essence)
         t2 = time.perf_counter()
         handle = EditHandle(model, [param_name(model, module)])
-        rank_one_update(module, key, value, st.c_inv)
+        residual_key = keys[0] if self.hparams.residual_key == "prompt" else key
+        rank_one_update(module, key, value, st.c_inv, residual_key)
         t3 = time.perf_counter()
         self.last_timings = {"key_s": t1 - t0, "value_s": t2 - t1, "update_s": t3 - t2}
         self.last_key, self.last_value = key.detach(), value.detach()
+        self.last_residual_key = residual_key.detach()  # the key now mapped exactly to v*
         return handle
 
     def build_sequences(self, tokenizer, case, templates) -> tuple[list[_Seq], _Seq]:
@@ -467,9 +479,9 @@ class Rome(Editor):
         return ids, torch.cat([past_mask, head_mask, tail_mask], 1), new_skip, extra, keep
 
     @torch.no_grad()
-    def compute_key(self, model, st: _Prepared, rewrite: list[_Seq], essence: _Seq) -> torch.Tensor:
-        """k*: the projection's input at the subject's last token, averaged over the prompts
-        (each cut just after the subject: later tokens cannot change it)."""
+    def compute_keys(self, model, st: _Prepared, rewrite: list[_Seq], essence: _Seq) -> torch.Tensor:
+        """The projection's input at the subject's last token in each rewriting prompt (row 0:
+        the bare prompt), each prompt cut just after the subject (later tokens cannot change it)."""
         seqs = rewrite + [essence]
         ids, mask, skip, extra, prefix = self._batch(model, st, seqs, [s.lookup + 1 for s in seqs])
         got = {}
@@ -484,7 +496,7 @@ class Rome(Editor):
             h.remove()
         rows = torch.arange(len(rewrite), device=ids.device)
         cols = torch.tensor([s.lookup - k for s, k in zip(rewrite, skip)], device=ids.device)
-        return got["k"][rows, cols].float().mean(0)
+        return got["k"][rows, cols].float()
 
     def compute_value(self, model, st: _Prepared, rewrite: list[_Seq], essence: _Seq) -> torch.Tensor:
         """v*: the original output at the subject's last token plus an optimised delta."""

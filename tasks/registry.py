@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.cases import SkippedRecord, TaskSplit
 from bench.errors import BenchError
+from bench.models import file_sha256
 from tasks.card import SplitRule, TaskCard, parse_card
 from tasks.fields import FieldMapper, RecordError
 from tasks.loaders import get_loader, read_records
@@ -29,7 +30,6 @@ SAMPLE_PREFIX = "sample/"  # how sample files are named in hashes and status
 
 _CARDS: dict[str, TaskCard] | None = None
 _SPLIT_CACHE: dict[tuple, TaskSplit] = {}
-_HASH_CACHE: dict[tuple, str] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,14 +252,7 @@ def data_file_hashes(name: str, data_dir: Path | None, split: str | None = None)
     out = {}
     for key in sorted({r.file for r in _rules_used(card, data_dir is None, split).values()}):
         path, rel = _file_path(card, key, data_dir)
-        fkey = _file_key(path)
-        if fkey not in _HASH_CACHE:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            _HASH_CACHE[fkey] = h.hexdigest()
-        out[rel] = _HASH_CACHE[fkey]
+        out[rel] = file_sha256(path)
     return out
 
 

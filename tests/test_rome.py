@@ -80,14 +80,15 @@ def test_edit_one_weight_target_and_exact_restore(arch, shared_cache):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("mom2", [False, True])
 def test_update_maps_key_to_value(arch, mom2, shared_cache):
-    """After the update the projection sends k* to v* (bias included), for Linear and Conv1D."""
+    """After the update the projection sends the residual key (by default the bare prompt's) to
+    v* (bias included), for Linear and Conv1D."""
     lm = tiny_model(arch)
     editor = Rome(tiny_hparams(lm, mom2_adjustment=mom2, v_num_grad_steps=3))
     editor.prepare(lm, ctx_for(shared_cache))
     editor.apply(lm.model, lm.tokenizer, CASE)
     module = lm.layout.layers[editor.hparams.layer].mlp_out
     with torch.no_grad():
-        out = module(editor.last_key[None])[0]
+        out = module(editor.last_residual_key[None])[0]
     torch.testing.assert_close(out, editor.last_value, rtol=1e-4, atol=1e-4)
 
 
@@ -113,6 +114,19 @@ def test_context_prefix_reuse_is_exact(arch, shared_cache):
         torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5)
         # Adam amplifies float rounding in near-zero gradient coordinates a little.
         assert (v1 - v2).norm() / v2.norm() < 1e-3
+
+
+@pytest.mark.parametrize("residual_key", ["prompt", "mean"])
+def test_residual_key_is_mapped_exactly_to_the_value(residual_key, shared_cache):
+    """"prompt" (ROME's code): the bare prompt's key maps to v*; "mean" (the paper): k* does."""
+    lm = tiny_model("llama")
+    editor = Rome(tiny_hparams(lm, residual_key=residual_key, v_num_grad_steps=5))
+    editor.prepare(lm, ctx_for(shared_cache))
+    editor.apply(lm.model, lm.tokenizer, CASE)
+    mapped = editor.last_residual_key
+    assert torch.equal(mapped, editor.last_key) == (residual_key == "mean")
+    weight = lm.layout.layers[editor.hparams.layer].mlp_out.weight
+    torch.testing.assert_close(weight.float() @ mapped, editor.last_value, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

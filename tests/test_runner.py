@@ -294,3 +294,19 @@ def test_resume_with_a_larger_limit_extends_the_run(tmp_path, tiny_load):
     assert {t["name"]: t["n_cases"] for t in config["tasks"]} == N_CASES
     summary = RunDir(first).read_summary()
     assert {t: i["n_cases"] for t, i in summary["task_info"].items()} == N_CASES
+
+
+def test_resume_keeps_the_editor_hyperparameters_the_run_resolved(tmp_path, tiny_load, monkeypatch):
+    """A default changed in the code after a run started does not reach its remaining cases."""
+    from bench.results import RunDir
+    import dataclasses
+
+    from editors.ft import FineTune
+
+    first = execute(options(tmp_path, limit=1), log=lambda s: None)
+    resolved = RunDir(first).read_config()["editor"]["hparams"]
+    old_defaults = FineTune.default_hparams.__func__
+    monkeypatch.setattr(FineTune, "default_hparams", classmethod(  # "a release changes a default"
+        lambda cls, config: dataclasses.replace(old_defaults(cls, config), lr=resolved["lr"] * 10)))
+    resume(first, log=lambda s: None, limit=None)
+    assert RunDir(first).read_config()["editor"]["hparams"] == resolved
