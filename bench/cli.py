@@ -132,12 +132,19 @@ def cmd_train(args) -> int:
 
     opts = RunOptions(editor=args.editor, holdout=args.holdout, model=args.model, device=args.device,
                       dtype=args.dtype, seed=args.seed, hparams=hparams)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    from bench.distributed import Shard
+
+    # Under torchrun / `accelerate launch`, every process trains on its slice of each batch.
+    shard = Shard.current(args.device)
+    device = str(shard.device) if shard.world > 1 and args.device == "auto" else args.device
+    lm = load_model(args.model, device=device, dtype=args.dtype)
     editor = build_editor(opts, lm.model.config)
     ctx = EditContext(cache_dir=cache_dir(), seed=args.seed, data_dir=data_dir,
                       train_tasks=[n for n in list_cards() if n not in args.holdout],
-                      holdout_tasks=list(args.holdout), retrain=True)
+                      holdout_tasks=list(args.holdout), retrain=True, shard=shard)
     editor.prepare(lm, ctx)
+    if shard.rank != 0:
+        return 0
     notes = ctx.notes
     print(f"checkpoint: {notes.get('checkpoint')}")
     print(f"trained on: {', '.join(notes.get('train_tasks') or [])}  steps: {notes.get('train_steps')}  "

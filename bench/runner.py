@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import __version__
 from bench.cases import EditCase
+from bench.distributed import Shard
 from bench.errors import BenchError
 from bench.metrics import METRIC_DEFINITIONS, case_scores, evaluate_case, predictions, summarize_task
 from bench.results import RunDir, new_run_dir
@@ -218,14 +219,17 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     train_tasks = [n for n in list_cards() if n not in opts.holdout]
     ctx = EditContext(cache_dir=Path(_cache_root()), seed=opts.seed, data_dir=data_dir,
                       train_tasks=train_tasks, holdout_tasks=list(opts.holdout),
-                      retrain=opts.retrain, log=log)
-    # A learned editor trains (or loads its checkpoint) on the first process; the others then
-    # find the cached checkpoint.
-    if shard.rank == 0:
-        editor.prepare(lm, ctx)
-    shard.barrier()
-    if shard.rank != 0:
-        editor.prepare(lm, ctx)
+                      retrain=opts.retrain, log=log, shard=shard)
+    if editor.learns and shard.world > 1:
+        editor.prepare(lm, ctx)  # all processes load the checkpoint, or train it data-parallel
+    else:
+        # Cached preparation (e.g. ROME's key statistics) happens once, on the first process;
+        # the others then find it in the cache.
+        if shard.rank == 0:
+            editor.prepare(lm, ctx)
+        shard.barrier()
+        if shard.rank != 0:
+            editor.prepare(lm, ctx)
 
     config = run_config(opts, lm, editor, planned, data_dir, ctx.notes, argv)
     if shard.rank == 0 and (resume_dir is None or rewrite_config):
@@ -289,41 +293,6 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
             run.write_summary(summary)
         log(f"results: {run.path}")
     return run.path
-
-
-class Shard:
-    """This process's share of a run launched with torchrun / `accelerate launch` (one model
-    copy per process). A plain single-process run is rank 0 of 1 and needs no process group."""
-
-    def __init__(self, rank: int = 0, world: int = 1, state=None, device=None):
-        self.rank, self.world, self.state, self.device = rank, world, state, device
-
-    @classmethod
-    def current(cls, device: str = "auto") -> "Shard":
-        import os
-
-        import torch
-
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        from accelerate import PartialState
-
-        # Without CUDA, accelerate must be told to form a CPU (gloo) group.
-        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-        return cls(state.process_index, state.num_processes, state, state.device)
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-    def broadcast(self, value):
-        if self.state is None:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
 
 
 def run_config(opts: RunOptions, lm, editor, planned: list[PlannedTask], data_dir: Path | None,

@@ -69,6 +69,9 @@ class EditContext:
     log: Callable[[str], None] = print
     # Facts the editor wants recorded in the run's config.json (e.g. tokens used for statistics).
     notes: dict[str, Any] = field(default_factory=dict)
+    # This process's place in a multi-process launch (bench.distributed.Shard); None = alone.
+    # Learned editors train data-parallel across the processes.
+    shard: Any = None
 
 
 class Editor:

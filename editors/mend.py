@@ -143,7 +143,10 @@ class Mend(Editor):
             raise BenchError(f"{self.name}: no training task with a train split and data "
                              f"(train tasks {ctx.train_tasks}, held out {ctx.holdout_tasks})")
         stem = self.checkpoint_stem(lm, ctx, tasks)
-        if not ctx.retrain and stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file():
+        cached = not ctx.retrain and stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
+        if ctx.shard is not None and ctx.shard.world > 1:
+            cached = ctx.shard.broadcast(cached)  # all processes load, or all train together
+        if cached:
             meta = load_checkpoint(stem, self.network)
             self._check_meta(meta, lm)
             ctx.log(f"{self.name}: loaded trained editor {stem}.safetensors "
@@ -154,7 +157,12 @@ class Mend(Editor):
                 f"(held out: {', '.join(ctx.holdout_tasks) or 'none'}); checkpoint {stem}")
         meta = self.train(lm, None, ctx, tasks=tasks)
         meta["cache_key"] = self.key_for(lm, ctx, tasks)
-        save_checkpoint(stem, self.network, meta)
+        if ctx.shard is not None and ctx.shard.world > 1:
+            meta["data_parallel_processes"] = ctx.shard.world
+        if ctx.shard is None or ctx.shard.rank == 0:  # the copies are identical: one writes
+            save_checkpoint(stem, self.network, meta)
+        if ctx.shard is not None:
+            ctx.shard.barrier()
         self.checkpoint_meta = meta
         ctx.log(f"{self.name}: trained {meta['steps']} steps in {meta['train_time_s']} s "
                 f"({meta['stop_reason']}); saved {stem}.safetensors")
@@ -231,7 +239,7 @@ class Mend(Editor):
         torch.manual_seed(ctx.seed)
         trainer = MetaTrainer(lm, self.network, self.targets, hp, train_by_task, val_by_task,
                               holdout=list(ctx.holdout_tasks), seed=ctx.seed,
-                              prepare_case=prepare_case, log=ctx.log)
+                              prepare_case=prepare_case, log=ctx.log, shard=ctx.shard)
         started = time.time()
         info = trainer.fit()
         torch.random.set_rng_state(random_state)

@@ -307,13 +307,22 @@ class RunningNorm(nn.Module):
         self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Fold the rows of `x` into the statistics. With `gather` (data-parallel training: a
+        function returning every process's tensor stacked in rank order) the batch statistics of
+        all processes are folded in, so every copy keeps the same statistics."""
         x = x.detach().double()
+        dim = self.mean.shape[0]
         n_b = x.shape[0]
-        if n_b == 0:
-            return
-        mean_b = x.mean(0)
+        mean_b = x.mean(0) if n_b else torch.zeros(dim, dtype=torch.float64, device=x.device)
         m2_b = ((x - mean_b) ** 2).sum(0)
+        parts = torch.cat([torch.tensor([float(n_b)], dtype=torch.float64, device=x.device), mean_b, m2_b])
+        for row in (gather(parts[None]) if gather is not None else parts[None]):
+            self._fold(row[0], row[1:1 + dim], row[1 + dim:])
+
+    def _fold(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        if n_b.item() == 0:
+            return
         n_a = self.count.clone()
         total = n_a + n_b
         delta = mean_b - self.mean
@@ -362,11 +371,8 @@ class FactorNet(nn.Module):
         self.layers = nn.ModuleList([LowRankResidual(dim, rank, n_cond, relu=i < n_hidden)
                                      for i in range(n_hidden + 1)])
 
-    def forward(self, u: torch.Tensor, d: torch.Tensor, cond: int, update_stats: bool = False):
-        x = torch.cat([u, d], dim=-1)
-        if update_stats:
-            self.norm.update(x)
-        x = self.norm(x)
+    def forward(self, u: torch.Tensor, d: torch.Tensor, cond: int):
+        x = self.norm(torch.cat([u, d], dim=-1))
         for layer in self.layers:
             x = layer(x, cond)
         return x[:, : self.in_dim], x[:, self.in_dim:]
@@ -387,20 +393,33 @@ class EditorNetwork(nn.Module):
                                    for k, (i, o, n) in sorted(shapes.items())})
         self.edit_lrs = nn.Parameter(torch.full((len(targets),), float(edit_lr)))
 
-    def edit_factors_out(self, targets: list[EditTarget], factors: Factors,
-                         update_stats: bool = False) -> Factors:
+    @torch.no_grad()
+    def update_norms(self, targets: list[EditTarget], factors: list[Factors],
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Fold the factors of a batch of edits (all of them, before any is normalised) into the
+        input statistics of each shape's network."""
+        rows: dict[str, list[torch.Tensor]] = {}
+        for per_edit in factors:
+            for t in targets:
+                u, d = per_edit[t.name]
+                rows.setdefault(t.shape_key, []).append(torch.cat([u, d], dim=-1))
+        for key in sorted(self.nets):
+            if key in rows or gather is not None:  # every process must join every gather
+                x = torch.cat(rows[key]) if key in rows else torch.zeros(0, self.nets[key].norm.mean.shape[0])
+                self.nets[key].norm.update(x, gather)
+
+    def edit_factors_out(self, targets: list[EditTarget], factors: Factors) -> Factors:
         """name -> (U, D) with dW (out, in) = D^T U: U = -lr_w u~, D = d~."""
         out = {}
         for i, t in enumerate(targets):
             u, d = factors[t.name]
-            u2, d2 = self.nets[t.shape_key](u, d, t.cond, update_stats=update_stats)
+            u2, d2 = self.nets[t.shape_key](u, d, t.cond)
             out[t.name] = (-self.edit_lrs[i] * u2, d2)
         return out
 
-    def deltas(self, targets: list[EditTarget], factors: Factors,
-               update_stats: bool = False) -> dict[str, torch.Tensor]:
+    def deltas(self, targets: list[EditTarget], factors: Factors) -> dict[str, torch.Tensor]:
         """name -> dW in (out, in) terms."""
-        return {n: d.T @ u for n, (u, d) in self.edit_factors_out(targets, factors, update_stats).items()}
+        return {n: d.T @ u for n, (u, d) in self.edit_factors_out(targets, factors).items()}
 
 
 def stored_delta(t: EditTarget, delta_out_in: torch.Tensor) -> torch.Tensor:
@@ -430,8 +449,16 @@ class MetaTrainer:
     def __init__(self, lm, network: EditorNetwork, targets: list[EditTarget], hp,
                  train_by_task: dict[str, list[EditCase]], val_by_task: dict[str, list[EditCase]],
                  holdout: list[str], seed: int, prepare_case: Callable[[EditCase], EditCase],
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, shard=None):
+        from bench.distributed import Shard
+
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        # Data-parallel training: every process draws the same global batch, works on its own
+        # slice of it, and the gradients are summed across processes (bench.distributed).
+        self.shard = shard or Shard()
+        if hp.batch_size % self.shard.world:
+            raise BenchError(f"batch_size {hp.batch_size} must be a multiple of the number of "
+                             f"processes ({self.shard.world}) for data-parallel training")
         self.net, self.targets, self.hp = network, targets, hp
         self.holdout = set(holdout)
         leaked = self.holdout & (set(train_by_task) | set(val_by_task))
@@ -538,7 +565,10 @@ class MetaTrainer:
         batch = encode_batch(self.tok, probes, device)
         fp = factor_pass(self.model, batch, self.targets, n,
                          capture_from=self.first_block if self.fast else None, blocks=self.layout.blocks)
-        per_case = [self.net.edit_factors_out(self.targets, f, update_stats=update_stats) for f in fp.factors]
+        if update_stats:
+            self.net.update_norms(self.targets, fp.factors,
+                                  self.shard.gather if self.shard.world > 1 else None)
+        per_case = [self.net.edit_factors_out(self.targets, f) for f in fp.factors]
         owner_t = torch.tensor(owner, device=device)
         per_row = {}
         for t in self.targets:
@@ -572,14 +602,34 @@ class MetaTrainer:
             kl = torch.zeros((), device=device)
             stats["loc_agree"] = float("nan")
         stats["edit_nll"], stats["loc_kl"] = l_edit.item(), kl.item()
+        self.last_counts = (int(edit_rows.sum()), int(is_loc.sum()))  # rows behind the two means
         return l_edit, kl, stats
 
     def train_step(self, cases: list[EditCase]) -> dict:
+        """One optimizer step on the global batch `cases` (this process's slice of it when
+        several processes train together)."""
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        l_edit, l_loc, stats = self.step_losses(cases, update_stats=True)
+        world = self.shard.world
+        l_edit, l_loc, stats = self.step_losses(cases[self.shard.rank::world], update_stats=True)
         loss = self.hp.c_edit * l_edit + self.hp.c_loc * l_loc
-        loss.backward()
+        if world == 1:
+            loss.backward()
+        else:
+            # Weight this process's means by its share of the batch's rows and sum the gradients:
+            # exactly the gradient of the whole batch's loss.
+            local = torch.tensor([self.last_counts], dtype=torch.float64)
+            n_edit, n_loc = self.shard.gather(local).sum(0).tolist()
+            share = self.hp.c_edit * l_edit * (local[0, 0].item() / max(n_edit, 1))
+            if n_loc:
+                share = share + self.hp.c_loc * l_loc * (local[0, 1].item() / n_loc)
+            share.backward()
+            params = list(self.net.parameters())
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in params])
+            self.shard.sum_(flat)
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad = g.view_as(p).clone()
         if self.hp.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hp.grad_clip)
         self.opt.step()
@@ -610,10 +660,15 @@ class MetaTrainer:
         best_state, best_step, bad_rounds = None, 0, 0
         history, recent = [], []
         step, stop_reason = 0, "max_steps"
-        bar = tqdm(total=hp.max_steps, desc=f"train {self.lm.spec}", unit="step", dynamic_ncols=True)
+        main = self.shard.rank == 0
+        bar = tqdm(total=hp.max_steps, desc=f"train {self.lm.spec}", unit="step", dynamic_ncols=True,
+                   disable=not main)
         try:
             while step < hp.max_steps:
-                if hp.time_budget_s and time.perf_counter() - started > hp.time_budget_s:
+                over = bool(hp.time_budget_s and time.perf_counter() - started > hp.time_budget_s)
+                if self.shard.world > 1:
+                    over = self.shard.broadcast(over)  # every process stops at the same step
+                if over:
                     stop_reason = "time_budget"
                     break
                 t0 = time.perf_counter()
@@ -629,13 +684,14 @@ class MetaTrainer:
                                     f"{avg['s_per_step']:.2f}s/step")
                 last = step == hp.max_steps
                 if self.val_by_task and (step % hp.val_every == 0 or last):
-                    val = self.validate()
+                    val = self.shard.broadcast(self.validate())  # same decisions everywhere
                     val["step"] = step
                     val["elapsed_s"] = round(time.perf_counter() - started, 1)
                     history.append({"step": step, "train": avg, "val": val})
-                    bar.write(f"step {step}: val loss {val['loss']:.4f} edit acc {val['edit_acc']:.3f} "
-                              f"rephrase acc {val['rephrase_acc']:.3f} loc agree {val['loc_agree']:.3f} "
-                              f"| train loss {avg['loss']:.4f} {avg['s_per_step']:.2f}s/step")
+                    if main:
+                        bar.write(f"step {step}: val loss {val['loss']:.4f} edit acc {val['edit_acc']:.3f} "
+                                  f"rephrase acc {val['rephrase_acc']:.3f} loc agree {val['loc_agree']:.3f} "
+                                  f"| train loss {avg['loss']:.4f} {avg['s_per_step']:.2f}s/step")
                     if val["loss"] < best["loss"]:
                         best, best_step, bad_rounds = val, step, 0
                         best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -647,7 +703,7 @@ class MetaTrainer:
         finally:
             bar.close()
         if self.val_by_task and step and (not history or history[-1]["step"] != step):
-            val = self.validate()  # stopped by the time budget between validations
+            val = self.shard.broadcast(self.validate())  # stopped by the time budget between validations
             val["step"] = step
             history.append({"step": step, "train": _mean_stats(recent), "val": val})
             if val["loss"] < best["loss"]:

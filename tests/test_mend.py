@@ -100,7 +100,7 @@ def test_row_wise_low_rank_edits_equal_written_weights_and_block_rerun(arch):
     first = 1  # the tiny models have 4 blocks; the last three are edited
     fp = mt.factor_pass(lm.model, batch, ed.targets, 1, capture_from=first, blocks=lm.layout.blocks)
     with torch.no_grad():
-        ed.network.edit_factors_out(ed.targets, fp.factors[0], update_stats=True)  # fill stats
+        ed.network.update_norms(ed.targets, [fp.factors[0]])  # fill stats
         out = ed.network.edit_factors_out(ed.targets, fp.factors[0])
         per_row = {n: (u[None].expand(2, -1, -1), d[None].expand(2, -1, -1)) for n, (u, d) in out.items()}
         with mt.LowRankEdits(ed.targets, per_row):

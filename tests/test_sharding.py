@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import tiny_model
 
@@ -58,3 +59,42 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     summary_two = json.loads((run_two / "summary.json").read_text())
     assert summary_one["tasks"] == summary_two["tasks"]
     assert summary_one["task_info"] == summary_two["task_info"]
+
+
+def _train(args: list[str], env: dict, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "bench", "train"] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+@pytest.mark.parametrize("editor", ["mend", "instructedit"])
+def test_two_process_meta_training_equals_one_process(tmp_path, editor):
+    """`bench train` under torchrun: 2 processes share each batch (2 edits each), sum their
+    gradients and merge their input statistics; the checkpoint equals a 1-process training."""
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "tiny"
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--data-dir", str(FIXTURE_DATA), "--editor", editor,
+              "--device", "cpu", "--max-steps", "4", "--hparam", "batch_size=4", "--hparam", "val_every=2"]
+    checkpoints = {}
+    for name, launcher in (("one", None), ("two", "torchrun")):
+        env = dict(os.environ, OMP_NUM_THREADS="1", BENCH_CACHE=str(tmp_path / name),
+                   HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+        if launcher:
+            torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+            launcher = [torchrun, "--nproc_per_node", "2", "--master_port", "29519"]
+        done = _train(common, env, launcher)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (path,) = (tmp_path / name / "editors").glob(f"{editor}-*.safetensors")
+        checkpoints[name] = (load_file(path), json.loads(path.with_suffix(".json").read_text()))
+    (one, meta_one), (two, meta_two) = checkpoints["one"], checkpoints["two"]
+    assert meta_two["data_parallel_processes"] == 2 and "data_parallel_processes" not in meta_one
+    assert meta_one["steps"] == meta_two["steps"] == 4
+    assert meta_one["per_task"] == meta_two["per_task"]  # the same batches were drawn
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
