@@ -136,8 +136,7 @@ def cmd_train(args) -> int:
 
     # Under torchrun / `accelerate launch`, every process trains on its slice of each batch.
     shard = Shard.current(args.device)
-    device = str(shard.device) if shard.world > 1 and args.device == "auto" else args.device
-    lm = load_model(args.model, device=device, dtype=args.dtype)
+    lm = load_model(args.model, device=shard.device_for(args.device), dtype=args.dtype)
     editor = build_editor(opts, lm.model.config)
     ctx = EditContext(cache_dir=cache_dir(), seed=args.seed, data_dir=data_dir,
                       train_tasks=[n for n in list_cards() if n not in args.holdout],

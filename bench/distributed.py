@@ -23,6 +23,11 @@ class Shard:
         state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
         return cls(state.process_index, state.num_processes, state, state.device)
 
+    def device_for(self, requested: str) -> str:
+        """The device to load this process's model copy on: with several processes and
+        `--device auto`, the one accelerate assigned to this process."""
+        return str(self.device) if self.world > 1 and requested == "auto" else requested
+
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()

@@ -340,12 +340,18 @@ class ModelLayout:
     decoder: nn.Module  # the base model: input ids -> final (normed) hidden states
 
 
-def _text_config(config):
+def text_config(config):
+    """The language model's part of a config (multimodal configs nest it)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def logit_softcapping(model: nn.Module) -> float | None:
+    """Gemma-2 style cap c of the output logits (c * tanh(logits / c)); None when uncapped."""
+    return getattr(text_config(model.config), "final_logit_softcapping", None) or None
+
+
 def find_layout(model: nn.Module) -> ModelLayout:
-    config = _text_config(model.config)
+    config = text_config(model.config)
     hidden = config.hidden_size
     n_layers = config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
@@ -395,7 +401,7 @@ def find_layout(model: nn.Module) -> ModelLayout:
 def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits for final hidden states (only where a caller needs them)."""
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    cap = logit_softcapping(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

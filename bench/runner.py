@@ -203,7 +203,7 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
 
         check_run_options(opts)  # unknown lm-eval task: fail before the cases
     shard = Shard.current(opts.device)
-    device = str(shard.device) if shard.world > 1 and opts.device == "auto" else opts.device
+    device = shard.device_for(opts.device)
     resolve_dtype(opts.dtype, resolve_device(device))  # bad --device / --dtype: fail before loading
     editor = build_editor(opts, load_config(opts.model))  # bad hyperparameters: likewise
     lm = load_model(opts.model, device=device, dtype=opts.dtype)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bench.cases import EditCase
+from bench.distributed import Shard
 from bench.errors import BenchError
 
 
@@ -69,9 +70,9 @@ class EditContext:
     log: Callable[[str], None] = print
     # Facts the editor wants recorded in the run's config.json (e.g. tokens used for statistics).
     notes: dict[str, Any] = field(default_factory=dict)
-    # This process's place in a multi-process launch (bench.distributed.Shard); None = alone.
-    # Learned editors train data-parallel across the processes.
-    shard: Any = None
+    # This process's place in a multi-process launch; learned editors train data-parallel
+    # across the processes. The default is a lone process (every collective a no-op).
+    shard: Shard = field(default_factory=Shard)
 
 
 class Editor:

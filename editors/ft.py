@@ -18,7 +18,7 @@ import torch
 
 from bench.cases import EditCase
 from bench.metrics import encode_probe
-from bench.models import find_layout, output_logits
+from bench.models import find_layout, text_config
 from editors.base import EditHandle, Editor, param_name
 from editors.frozen import frozen_prefix
 from editors.vocab_loss import token_nll
@@ -54,7 +54,7 @@ class FineTune(Editor):
 
     @classmethod
     def default_hparams(cls, config) -> FTHparams:
-        n_layers = config.get_text_config().num_hidden_layers
+        n_layers = text_config(config).num_hidden_layers
         return FTHparams(layers=[min(n_layers - 1, round(0.7 * n_layers))])
 
     def _check(self, n_layers: int) -> list[int]:
@@ -78,10 +78,7 @@ class FineTune(Editor):
             read = hidden[prompt_len - 1].expand(len(target), -1)  # every target token, one position
         else:
             read = hidden[prompt_len - 1: prompt_len - 1 + len(target)]
-        if self.hparams.fused_vocab_loss:
-            return token_nll(model, read, target_t).mean()
-        logp = torch.log_softmax(output_logits(model, read).float(), -1)
-        return -logp.gather(1, target_t[:, None]).mean()
+        return token_nll(model, read, target_t, fused=self.hparams.fused_vocab_loss).mean()
 
     def apply(self, model, tokenizer, case: EditCase) -> EditHandle:
         hp = self.hparams

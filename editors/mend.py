@@ -20,6 +20,7 @@ import torch
 
 from bench.cases import EditCase
 from bench.errors import BenchError
+from bench.models import text_config
 from editors.base import EditContext, EditHandle, Editor
 from editors.meta_training import (EditorNetwork, MetaTrainer, cache_key, edit_factors,
                                    hparams_dict, load_checkpoint, save_checkpoint, select_targets,
@@ -78,7 +79,7 @@ class Mend(Editor):
 
     @classmethod
     def default_hparams(cls, config) -> MendHparams:
-        n = config.get_text_config().num_hidden_layers
+        n = text_config(config).num_hidden_layers
         return MendHparams(layers=list(range(max(0, n - 3), n)))
 
     # -- set-up --------------------------------------------------------------------------------
@@ -144,8 +145,7 @@ class Mend(Editor):
                              f"(train tasks {ctx.train_tasks}, held out {ctx.holdout_tasks})")
         stem = self.checkpoint_stem(lm, ctx, tasks)
         cached = not ctx.retrain and stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
-        if ctx.shard is not None and ctx.shard.world > 1:
-            cached = ctx.shard.broadcast(cached)  # all processes load, or all train together
+        cached = ctx.shard.broadcast(cached)  # all processes load, or all train together
         if cached:
             meta = load_checkpoint(stem, self.network)
             self._check_meta(meta, lm)
@@ -157,12 +157,11 @@ class Mend(Editor):
                 f"(held out: {', '.join(ctx.holdout_tasks) or 'none'}); checkpoint {stem}")
         meta = self.train(lm, None, ctx, tasks=tasks)
         meta["cache_key"] = self.key_for(lm, ctx, tasks)
-        if ctx.shard is not None and ctx.shard.world > 1:
+        if ctx.shard.world > 1:
             meta["data_parallel_processes"] = ctx.shard.world
-        if ctx.shard is None or ctx.shard.rank == 0:  # the copies are identical: one writes
+        if ctx.shard.rank == 0:  # the copies are identical: one writes
             save_checkpoint(stem, self.network, meta)
-        if ctx.shard is not None:
-            ctx.shard.barrier()
+        ctx.shard.barrier()
         self.checkpoint_meta = meta
         ctx.log(f"{self.name}: trained {meta['steps']} steps in {meta['train_time_s']} s "
                 f"({meta['stop_reason']}); saved {stem}.safetensors")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
-from bench.models import find_layout, output_logits, weight_out_in
+from bench.models import find_layout, output_logits, text_config, weight_out_in
 from editors.base import EditContext, EditHandle, Editor, param_name
 from editors.key_stats import inverse_mom2, layer_stats
 
@@ -322,8 +322,7 @@ class Rome(Editor):
 
     @classmethod
     def default_hparams(cls, config) -> RomeHparams:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n_layers = text.num_hidden_layers
+        n_layers = text_config(config).num_hidden_layers
         layer = min(n_layers - 1, max(1, round(DEFAULT_LAYER_FRACTION * n_layers)))
         return RomeHparams(layer=layer, v_loss_layer=n_layers - 1)
 
@@ -465,9 +464,14 @@ class Rome(Editor):
             head_ids, head_mask = _pad(heads, 0, device)
             pos = torch.arange(head_ids.shape[1], device=device)[None] + torch.tensor(skip, device=device)[:, None]
             # Padding is unmasked in this pass (so no query attends to nothing) and masked later.
-            out = st.layout.decoder(input_ids=head_ids, position_ids=pos, past_key_values=cache,
-                                    attention_mask=torch.cat([past_mask, torch.ones_like(head_mask)], 1),
-                                    use_cache=True)
+            try:
+                out = st.layout.decoder(input_ids=head_ids, position_ids=pos, past_key_values=cache,
+                                        attention_mask=torch.cat([past_mask, torch.ones_like(head_mask)], 1),
+                                        use_cache=True)
+            except BaseException:
+                if prefix is not None:
+                    _crop(prefix.cache, prefix.width)  # a failed case must not leave entries behind
+                raise
             cache = out.past_key_values
         tails = [s.ids[s.lookup:] for s in seqs]
         ids, tail_mask = _pad(tails, 0, device)

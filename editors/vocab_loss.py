@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.models import output_logits
+from bench.models import logit_softcapping, output_logits
 
 CHUNK_ROWS = 1024  # 1024 x 576 float32 = 2.4 MB per block: stays in cache between its two uses
 
@@ -55,16 +55,16 @@ class ChunkedTokenNLL(torch.autograd.Function):
 
 def _plain_output_weight(model) -> torch.Tensor | None:
     head = model.get_output_embeddings()
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if (not isinstance(head, torch.nn.Linear) or head.bias is not None
-            or getattr(cfg, "final_logit_softcapping", None) or head.weight.requires_grad):
+            or logit_softcapping(model) or head.weight.requires_grad):
         return None
     return head.weight
 
 
-def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position NLL of `targets` (P,) given final hidden states `hidden` (P, d), float32."""
-    weight = _plain_output_weight(model) if hidden.device.type == "cpu" else None
+def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Per-position NLL of `targets` (P,) given final hidden states `hidden` (P, d), float32.
+    fused=False always takes the ordinary log-softmax (the plain path, for benchmarks)."""
+    weight = _plain_output_weight(model) if fused and hidden.device.type == "cpu" else None
     if weight is not None and hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         return ChunkedTokenNLL.apply(hidden, weight, targets)
     logp = torch.log_softmax(output_logits(model, hidden).float(), -1)
