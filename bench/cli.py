@@ -229,7 +229,7 @@ def cmd_report(args) -> int:
     from reports.report import build_report
 
     out = build_report([Path(p) for p in args.run_dirs], Path(args.output), baseline=args.baseline,
-                       fmt=args.format, title=args.title)
+                       fmt=args.format, title=args.title, case_text=not args.no_case_text)
     print(f"report: {out}")
     return 0
 
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--baseline", default="ft", help="editor the others are compared with (default ft)")
     rep.add_argument("--format", choices=["html", "md", "all"], default="html")
     rep.add_argument("--title", default=None)
+    rep.add_argument("--no-case-text", action="store_true",
+                     help="drill-down pages without the data records' texts (for publishing)")
     rep.set_defaults(func=cmd_report)
 
     models = sub.add_parser("model", help="load a model and check it (tied embeddings, a greedy sample)")

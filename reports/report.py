@@ -573,8 +573,7 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _probes(rec: dict) -> list[dict]:
-    case = rec.get("case") if isinstance(rec.get("case"), dict) else {}
+def _probes(rec: dict, case: dict) -> list[dict]:
     preds = rec.get("predictions") if isinstance(rec.get("predictions"), dict) else {}
     pre = preds.get("pre") if isinstance(preds.get("pre"), dict) else {}
     post = preds.get("post") if isinstance(preds.get("post"), dict) else {}
@@ -598,12 +597,15 @@ def _probes(rec: dict) -> list[dict]:
     return out
 
 
-def _case_rows(run: Run, task: str) -> list[dict]:
+def _case_rows(run: Run, task: str, case_text: bool = True) -> list[dict]:
+    """Per-case rows of the drill-down. case_text=False leaves out everything that comes from
+    the data records (prompts, targets, ground truths, probe texts), keeping case ids, the
+    model's predictions and the scores: for leaderboards published without the data."""
     rows = []
     for rec in run.cases:
         if str(rec.get("task")) != task:
             continue
-        case = rec.get("case") if isinstance(rec.get("case"), dict) else {}
+        case = rec.get("case") if case_text and isinstance(rec.get("case"), dict) else {}
         pre = rec.get("pre") if isinstance(rec.get("pre"), dict) else {}
         post = rec.get("post") if isinstance(rec.get("post"), dict) else None
         rel = _num((post or {}).get("reliability"))
@@ -614,7 +616,7 @@ def _case_rows(run: Run, task: str) -> list[dict]:
         metrics = list(dict.fromkeys(metrics))
         rows.append({"case_id": rec.get("case_id"), "case": case, "error": error, "failed": failed,
                      "scores": [(m, _num(pre.get(m)), _num((post or {}).get(m))) for m in metrics],
-                     "probes": _probes(rec)})
+                     "probes": _probes(rec, case)})
     return rows
 
 
@@ -796,13 +798,14 @@ def _run_details(r: Run) -> dict:
 
 
 def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft", fmt: str = "html",
-                 title: str | None = None) -> Path:
+                 title: str | None = None, case_text: bool = True) -> Path:
     """Write the leaderboard for `run_dirs` into `out_dir` and return the main file's path.
 
     fmt "html": index.html (+ per run/task case pages), leaderboard.json, leaderboard.csv;
     fmt "md":   leaderboard.md, leaderboard.json, leaderboard.csv;
     fmt "all":  everything. `baseline` names the editor the other runs are compared with (None: no
-    comparison). Raises BenchError for unusable input (missing/malformed run files, no runs)."""
+    comparison). case_text=False: drill-down pages without the data records' texts (see
+    _case_rows). Raises BenchError for unusable input (missing/malformed run files, no runs)."""
     if fmt not in FORMATS:
         raise BenchError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
     if not run_dirs:
@@ -849,9 +852,10 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
         for r in runs:
             tasks = list(dict.fromkeys(r.tasks + [str(c.get("task")) for c in r.cases]))
             for t in tasks:
-                rows = _case_rows(r, t)
+                rows = _case_rows(r, t, case_text)
                 (out_dir / _task_file(r, t)).write_text(tpl.render(
                     title=title, run=r, task=t, rows=rows, n_failed=sum(x["failed"] for x in rows),
+                    case_text=case_text,
                     has_cases_file=r.has_cases_file, holdout=r.holdout(t), generated=generated), encoding="utf-8")
     assert main is not None
     return main

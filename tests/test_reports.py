@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 
 from bench.errors import BenchError
 from reports.report import build_report, signflip_pvalue
@@ -338,3 +339,28 @@ def test_run_without_cases_file_still_reports(tmp_path):
     assert "no cases.jsonl" in (out.parent / "cases-rome-zsre.html").read_text()
     doc = json.loads((out.parent / "leaderboard.json").read_text())
     assert doc["groups"][0]["baseline_comparison"]["comparisons"] == []
+
+
+def test_no_case_text_leaves_the_data_records_out_of_the_drill_down(tmp_path, report):
+    """Published leaderboards can drop every text that comes from the data records; the case
+    ids, the model's predictions, the scores and the failure filter stay."""
+    build_report(ALL, tmp_path, baseline="ft", fmt="html", case_text=False)
+    records = [r for r in cases(FT) if r["task"] == "counterfact" and r.get("case")]
+    page = (tmp_path / "cases-ft-counterfact.html").read_text()
+    full = (report / "cases-ft-counterfact.html").read_text()
+    assert "Case texts (prompts, targets, ground truths) are left out" in page
+    assert 'id="failonly"' in page
+    for rec in records:
+        case = rec["case"]
+        texts = [case["prompt"], *case.get("rephrase_prompts", []),
+                 *(q["prompt"] for q in case.get("locality", []))]
+        predicted = json.dumps(rec["predictions"])
+        # A short target can legitimately show up as the edited model's own prediction.
+        texts += [t for t in (case["target_new"], case.get("ground_truth")) if t and t not in predicted]
+        for text in map(str, map(escape, texts)):  # as the templates write it
+            assert text in full  # the ordinary report shows it ...
+            assert text not in page  # ... the published one does not
+        assert f'data-case="{rec["case_id"]}"' in page
+        post = rec["predictions"]["post"]["prompt"]
+        if post and post.strip():
+            assert post.strip() in page
