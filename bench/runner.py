@@ -10,6 +10,7 @@ import dataclasses
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,27 +121,51 @@ def _wrap_for_editor(editor, case: EditCase, seed: int, mode: str) -> EditCase:
 
 def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> dict:
     """Pre-edit evaluation, edit, post-edit evaluation, restore. Never leaves the model edited."""
+    return next(run_cases(lm, editor, [(case, counterfact)], batch_size))
+
+
+def run_cases(lm, editor, cases: list[tuple[EditCase, bool]], batch_size: int) -> Iterator[dict]:
+    """`run_case` for several (case, counterfact) pairs whose edits the editor may compute
+    together (`apply_many`): every pre-edit evaluation first, then each edit in turn applied,
+    evaluated and restored, its record yielded as soon as it is complete."""
     model, tok = lm.model, lm.tokenizer
-    t0 = time.perf_counter()
-    pre = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
-    record = {"task": case.task, "case_id": case.case_id, "case": case.to_dict(),
-              "pre": case_scores(pre), "predictions": {"pre": predictions(tok, pre)}, "error": None}
-    t1 = time.perf_counter()
-    try:
-        handle = editor.apply(model, tok, case)
-    except BenchError as exc:
-        record["error"] = str(exc)
-        return record
-    t2 = time.perf_counter()
-    try:
-        post = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
-    finally:
-        handle.restore()
-    t3 = time.perf_counter()
-    record["post"] = case_scores(post, pre)
-    record["predictions"]["post"] = predictions(tok, post)
-    record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round((t1 - t0) + (t3 - t2), 4)}
-    return record
+    records, pres, pre_s = [], [], []
+    for case, counterfact in cases:
+        t0 = time.perf_counter()
+        pre = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
+        pre_s.append(time.perf_counter() - t0)
+        pres.append(pre)
+        records.append({"task": case.task, "case_id": case.case_id, "case": case.to_dict(),
+                        "pre": case_scores(pre), "predictions": {"pre": predictions(tok, pre)},
+                        "error": None})
+    edits = editor.apply_many(model, tok, [c for c, _ in cases]) if len(cases) > 1 else None
+    for (case, counterfact), pre, record, pre_eval_s in zip(cases, pres, records, pre_s):
+        t1 = time.perf_counter()
+        try:
+            try:
+                handle = next(edits) if edits is not None else editor.apply(model, tok, case)
+            except BenchError:
+                if edits is None:
+                    raise
+                edits = None  # the joint call failed: go on one case at a time, so the error lands on its case
+                handle = editor.apply(model, tok, case)
+        except BenchError as exc:
+            record["error"] = str(exc)
+            yield record
+            continue
+        t2 = time.perf_counter()
+        try:
+            post = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
+        finally:
+            handle.restore()
+        t3 = time.perf_counter()
+        record["post"] = case_scores(post, pre)
+        record["predictions"]["post"] = predictions(tok, post)
+        # Edits computed together: the first case's edit_s carries the joint computation.
+        record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre_eval_s + t3 - t2, 4)}
+        if len(cases) > 1:
+            record["time"]["edits_together"] = len(cases)
+        yield record
 
 
 def summarize_run(config: dict, records: list[dict]) -> dict:
@@ -259,20 +284,24 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
         log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go"
             + (f" on this process of {shard.world})" if shard.world > 1 else ")"))
     started = time.perf_counter()
-    bar = tqdm(todo, desc=f"{editor.name}" + (f"[{shard.rank}]" if shard.world > 1 else ""),
+    bar = tqdm(total=len(todo), desc=f"{editor.name}" + (f"[{shard.rank}]" if shard.world > 1 else ""),
                unit="edit", dynamic_ncols=True, position=shard.rank)
     finished = False
     try:
-        for task, case in bar:
-            bar.set_postfix_str(task.name)
-            case = _wrap_for_editor(editor, case, opts.seed, opts.instruction_mode)
-            record = run_case(lm, editor, case, counterfact="counterfact" in task.metrics,
-                              batch_size=opts.batch_size)
-            record["holdout"] = task.holdout
-            run.append_case(record, rank=shard.rank if shard.world > 1 else None)
-            records.append(record)
-            if record["error"]:
-                tqdm.write(f"case {task.name}/{case.case_id}: {record['error']}")
+        per_call = editor.edits_per_call
+        for start in range(0, len(todo), per_call):
+            chunk = [(task, _wrap_for_editor(editor, case, opts.seed, opts.instruction_mode))
+                     for task, case in todo[start:start + per_call]]
+            bar.set_postfix_str(chunk[0][0].name)
+            for (task, case), record in zip(chunk, run_cases(
+                    lm, editor, [(case, "counterfact" in task.metrics) for task, case in chunk],
+                    batch_size=opts.batch_size)):
+                record["holdout"] = task.holdout
+                run.append_case(record, rank=shard.rank if shard.world > 1 else None)
+                records.append(record)
+                bar.update()
+                if record["error"]:
+                    tqdm.write(f"case {task.name}/{case.case_id}: {record['error']}")
         finished = True
     finally:
         bar.close()

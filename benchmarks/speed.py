@@ -3,15 +3,17 @@
     python benchmarks/speed.py --cases 5 --editors ft,rome --json speed.json
     python benchmarks/speed.py --curve --curve-cases 2
 
-Compare mode (default) builds two editors per method from the reference hyperparameters
-(FT-L: layer 21, 25 Adam steps, lr 5e-4, editor defaults for norm_constraint, objective
-prompt_last and min_loss 1e-2; ROME: layer 5, 25 value steps, context_counts 10,10 with
-lengths 5,10, no covariance adjustment) that differ only in the optimisation switch
-(FT `frozen_prefix`, ROME `reuse_context_prefix`), and runs both on the same CounterFact
-cases through bench.runner.run_case, alternating which path goes first case by case, so
-that a busy machine slows both alike. It prints seconds per edit (edit only and edit plus
-pre- and post-edit evaluation), the ratios optimised/plain and optimised/reference, and
-every metric's post-edit mean for both paths.
+Compare mode (default) builds editors per method from the reference hyperparameters
+(FT: layer 21, 25 Adam steps, lr 5e-4, no norm constraint, teacher-forced target loss,
+stop below 1e-2; ROME: layer 5, 25 value steps, context_counts 10,10 with lengths 5,10, no
+covariance adjustment) that differ only in the optimisation switches: "optimised" and
+"plain" (FT `frozen_prefix` + `fused_vocab_loss`, ROME `reuse_context_prefix`), for FT also
+"parallel" (optimised, `--parallel-edits` cases optimised together) and "reference" (the
+reference framework's whole-model computation, written out here). Every path runs the same
+CounterFact cases through bench.runner.run_cases, the order of the paths rotating chunk by
+chunk so that a busy machine slows all alike. It prints seconds per edit (edit only, and
+edit plus pre- and post-edit evaluation), the ratios to plain and to the reference, and
+every metric's post-edit mean for each path.
 
 Curve mode (--curve) times the edit alone (no evaluation) against model size (the tiny
 random Llama of tests/tiny.py and SmolLM2-135M) for FT and ROME, and against the number of
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.models import LoadedModel, cache_dir, load_model  # noqa: E402
-from bench.runner import run_case  # noqa: E402
+from bench.runner import run_cases  # noqa: E402
 from bench.metrics import encode_probe  # noqa: E402
 from bench.models import find_layout  # noqa: E402
 from editors.base import EditContext, EditHandle, param_name  # noqa: E402
@@ -56,6 +58,7 @@ METRICS = ("reliability", "generality", "locality", "efficacy", "paraphrase", "n
 REFERENCE = {"ft": {"edit_s": 2.3, "eval_s": 0.4}, "rome": {"edit_s": 30.0, "eval_s": None}}
 TARGET = {"ft": 0.4, "rome": 0.7}  # optimised seconds per edit / reference, at most
 SWITCH = {"ft": "frozen_prefix", "rome": "reuse_context_prefix"}
+OPTIMISED_PATHS = ("optimised", "parallel")  # compared with "plain" (and FT's "reference")
 REF_LAYER = {"ft": 21, "rome": 5}  # on SmolLM2-135M's 30 layers
 
 
@@ -195,14 +198,15 @@ def context_spec(n_contexts: int) -> tuple[list[int], list[int]]:
     return [5, 10], [n_contexts // 2, n_contexts - n_contexts // 2]
 
 
-def make_hparams(name: str, n_layers: int, optimised: bool, n_contexts: int = 20, steps: int = 25):
+def make_hparams(name: str, n_layers: int, optimised: bool, n_contexts: int = 20, steps: int = 25,
+                 parallel_edits: int = 1):
     layer = scaled_layer(name, n_layers)
     if name == "ft":
         # The reference framework's Llama FT setting: no norm constraint, the loss is the mean NLL
         # of the teacher-forced target tokens (our FT-M objective), stop once it is below 1e-2.
         return FTHparams(layers=[layer], steps=steps, lr=5e-4, norm_constraint=None,
                          objective="target_masked", min_loss=1e-2, frozen_prefix=optimised,
-                         fused_vocab_loss=optimised)
+                         fused_vocab_loss=optimised, parallel_edits=parallel_edits)
     lengths, counts = context_spec(n_contexts)
     # The reference stops on the total loss (NLL + KL + weight decay) < 0.05, which the KL term
     # keeps from firing, so it runs all 25 steps: early stopping is off here for the same work.
@@ -258,11 +262,13 @@ def make_editor(name: str, lm: LoadedModel, cache: Path, hparams, reference: boo
     return editor, time.perf_counter() - t0
 
 
-def warm_up(name: str, lm: LoadedModel, cache: Path, optimised: bool, case, n_contexts: int = 20) -> None:
-    """One short edit (2 steps) so the first timed edit pays no first-call costs."""
+def warm_up(name: str, lm: LoadedModel, cache: Path, optimised: bool, cases, n_contexts: int = 20,
+            parallel_edits: int = 1) -> None:
+    """One short call (2 steps) so the first timed edit pays no first-call costs."""
     editor, _ = make_editor(name, lm, cache, make_hparams(name, lm.layout.num_layers, optimised,
-                                                          n_contexts, steps=2))
-    editor.apply(lm.model, lm.tokenizer, case).restore()
+                                                          n_contexts, steps=2, parallel_edits=parallel_edits))
+    for handle in editor.apply_many(lm.model, lm.tokenizer, cases[:parallel_edits]):
+        handle.restore()
 
 
 def log(msg: str) -> None:
@@ -274,42 +280,59 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def timed_case(lm: LoadedModel, editor, case) -> dict:
+def timed_cases(lm: LoadedModel, editor, cases) -> list[dict]:
+    """The cases through bench.runner.run_cases, in one call when the editor computes several
+    edits together (then `steps` is the joint steps, the most any of them took)."""
     with StepCounter() as steps:
-        rec = run_case(lm, editor, case, counterfact=True, batch_size=32)
-    out = {"case_id": case.case_id, "error": rec["error"], "steps": steps.n, "load": loadavg()}
-    if rec["error"]:
-        return out
-    out.update(edit_s=rec["time"]["edit_s"], eval_s=rec["time"]["eval_s"],
-               pre={k: rec["pre"][k] for k in METRICS if k in rec["pre"]},
-               post={k: rec["post"][k] for k in METRICS if k in rec["post"]})
-    if isinstance(editor, Rome):
-        out["phases"] = {k: round(v, 4) for k, v in editor.last_timings.items()}
-        out["prefix_reused"] = editor.last_info.get("prefix_reused")
+        records = list(run_cases(lm, editor, [(c, True) for c in cases], batch_size=32))
+    out = []
+    for case, rec in zip(cases, records):
+        r = {"case_id": case.case_id, "error": rec["error"], "steps": steps.n, "load": loadavg()}
+        if not rec["error"]:
+            r.update(edit_s=rec["time"]["edit_s"], eval_s=rec["time"]["eval_s"],
+                     pre={k: rec["pre"][k] for k in METRICS if k in rec["pre"]},
+                     post={k: rec["post"][k] for k in METRICS if k in rec["post"]})
+        if isinstance(editor, Rome):
+            r["phases"] = {k: round(v, 4) for k, v in editor.last_timings.items()}
+            r["prefix_reused"] = editor.last_info.get("prefix_reused")
+        out.append(r)
     return out
 
 
-def compare(lm: LoadedModel, names: list[str], cases, warmup: bool) -> dict:
+def paths_for(name: str, parallel_edits: int) -> list[tuple[str, bool, int]]:
+    """(path, optimised, edits per call): "parallel" is the optimised FT with that many cases
+    optimised together."""
+    paths = [("optimised", True, 1), ("plain", False, 1)]
+    if name == "ft":
+        paths.append(("reference", False, 1))
+        if parallel_edits > 1:
+            paths.insert(1, ("parallel", True, parallel_edits))
+    return paths
+
+
+def compare(lm: LoadedModel, names: list[str], cases, warmup: bool, parallel_edits: int = 8) -> dict:
     results = {}
     for name in names:
         editors, prepare_s = {}, {}
-        paths = [("optimised", True), ("plain", False)] + ([("reference", False)] if name == "ft" else [])
-        for path, optimised in paths:
-            hp = make_hparams(name, lm.layout.num_layers, optimised)
+        paths = paths_for(name, parallel_edits)
+        for path, optimised, per_call in paths:
+            hp = make_hparams(name, lm.layout.num_layers, optimised, parallel_edits=per_call)
             editors[path], prepare_s[path] = make_editor(name, lm, cache_dir(), hp, path == "reference")
             if warmup:
-                warm_up(name, lm, cache_dir(), optimised, cases[0])
-        runs = {path: [] for path, _ in paths}
-        for i, case in enumerate(cases):
-            # Rotate the order case by case so that a busy machine slows every path alike.
-            order = [p for p, _ in paths]
-            order = order[i % len(order):] + order[:i % len(order)]
-            for path in order:
-                r = timed_case(lm, editors[path], case)
-                runs[path].append(r)
-                log(f"{name} {path:9s} case {case.case_id}: edit {r.get('edit_s', float('nan')):.2f} s, "
-                    f"eval {r.get('eval_s', float('nan')):.2f} s, {r['steps']} steps, load {r['load']}"
-                    + (f"  ERROR {r['error']}" if r["error"] else ""))
+                warm_up(name, lm, cache_dir(), optimised, cases, parallel_edits=per_call)
+        runs = {path: [] for path, _, _ in paths}
+        chunk = max(per_call for _, _, per_call in paths)
+        for i, start in enumerate(range(0, len(cases), chunk)):
+            # Rotate the order chunk by chunk so that a busy machine slows every path alike.
+            order = paths[i % len(paths):] + paths[:i % len(paths)]
+            for path, _, per_call in order:
+                for j in range(start, min(start + chunk, len(cases)), per_call):
+                    batch = cases[j:min(j + per_call, start + chunk, len(cases))]
+                    for case, r in zip(batch, timed_cases(lm, editors[path], batch)):
+                        runs[path].append(r)
+                        log(f"{name} {path:9s} case {case.case_id}: edit {r.get('edit_s', float('nan')):.2f} s, "
+                            f"eval {r.get('eval_s', float('nan')):.2f} s, {r['steps']} steps, load {r['load']}"
+                            + (f"  ERROR {r['error']}" if r["error"] else ""))
         results[name] = {"hparams": {p: dataclasses.asdict(e.hparams) for p, e in editors.items()},
                          "prepare_s": prepare_s, "runs": runs}
     return results
@@ -339,19 +362,22 @@ def summarize(results: dict) -> dict:
                                      for k in ("key_s", "value_s", "update_s")}
                 s[path]["prefix_reused"] = sum(bool(r["prefix_reused"]) for r in ok)
         by_case = {p: {r["case_id"]: r for r in runs} for p, runs in res["runs"].items()}
-        per_case = [by_case["optimised"][c]["edit_s"] / by_case["plain"][c]["edit_s"] for c in sorted(ok_ids)]
-        o, p, ref = s["optimised"], s["plain"], REFERENCE[name]
-        s["ratio_edit"] = o["edit_s"] / p["edit_s"]
-        s["ratio_total"] = o["total_s"] / p["total_s"]
-        s["ratio_edit_median_case"] = statistics.median(per_case) if per_case else float("nan")
-        s["vs_reference_edit"] = o["edit_s"] / ref["edit_s"]
-        s["vs_reference_total"] = (o["total_s"] / (ref["edit_s"] + ref["eval_s"])
-                                   if ref["eval_s"] is not None else None)
-        s["max_metric_diff"] = max(abs(o["post"][m] - p["post"][m]) for m in METRICS)
-        if "reference" in s:
-            r = s["reference"]
-            s["vs_reference_path_edit"] = o["edit_s"] / r["edit_s"]
-            s["vs_reference_path_total"] = o["total_s"] / r["total_s"]
+        p, ref = s["plain"], REFERENCE[name]
+        s["ratios"] = {}
+        for path in [q for q in OPTIMISED_PATHS if q in s]:
+            o = s[path]
+            per_case = [by_case[path][c]["edit_s"] / by_case["plain"][c]["edit_s"] for c in sorted(ok_ids)]
+            r = {"edit": o["edit_s"] / p["edit_s"], "total": o["total_s"] / p["total_s"],
+                 # per case only where each case's edit is its own (not a joint call's share)
+                 "edit_median_case": statistics.median(per_case) if per_case and path == "optimised" else None,
+                 "vs_reference_edit": o["edit_s"] / ref["edit_s"],
+                 "vs_reference_total": (o["total_s"] / (ref["edit_s"] + ref["eval_s"])
+                                        if ref["eval_s"] is not None else None),
+                 "max_metric_diff": max(abs(o["post"][m] - p["post"][m]) for m in METRICS)}
+            if "reference" in s:
+                r["vs_reference_path_edit"] = o["edit_s"] / s["reference"]["edit_s"]
+                r["vs_reference_path_total"] = o["total_s"] / s["reference"]["total_s"]
+            s["ratios"][path] = r
         out[name] = s
     return out
 
@@ -363,32 +389,35 @@ def fmt(x, nd=2) -> str:
 
 
 def compare_tables(summary: dict) -> str:
-    lines = ["| editor | path | n | steps | s/edit (edit) | s/edit (edit+eval) | opt/plain edit "
-             "(median per case) | opt/plain edit+eval | reference figure s/edit | opt/reference figure "
-             "| opt/reference path, measured here (edit+eval) | target |",
+    lines = ["| editor | path | n | steps | s/edit (edit) | s/edit (edit+eval) | /plain edit "
+             "(median per case) | /plain edit+eval | reference figure s/edit | /reference figure "
+             "| /reference path, measured here (edit+eval) | target |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in summary.items():
         ref = REFERENCE[name]
         ref_txt = f"{ref['edit_s']:.1f}" + (f" (+{ref['eval_s']:.1f} eval)" if ref["eval_s"] else "")
-        for path in [p for p in ("optimised", "plain", "reference") if p in s]:
-            p = s[path]
-            opt_row = path == "optimised"
-            vs_ref = fmt(s["vs_reference_edit"]) + (f" ({fmt(s['vs_reference_total'])} edit+eval)"
-                                                    if s["vs_reference_total"] is not None else "")
-            vs_path = (f"{fmt(s['vs_reference_path_edit'])} ({fmt(s['vs_reference_path_total'])})"
-                       if "vs_reference_path_edit" in s else "-")
-            lines.append(
-                f"| {name} | {path} | {p['n']} | {fmt(p['steps'], 1)} | {fmt(p['edit_s'])} | {fmt(p['total_s'])} | "
-                + (f"{fmt(s['ratio_edit'])} ({fmt(s['ratio_edit_median_case'])}) | {fmt(s['ratio_total'])} | "
-                   f"{ref_txt} | {vs_ref} | {vs_path} | <= {TARGET[name]} |" if opt_row else "| | | | | |"))
-    lines += ["", "| editor | metric | pre | plain | optimised | optimised - plain | reference path |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+        for path in [p for p in ("optimised", "parallel", "plain", "reference") if p in s]:
+            p, r = s[path], s["ratios"].get(path)
+            row = f"| {name} | {path} | {p['n']} | {fmt(p['steps'], 1)} | {fmt(p['edit_s'])} | {fmt(p['total_s'])} | "
+            if r is None:
+                lines.append(row + "| | | | | |")
+                continue
+            vs_ref = fmt(r["vs_reference_edit"]) + (f" ({fmt(r['vs_reference_total'])} edit+eval)"
+                                                    if r["vs_reference_total"] is not None else "")
+            vs_path = (f"{fmt(r['vs_reference_path_edit'])} ({fmt(r['vs_reference_path_total'])})"
+                       if "vs_reference_path_edit" in r else "-")
+            lines.append(row + f"{fmt(r['edit'])} ({fmt(r['edit_median_case'])}) | {fmt(r['total'])} | "
+                         f"{ref_txt} | {vs_ref} | {vs_path} | <= {TARGET[name]} |")
+    lines += ["", "| editor | metric | pre | plain | optimised | optimised - plain | parallel | parallel - plain "
+              "| reference path |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in summary.items():
         for m in METRICS:
             o, p = s["optimised"]["post"][m], s["plain"]["post"][m]
+            par = s["parallel"]["post"][m] if "parallel" in s else None
             r = fmt(s["reference"]["post"][m], 1) if "reference" in s else "-"
             lines.append(f"| {name} | {m} | {fmt(s['plain']['pre'][m], 1)} | {fmt(p, 1)} | "
-                         f"{fmt(o, 1)} | {fmt(o - p, 2)} | {r} |")
+                         f"{fmt(o, 1)} | {fmt(o - p, 2)} | {fmt(par, 1)} | "
+                         f"{fmt(par - p if par is not None else None, 2)} | {r} |")
     if "rome" in summary:
         lines += ["", "| rome path | key s | value s | update s | cases with prefix reused |",
                   "|---|---:|---:|---:|---:|"]
@@ -405,40 +434,42 @@ def compare_tables(summary: dict) -> str:
 
 
 def curve_point(name: str, spec: str, lm: LoadedModel, cache: Path, cases, optimised: bool, n_contexts: int,
-                warmup: bool) -> dict:
-    hp = make_hparams(name, lm.layout.num_layers, optimised, n_contexts)
+                warmup: bool, parallel_edits: int = 1) -> dict:
+    hp = make_hparams(name, lm.layout.num_layers, optimised, n_contexts, parallel_edits=parallel_edits)
     editor, prep = make_editor(name, lm, cache, hp)
     if warmup:
-        warm_up(name, lm, cache, optimised, cases[0], n_contexts)
+        warm_up(name, lm, cache, optimised, cases, n_contexts, parallel_edits=parallel_edits)
     times, mems, steps = [], [], []
-    for case in cases:
+    for start in range(0, len(cases), parallel_edits):
+        chunk = cases[start:start + parallel_edits]
         with StepCounter() as sc, PeakRSS() as mem:
             t0 = time.perf_counter()
-            handle = editor.apply(lm.model, lm.tokenizer, case)
-            times.append(time.perf_counter() - t0)
-        handle.restore()
+            for handle in editor.apply_many(lm.model, lm.tokenizer, chunk):
+                handle.restore()  # a copy of the tuned weights: negligible next to the edit
+            times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
         mems.append(mem.delta_mib)
-        steps.append(sc.n)
+        steps += [sc.n] * len(chunk)
     n_params = sum(p.numel() for p in lm.model.parameters())
     return {"model": spec, "params_m": n_params / 1e6, "layers": lm.layout.num_layers,
-            "editor": name, "path": "optimised" if optimised else "plain",
-            "layer": scaled_layer(name, lm.layout.num_layers),
+            "editor": name, "path": "plain" if not optimised else "parallel" if parallel_edits > 1 else "optimised",
+            "together": parallel_edits, "layer": scaled_layer(name, lm.layout.num_layers),
             "contexts": n_contexts if name == "rome" else None, "prepare_s": prep,
             "edit_s": _mean(times), "steps": _mean(steps), "peak_rss_mib": max(mems),
             "rss_source": PeakRSS().source, "n": len(cases), "load": loadavg()}
 
 
-def curve(models: list[str], contexts: list[int], n_cases: int, names: list[str], warmup: bool) -> list[dict]:
-    cases = load_cases(n_cases)
+def curve(models: list[str], contexts: list[int], n_cases: int, names: list[str], warmup: bool,
+          parallel: list[int] = ()) -> list[dict]:
     points, memo = [], {}
 
-    def point(name, spec, lm, cache, optimised, n_ctx):
-        key = (name, spec, optimised, n_ctx if name == "rome" else None)
+    def point(name, spec, lm, cache, optimised, n_ctx, together=1):
+        key = (name, spec, optimised, n_ctx if name == "rome" else None, together)
         if key not in memo:
-            memo[key] = curve_point(name, spec, lm, cache, cases, optimised, n_ctx, warmup)
+            cases = load_cases(max(n_cases, together))
+            memo[key] = curve_point(name, spec, lm, cache, cases, optimised, n_ctx, warmup, together)
             p = memo[key]
-            log(f"curve {spec} {name} {p['path']} contexts {p['contexts']}: {p['edit_s']:.2f} s/edit, "
-                f"peak +{p['peak_rss_mib']:.0f} MiB, load {p['load']}")
+            log(f"curve {spec} {name} {p['path']} contexts {p['contexts']} together {together}: "
+                f"{p['edit_s']:.2f} s/edit, peak +{p['peak_rss_mib']:.0f} MiB, load {p['load']}")
             points.append(p)
         return memo[key]
 
@@ -452,6 +483,9 @@ def curve(models: list[str], contexts: list[int], n_cases: int, names: list[str]
                 for n_ctx in contexts:
                     for optimised in (True, False):
                         point("rome", spec, lm, cache, optimised, n_ctx)
+            if spec == MODEL and "ft" in names:
+                for together in parallel:
+                    point("ft", spec, lm, cache, True, 20, together)
         finally:
             del lm
             if tmp is not None:
@@ -463,15 +497,16 @@ def curve_tables(points: list[dict]) -> str:
     def ratio(p, key):
         other = [q for q in points if q["model"] == p["model"] and q["editor"] == p["editor"]
                  and q["contexts"] == p["contexts"] and q["path"] == "plain"]
-        return fmt(p[key] / other[0][key]) if other and p["path"] == "optimised" else ""
+        return fmt(p[key] / other[0][key]) if other and p["path"] != "plain" else ""
 
-    lines = ["| model | params (M) | editor | layer | contexts | path | steps | s/edit | opt/plain | "
-             "peak RSS growth (MiB) |", "|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
-    for p in sorted(points, key=lambda q: (q["editor"], q["params_m"], q["contexts"] or 0, q["path"])):
+    lines = ["| model | params (M) | editor | layer | contexts | path | edits together | steps | s/edit | "
+             "/plain | peak RSS growth (MiB) |", "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for p in sorted(points, key=lambda q: (q["editor"], q["params_m"], q["contexts"] or 0, q["path"],
+                                           q.get("together", 1))):
         lines.append(f"| {p['model']} | {p['params_m']:.2f} | {p['editor']} | {p['layer']} | "
                      f"{'' if p['contexts'] is None else 1 + p['contexts']} | {p['path']} | "
-                     f"{fmt(p['steps'], 1)} | {fmt(p['edit_s'])} | {ratio(p, 'edit_s')} | "
-                     f"{fmt(p['peak_rss_mib'], 0)} |")
+                     f"{p.get('together', 1)} | {fmt(p['steps'], 1)} | {fmt(p['edit_s'])} | "
+                     f"{ratio(p, 'edit_s')} | {fmt(p['peak_rss_mib'], 0)} |")
     return "\n".join(lines)
 
 
@@ -484,11 +519,16 @@ def main() -> None:
     ap.add_argument("--editors", default="ft,rome")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", default=None, help="write all measurements here")
+    ap.add_argument("--parallel-edits", type=int, default=8,
+                    help="FT: also time the optimised path with this many cases optimised together "
+                         "(the 'parallel' path; 1 = leave it out)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed 2-step edit per path")
     ap.add_argument("--curve", action="store_true", help="cost curves instead of the comparison")
     ap.add_argument("--curve-cases", type=int, default=2)
     ap.add_argument("--curve-models", default=f"tiny-llama,{MODEL}")
     ap.add_argument("--curve-contexts", default="0,4,10,20", help="ROME context prompts (besides the bare prompt)")
+    ap.add_argument("--curve-parallel", default="2,4,8,16",
+                    help="FT on SmolLM2: cases optimised together (each point uses that many cases)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -506,13 +546,14 @@ def main() -> None:
     if args.curve:
         points = curve([m.strip() for m in args.curve_models.split(",") if m.strip()],
                        [int(c) for c in args.curve_contexts.split(",") if c.strip()],
-                       args.curve_cases, names, not args.no_warmup)
+                       args.curve_cases, names, not args.no_warmup,
+                       [int(c) for c in args.curve_parallel.split(",") if c.strip()])
         info["curve"] = points
         table = curve_tables(points)
     else:
         lm = load_model(MODEL, device="cpu", dtype="float32")
         cases = load_cases(args.cases)
-        results = compare(lm, names, cases, not args.no_warmup)
+        results = compare(lm, names, cases, not args.no_warmup, args.parallel_edits)
         info["compare"] = results
         info["summary"] = summarize(results)
         table = compare_tables(info["summary"])

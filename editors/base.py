@@ -9,7 +9,8 @@ An editor is one class:
         def apply(self, model, tokenizer, case) -> EditHandle: ...
 
 and, optionally, `default_hparams(config)` (defaults per model shape), `prepare(lm, ctx)`
-(caches, loading or training a learned editor) and `train(lm, train_cases, ctx)`.
+(caches, loading or training a learned editor), `train(lm, train_cases, ctx)`, and
+`apply_many` with `edits_per_call` (compute several independent edits together).
 `apply` returns a handle whose `restore()` puts back every weight it changed, bit for bit.
 """
 
@@ -20,7 +21,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -94,6 +95,19 @@ class Editor:
 
     def apply(self, model: nn.Module, tokenizer, case: EditCase) -> EditHandle:
         raise NotImplementedError
+
+    @property
+    def edits_per_call(self) -> int:
+        """How many cases the runner hands `apply_many` at once."""
+        return 1
+
+    def apply_many(self, model: nn.Module, tokenizer, cases: list[EditCase]) -> Iterator[EditHandle]:
+        """Independent edits, one at a time: yields a handle per case, in order, with that case's
+        edit (alone) applied; the caller evaluates and restores it before asking for the next.
+        Override to compute the edits together (FT optimises them as one batch). A BenchError
+        fails the whole call; the runner then retries the cases one by one."""
+        for case in cases:
+            yield self.apply(model, tokenizer, case)
 
 
 # --------------------------------------------------------------------------------------------

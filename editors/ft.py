@@ -11,14 +11,16 @@ FT-M instead teacher-forces the whole target and averages the NLL over target to
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from bench.cases import EditCase
+from bench.errors import BenchError
 from bench.metrics import encode_probe
-from bench.models import find_layout, text_config
+from bench.models import find_layout, is_transposed, text_config
 from editors.base import EditHandle, Editor, param_name
 from editors.frozen import frozen_prefix
 from editors.vocab_loss import token_nll
@@ -35,7 +37,12 @@ class FTHparams:
     falls below it (EasyEdit's 1e-2); frozen_prefix: reuse the unchanged lower blocks' outputs
     across steps (same numbers, less compute; off = the plain path, for benchmarks);
     fused_vocab_loss: compute the loss and its gradient in one pass over the vocabulary matrix
-    on CPU (editors/vocab_loss.py; equal up to float rounding; off = the plain path)."""
+    on CPU (editors/vocab_loss.py; equal up to float rounding; off = the plain path);
+    parallel_edits: how many of a run's cases are optimised together, as one batch with a
+    separate change per case (each case is still applied, evaluated and restored alone, and
+    gets the gradients, optimizer state and stopping it gets alone: equal up to float rounding).
+    A step costs about as much for 8 short prompts as for 1 on CPU, since reading the weights
+    dominates (docs/speed.md)."""
 
     layers: list[int] | None = None
     steps: int = 25
@@ -46,6 +53,7 @@ class FTHparams:
     min_loss: float = 1e-2
     frozen_prefix: bool = True  # compute blocks below the lowest tuned layer once per edit
     fused_vocab_loss: bool = True  # on CPU: loss and its gradient in one read of the vocabulary
+    parallel_edits: int = 1  # independent edits optimised together in one batch
 
 
 class FineTune(Editor):
@@ -54,67 +62,132 @@ class FineTune(Editor):
 
     @classmethod
     def default_hparams(cls, config) -> FTHparams:
-        n_layers = text_config(config).num_hidden_layers
-        return FTHparams(layers=[min(n_layers - 1, round(0.7 * n_layers))])
+        tc = text_config(config)
+        n_layers = tc.num_hidden_layers
+        # A case optimised in parallel holds its change, the change's gradient and Adam's two
+        # moments (4 copies of the projection, float32): as many cases as fit in 256 MiB, at most 8.
+        intermediate = getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size
+        per_case = 4 * 4 * tc.hidden_size * intermediate
+        return FTHparams(layers=[min(n_layers - 1, round(0.7 * n_layers))],
+                         parallel_edits=max(1, min(8, (256 << 20) // per_case)))
 
     def _check(self, n_layers: int) -> list[int]:
         hp = self.hparams
         if hp.objective not in ("prompt_last", "target_masked"):
-            from bench.errors import BenchError
-
             raise BenchError(f"ft: objective must be prompt_last or target_masked, got {hp.objective!r}")
+        if hp.parallel_edits < 1:
+            raise BenchError(f"ft: parallel_edits must be at least 1, got {hp.parallel_edits}")
         layers = hp.layers if hp.layers is not None else [min(n_layers - 1, round(0.7 * n_layers))]
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
-            from bench.errors import BenchError
-
             raise BenchError(f"ft: layers {bad} out of range for a model with {n_layers} layers")
         return layers
 
-    def _loss(self, model, ids: torch.Tensor, prompt_len: int, target: list[int]) -> torch.Tensor:
-        hidden = model.base_model(input_ids=ids).last_hidden_state[0]
-        target_t = torch.tensor(target, device=ids.device)
-        if self.hparams.objective == "prompt_last":
-            read = hidden[prompt_len - 1].expand(len(target), -1)  # every target token, one position
-        else:
-            read = hidden[prompt_len - 1: prompt_len - 1 + len(target)]
-        return token_nll(model, read, target_t, fused=self.hparams.fused_vocab_loss).mean()
+    @property
+    def edits_per_call(self) -> int:
+        return max(1, self.hparams.parallel_edits)
 
     def apply(self, model, tokenizer, case: EditCase) -> EditHandle:
-        hp = self.hparams
+        return next(self.apply_many(model, tokenizer, [case]))
+
+    def apply_many(self, model, tokenizer, cases: list[EditCase]) -> Iterator[EditHandle]:
+        """Optimise the cases' changes together (one batch, a separate change per case), then
+        yield them one at a time applied to the model."""
         layout = find_layout(model)
         layers = self._check(layout.num_layers)
-        weights = [layout.layers[i].mlp_out.weight for i in layers]
-        handle = EditHandle(model, [param_name(model, layout.layers[i].mlp_out) for i in layers])
-        originals = [w.detach().clone() for w in weights]
+        modules = [layout.layers[i].mlp_out for i in layers]
+        names = [param_name(model, m) for m in modules]
+        deltas = self._optimise(model, layout, layers, [self._example(tokenizer, c) for c in cases])
+        for case_deltas in deltas:
+            handle = EditHandle(model, names)
+            with torch.no_grad():
+                for module, delta in zip(modules, case_deltas):
+                    module.weight.add_(delta)
+            yield handle
 
+    def _example(self, tokenizer, case: EditCase) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids fed for one case and the (position, target token) pairs its loss reads."""
         prompt_ids, target_ids = encode_probe(tokenizer, case.prompt, case.target_new)
-        device = weights[0].device
-        # prompt_last reads only the last prompt position, which (causal attention) does not
-        # depend on the target tokens: feed the prompt alone.
+        last = len(prompt_ids) - 1
+        if self.hparams.objective == "prompt_last":
+            # Only the last prompt position is read, and (causal attention) it does not depend
+            # on the target tokens: feed the prompt alone.
+            return prompt_ids, [(last, t) for t in target_ids]
         # target_masked reads positions up to the second-to-last target token: the last is not fed.
-        fed = prompt_ids if hp.objective == "prompt_last" else prompt_ids + target_ids[:-1]
-        ids = torch.tensor([fed], device=device)
-        for w in weights:
-            w.requires_grad_(True)
-        opt = torch.optim.Adam(weights, lr=hp.lr, weight_decay=hp.weight_decay)
-        prefix = (frozen_prefix(model, layout, min(layers), input_ids=ids) if hp.frozen_prefix
+        return prompt_ids + target_ids[:-1], [(last + j, t) for j, t in enumerate(target_ids)]
+
+    def _optimise(self, model, layout, layers: list[int], examples) -> list[list[torch.Tensor]]:
+        """Adam on one additive change per (case, tuned projection), all cases in one batch.
+
+        Each case's loss depends only on its own changes, so the batch's summed loss gives every
+        change exactly the gradient it would get alone; every case has its own optimizer state
+        and stops on its own (a stopped case's changes get no gradient, so Adam leaves them)."""
+        hp = self.hparams
+        modules = [layout.layers[i].mlp_out for i in layers]
+        device = modules[0].weight.device
+        n = len(examples)
+        width = max(len(ids) for ids, _ in examples)
+        ids = torch.zeros((n, width), dtype=torch.long, device=device)
+        mask = torch.zeros((n, width), dtype=torch.long, device=device)
+        rows, cols, targets = [], [], []
+        for b, (fed, reads) in enumerate(examples):
+            ids[b, :len(fed)] = torch.tensor(fed, device=device)
+            mask[b, :len(fed)] = 1  # right padding: real tokens keep their unbatched positions
+            for pos, tok in reads:
+                rows.append(b), cols.append(pos), targets.append(tok)
+        rows_t = torch.tensor(rows, device=device)
+        cols_t = torch.tensor(cols, device=device)
+        targets_t = torch.tensor(targets, device=device)
+        reads_per_case = torch.bincount(rows_t, minlength=n).to(torch.float32)
+
+        originals = [m.weight.detach() for m in modules]
+        deltas = [[torch.zeros_like(w, requires_grad=True) for w in originals] for _ in range(n)]
+        opt = torch.optim.Adam([d for case_deltas in deltas for d in case_deltas], lr=hp.lr,
+                               weight_decay=hp.weight_decay)
+        active = [True] * n
+        hooks = [m.register_forward_hook(_add_per_case(m, [case_deltas[k] for case_deltas in deltas]))
+                 for k, m in enumerate(modules)]
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        prefix = (frozen_prefix(model, layout, min(layers), **inputs) if hp.frozen_prefix
                   else nullcontext())
         try:
             with prefix, torch.enable_grad():
                 for _ in range(hp.steps):
                     opt.zero_grad(set_to_none=True)
-                    loss = self._loss(model, ids, len(prompt_ids), target_ids)
-                    if loss.item() < hp.min_loss:
+                    hidden = model.base_model(**inputs).last_hidden_state
+                    nll = token_nll(model, hidden[rows_t, cols_t], targets_t, fused=hp.fused_vocab_loss)
+                    per_case = torch.zeros(n, device=device, dtype=nll.dtype).index_add(0, rows_t, nll)
+                    per_case = per_case / reads_per_case.to(nll.dtype)
+                    # The stopping rule of one case alone: stop before updating once below min_loss.
+                    for b, value in enumerate(per_case.tolist()):
+                        active[b] = active[b] and value >= hp.min_loss
+                    if not any(active):
                         break
-                    loss.backward()
+                    per_case[torch.tensor(active, device=device)].sum().backward()
+                    for b, case_deltas in enumerate(deltas):
+                        for d, w0 in zip(case_deltas, originals):
+                            if not active[b]:
+                                d.grad = None  # Adam skips it: the case has stopped
+                            elif hp.weight_decay:
+                                d.grad.add_(w0, alpha=hp.weight_decay)  # decay acts on w0 + d
                     opt.step()
                     if hp.norm_constraint:
                         with torch.no_grad():
-                            for w, w0 in zip(weights, originals):
-                                w.copy_(torch.clamp(w, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                            for b in range(n):
+                                if active[b]:
+                                    for d in deltas[b]:
+                                        d.clamp_(-hp.norm_constraint, hp.norm_constraint)
         finally:
-            for w in weights:
-                w.requires_grad_(False)
-                w.grad = None
-        return handle
+            for h in hooks:
+                h.remove()
+        return [[d.detach() for d in case_deltas] for case_deltas in deltas]
+
+
+def _add_per_case(module, deltas: list[torch.Tensor]):
+    """A forward hook adding x @ delta_b^T to row b of the projection's output."""
+    spec = "bti,bio->bto" if is_transposed(module) else "bti,boi->bto"
+
+    def hook(_module, args, output):
+        return output + torch.einsum(spec, args[0], torch.stack(deltas))
+
+    return hook

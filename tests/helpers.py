@@ -102,16 +102,16 @@ def slow_run(argv: list[str], delay: float, hang_after: int | None = None) -> in
     from editors.ft import FineTune
 
     torch.set_num_threads(1)
-    apply = FineTune.apply
+    apply_many = FineTune.apply_many  # FineTune.apply goes through it too
     calls = []
 
-    def slow_apply(self, model, tokenizer, case):
-        handle = apply(self, model, tokenizer, case)
-        calls.append(case.case_id)
-        time.sleep(600 if hang_after is not None and len(calls) > hang_after else delay)
-        return handle
+    def slow_apply_many(self, model, tokenizer, cases):
+        for case, handle in zip(cases, apply_many(self, model, tokenizer, cases)):
+            calls.append(case.case_id)
+            time.sleep(600 if hang_after is not None and len(calls) > hang_after else delay)
+            yield handle
 
-    FineTune.apply = slow_apply
+    FineTune.apply_many = slow_apply_many
     return main(["run"] + argv)
 
 

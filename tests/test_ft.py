@@ -89,15 +89,70 @@ def test_default_layer_is_70_percent_of_depth():
     lm = tiny_model("llama")  # 4 layers -> round(2.8) = 3
     hp = FineTune.default_hparams(lm.model.config)
     assert hp.layers == [3]
+    assert hp.parallel_edits == 8
     handle = FineTune(FTHparams(layers=None, steps=1)).apply(lm.model, lm.tokenizer, CASE)
     assert handle.changed == [lm.layout.layers[3].mlp_out_name + ".weight"]
     handle.restore()
+
+
+CASES = [CASE,
+         EditCase(case_id="2", task="t", prompt="Paris is the capital of", subject="Paris",
+                  target_new="Italy and Spain", ground_truth="France"),
+         EditCase(case_id="3", task="t", prompt="Toko Yasuda, the", subject="Toko Yasuda",
+                  target_new="violin", ground_truth="guitar")]
+
+
+def edited_weights(lm, handle) -> dict[str, torch.Tensor]:
+    params = dict(lm.model.named_parameters())
+    return {n: params[n].detach().clone() for n in handle.changed}
+
+
+@pytest.mark.parametrize("objective,frozen,extra", [
+    ("target_masked", True, {}),
+    ("prompt_last", True, {"norm_constraint": 2e-3, "weight_decay": 0.5}),
+    ("target_masked", False, {"fused_vocab_loss": False}),
+])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parallel_edits_equal_one_at_a_time(arch, objective, frozen, extra):
+    """Cases optimised together (different lengths, padded) end where each ends alone, including
+    a case that stops early on min_loss while the others go on."""
+    lm = tiny_model(arch)
+    hp = FTHparams(**{"layers": [1, 2], "steps": 6, "lr": 2e-2, "norm_constraint": None,
+                      "objective": objective, "frozen_prefix": frozen, **extra})
+    before = snapshot(lm.model)
+    if objective == "target_masked":  # loss = -target_logprob: pick a min_loss that one case
+        # crosses after its first step, so it stops while the others run on
+        after_one = []
+        for case in CASES:
+            handle = FineTune(dataclasses.replace(hp, steps=1)).apply(lm.model, lm.tokenizer, case)
+            after_one.append(-target_logprob(lm, case))
+            handle.restore()
+        start = [-target_logprob(lm, c) for c in CASES]
+        k = max(range(3), key=lambda i: start[i] - after_one[i])
+        hp = dataclasses.replace(hp, min_loss=(start[k] + after_one[k]) / 2)
+    alone = []
+    for case in CASES:
+        handle = FineTune(hp).apply(lm.model, lm.tokenizer, case)
+        alone.append(edited_weights(lm, handle))
+        handle.restore()
+    together = FineTune(dataclasses.replace(hp, parallel_edits=3))
+    assert together.edits_per_call == 3
+    n = 0
+    for case, expected, handle in zip(CASES, alone, together.apply_many(lm.model, lm.tokenizer, CASES)):
+        got = edited_weights(lm, handle)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4)  # changes ~1e-1
+        handle.restore()
+        assert all(torch.equal(p, before[k]) for k, p in lm.model.named_parameters())
+        n += 1
+    assert n == 3
 
 
 @pytest.mark.parametrize("hp,match", [
     (FTHparams(layers=[4]), r"ft: layers \[4\] out of range for a model with 4 layers"),
     (FTHparams(layers=[-1]), r"layers \[-1\] out of range"),
     (FTHparams(layers=[0], objective="full"), "objective must be prompt_last or target_masked"),
+    (FTHparams(layers=[0], parallel_edits=0), "parallel_edits must be at least 1"),
 ])
 def test_bad_hparams_are_bench_errors_and_leave_the_model_alone(hp, match):
     lm = tiny_model("llama")
@@ -105,6 +160,19 @@ def test_bad_hparams_are_bench_errors_and_leave_the_model_alone(hp, match):
     with pytest.raises(BenchError, match=match):
         FineTune(hp).apply(lm.model, lm.tokenizer, CASE)
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_parallel_edits_default_keeps_the_extra_memory_bounded():
+    from transformers import LlamaConfig
+
+    # 4 float32 copies of the projection per case within 256 MiB, at most 8: SmolLM2-135M
+    # (13.5 MiB per case) 8, a 7B-sized MLP (688 MiB) 1, a 1024 x 4096 one (64 MiB) 4.
+    assert FineTune.default_hparams(LlamaConfig(hidden_size=576, intermediate_size=1536,
+                                                num_hidden_layers=30)).parallel_edits == 8
+    assert FineTune.default_hparams(LlamaConfig(hidden_size=4096, intermediate_size=11008,
+                                                num_hidden_layers=32)).parallel_edits == 1
+    assert FineTune.default_hparams(LlamaConfig(hidden_size=1024, intermediate_size=4096,
+                                                num_hidden_layers=24)).parallel_edits == 4
 
 
 def test_edit_handle_unknown_parameter():

@@ -95,7 +95,8 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     for r in records:
         assert r["error"] is None and r["holdout"] is False
         assert r["case"]["case_id"] == r["case_id"]
-        assert set(r["predictions"]) == {"pre", "post"} and set(r["time"]) == {"edit_s", "eval_s"}
+        assert set(r["predictions"]) == {"pre", "post"}
+        assert set(r["time"]) == {"edit_s", "eval_s", "edits_together"}  # FT: 8 cases per call by default
         assert r["pre"].get("locality", 1.0) == 1.0
         assert all(0.0 <= v <= 1.0 for v in list(r["pre"].values()) + list(r["post"].values()))
         # a metric a case cannot have (no rephrase / portability prompt) is absent
@@ -310,3 +311,49 @@ def test_resume_keeps_the_editor_hyperparameters_the_run_resolved(tmp_path, tiny
         lambda cls, config: dataclasses.replace(old_defaults(cls, config), lr=resolved["lr"] * 10)))
     resume(first, log=lambda s: None, limit=None)
     assert RunDir(first).read_config()["editor"]["hparams"] == resolved
+
+
+def test_parallel_edits_give_the_same_results_as_one_at_a_time(tmp_path, tiny_load):
+    one = execute(options(tmp_path, tasks=["counterfact"], run_name="one"), log=lambda s: None)
+    together = execute(options(tmp_path, tasks=["counterfact"], run_name="together",
+                               hparams={**FT_HPARAMS, "parallel_edits": "4"}), log=lambda s: None)
+    a, b = read_lines(one / "cases.jsonl"), read_lines(together / "cases.jsonl")
+    assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
+    assert [r["time"].get("edits_together") for r in b] == [4, 4, 4, 4, 2, 2]  # 6 cases in calls of 4
+    for ra, rb in zip(a, b):
+        assert ra["predictions"] == rb["predictions"]
+        for state in ("pre", "post"):
+            assert ra[state] == pytest.approx(rb[state], abs=1e-4)
+    sa, sb = (json.loads((p / "summary.json").read_text())["tasks"]["counterfact"] for p in (one, together))
+    assert sa.keys() == sb.keys()
+    for metric in sa:
+        assert sa[metric]["post"] == pytest.approx(sb[metric]["post"], abs=1e-4), metric
+
+
+class PickyEditor(editors.base.Editor):
+    """Computes edits three at a time; refuses case id "202" (the whole call, and alone)."""
+
+    name = "picky"
+    Hparams = FineTune.Hparams
+    edits_per_call = 3
+
+    def apply(self, model, tokenizer, case):
+        if case.case_id == "202":
+            raise BenchError(f"refusing case {case.case_id}")
+        return editors.base.EditHandle(model, [])
+
+    def apply_many(self, model, tokenizer, cases):
+        if any(c.case_id == "202" for c in cases):
+            raise BenchError("refusing the call")
+        yield from super().apply_many(model, tokenizer, cases)
+
+
+def test_a_failing_joint_call_is_retried_case_by_case(tmp_path, tiny_load, monkeypatch):
+    monkeypatch.setitem(editors.BUILTIN, "picky", "tests.test_runner:PickyEditor")
+    path = execute(options(tmp_path, editor="picky", tasks=["counterfact"], hparams={}), log=lambda s: None)
+    records = read_lines(path / "cases.jsonl")
+    ids = [r["case_id"] for r in records]
+    assert "202" in ids[:3] and len(records) == 6
+    assert [r["case_id"] for r in records if r["error"]] == ["202"]
+    assert records[ids.index("202")]["error"] == "refusing case 202"
+    assert all("post" in r for r in records if not r["error"])
