@@ -11,6 +11,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ from bench.cases import EditCase
 from bench.distributed import Shard
 from bench.errors import BenchError
 from bench.metrics import METRIC_DEFINITIONS, case_scores, evaluate_case, predictions, summarize_task
+from bench.models import find_layout
 from bench.results import RunDir, new_run_dir
 
 from bench.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT
@@ -124,22 +126,33 @@ def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> 
     return next(run_cases(lm, editor, [(case, counterfact)], batch_size))
 
 
-def run_cases(lm, editor, cases: list[tuple[EditCase, bool]], batch_size: int) -> Iterator[dict]:
+def run_cases(lm, editor, cases: list[tuple[EditCase, bool]], batch_size: int,
+              reuse_unchanged_blocks: bool = True) -> Iterator[dict]:
     """`run_case` for several (case, counterfact) pairs whose edits the editor may compute
     together (`apply_many`): every pre-edit evaluation first, then each edit in turn applied,
-    evaluated and restored, its record yielded as soon as it is complete."""
+    evaluated and restored, its record yielded as soon as it is complete.
+
+    The post-edit evaluation runs the pre-edit one's batches again; the blocks below the lowest
+    one the edit changed (from the handle's parameter names) are not run again but replaced by
+    their recorded outputs (identical results; `reuse_unchanged_blocks=False` runs them)."""
+    from editors.frozen import BlockOutputs, first_changed_block
+
     model, tok = lm.model, lm.tokenizer
-    records, pres, pre_s = [], [], []
+    layout = find_layout(model)
+    records, pres, pre_s, kept = [], [], [], []
     for case, counterfact in cases:
         t0 = time.perf_counter()
-        pre = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
+        outputs = BlockOutputs(layout)
+        with outputs.record() if reuse_unchanged_blocks else nullcontext():
+            pre = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
         pre_s.append(time.perf_counter() - t0)
         pres.append(pre)
+        kept.append(outputs)
         records.append({"task": case.task, "case_id": case.case_id, "case": case.to_dict(),
                         "pre": case_scores(pre), "predictions": {"pre": predictions(tok, pre)},
                         "error": None})
     edits = editor.apply_many(model, tok, [c for c, _ in cases]) if len(cases) > 1 else None
-    for (case, counterfact), pre, record, pre_eval_s in zip(cases, pres, records, pre_s):
+    for k, ((case, counterfact), pre, record) in enumerate(zip(cases, pres, records)):
         t1 = time.perf_counter()
         try:
             try:
@@ -151,18 +164,21 @@ def run_cases(lm, editor, cases: list[tuple[EditCase, bool]], batch_size: int) -
                 handle = editor.apply(model, tok, case)
         except BenchError as exc:
             record["error"] = str(exc)
+            kept[k] = None
             yield record
             continue
         t2 = time.perf_counter()
         try:
-            post = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
+            with kept[k].replay(first_changed_block(layout, handle.changed)):
+                post = evaluate_case(model, tok, case, counterfact=counterfact, batch_size=batch_size)
         finally:
             handle.restore()
+            kept[k] = None  # free the recorded outputs
         t3 = time.perf_counter()
         record["post"] = case_scores(post, pre)
         record["predictions"]["post"] = predictions(tok, post)
         # Edits computed together: the first case's edit_s carries the joint computation.
-        record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre_eval_s + t3 - t2, 4)}
+        record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre_s[k] + t3 - t2, 4)}
         if len(cases) > 1:
             record["time"]["edits_together"] = len(cases)
         yield record

@@ -280,11 +280,13 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def timed_cases(lm: LoadedModel, editor, cases) -> list[dict]:
+def timed_cases(lm: LoadedModel, editor, cases, optimised: bool) -> list[dict]:
     """The cases through bench.runner.run_cases, in one call when the editor computes several
-    edits together (then `steps` is the joint steps, the most any of them took)."""
+    edits together (then `steps` is the joint steps, the most any of them took); the optimised
+    paths' post-edit evaluation reuses the blocks below the edit, the others run every block."""
     with StepCounter() as steps:
-        records = list(run_cases(lm, editor, [(c, True) for c in cases], batch_size=32))
+        records = list(run_cases(lm, editor, [(c, True) for c in cases], batch_size=32,
+                                 reuse_unchanged_blocks=optimised))
     out = []
     for case, rec in zip(cases, records):
         r = {"case_id": case.case_id, "error": rec["error"], "steps": steps.n, "load": loadavg()}
@@ -325,10 +327,10 @@ def compare(lm: LoadedModel, names: list[str], cases, warmup: bool, parallel_edi
         for i, start in enumerate(range(0, len(cases), chunk)):
             # Rotate the order chunk by chunk so that a busy machine slows every path alike.
             order = paths[i % len(paths):] + paths[:i % len(paths)]
-            for path, _, per_call in order:
+            for path, optimised, per_call in order:
                 for j in range(start, min(start + chunk, len(cases)), per_call):
                     batch = cases[j:min(j + per_call, start + chunk, len(cases))]
-                    for case, r in zip(batch, timed_cases(lm, editors[path], batch)):
+                    for case, r in zip(batch, timed_cases(lm, editors[path], batch, optimised)):
                         runs[path].append(r)
                         log(f"{name} {path:9s} case {case.case_id}: edit {r.get('edit_s', float('nan')):.2f} s, "
                             f"eval {r.get('eval_s', float('nan')):.2f} s, {r['steps']} steps, load {r['load']}"

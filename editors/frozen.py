@@ -1,14 +1,19 @@
-"""Frozen-prefix caching for editors that optimise a change at one MLP output projection.
+"""Reusing what an edit cannot change: the blocks below it.
+
+`frozen_prefix` serves editors that optimise a change at one MLP output projection;
+`BlockOutputs` serves evaluation after an edit (the blocks below the lowest changed one compute
+exactly what they computed before the edit, so their recorded outputs stand in for them).
 
 While only `W` = the MLP output projection of block L changes, nothing upstream of it changes:
 the outputs of blocks 0..L-1 and the input `x` of that projection are the same at every
-optimisation step. `FrozenPrefix` runs the model once, keeps those tensors, and then replaces
+optimisation step. `frozen_prefix` runs the model once, keeps those tensors, and then replaces
 blocks 0..L-1 by stubs returning the kept output and block L's MLP by `W x_kept`, so each later
 forward pass computes only block L's attention and blocks L+1.. (and backward never goes below L).
 
 It works from the module structure alone (find_layout), for any architecture whose MLP returns
 its output projection applied to `x` (Llama, Gemma, GPT-2 and GPT-NeoX in eval mode). The same
-input ids must be fed while the stubs are in place.
+input ids must be fed while the stubs are in place. Both rely on a block's output depending only
+on its inputs and weights (no dropout: models are in eval mode).
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from contextlib import contextmanager
 import torch
 
 from bench.models import ModelLayout
+
+
+def detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(detached(v) for v in value)
+    return value
 
 
 @contextmanager
@@ -42,13 +55,6 @@ def frozen_prefix(model, layout: ModelLayout, layer: int, **inputs):
         for h in hooks:
             h.remove()
 
-    def detached(value):
-        if isinstance(value, torch.Tensor):
-            return value.detach()
-        if isinstance(value, tuple):
-            return tuple(detached(v) for v in value)
-        return value
-
     block_out = detached(kept.get("block"))
     x = kept["x"]
     patched = []
@@ -63,3 +69,82 @@ def frozen_prefix(model, layout: ModelLayout, layer: int, **inputs):
     finally:
         for module in patched:
             del module.forward  # back to the class's forward
+
+
+def first_changed_block(layout: ModelLayout, param_names: list[str]) -> int | None:
+    """The lowest block holding one of `param_names` (the number of blocks when there are
+    none); None when one lies outside the blocks (embeddings: nothing can be reused)."""
+    prefix = layout.blocks_name + "."
+    lowest = layout.num_layers
+    for name in param_names:
+        if not name.startswith(prefix):
+            return None
+        lowest = min(lowest, int(name[len(prefix):].split(".", 1)[0]))
+    return lowest
+
+
+class BlockOutputs:
+    """Every block's output over a series of forward passes, recorded before an edit and replayed
+    after it in place of the blocks the edit left unchanged, for the same passes in the same order
+    (the post-edit evaluation runs exactly the batches of the pre-edit one). The blocks from the
+    first changed one up then run on exactly the inputs they would get, so results are identical."""
+
+    def __init__(self, layout: ModelLayout):
+        self.layout = layout
+        self.passes: list[list] = []
+
+    @contextmanager
+    def record(self):
+        blocks = self.layout.blocks
+        self.passes = []
+
+        def start(_module, _args):
+            self.passes.append([None] * len(blocks))
+
+        def keeper(i):
+            def keep(_module, _args, output):
+                self.passes[-1][i] = detached(output)
+            return keep
+
+        hooks = [blocks[0].register_forward_pre_hook(start)]
+        hooks += [block.register_forward_hook(keeper(i)) for i, block in enumerate(blocks)]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+    @contextmanager
+    def replay(self, first_changed: int | None):
+        """Blocks below `first_changed` return their recorded outputs, pass by pass (None or 0:
+        nothing is replaced)."""
+        blocks = self.layout.blocks
+        if not first_changed or not self.passes:
+            yield
+            return
+        passes = iter(self.passes)
+        current: dict[str, object] = {}
+
+        def first_stub(hidden_states=None, *args, **kwargs):
+            recorded = next(passes, None)
+            if recorded is None:
+                raise RuntimeError("BlockOutputs.replay: more forward passes than were recorded")
+            out = recorded[first_changed - 1]
+            ref = out[0] if isinstance(out, tuple) else out
+            if hidden_states is not None and tuple(hidden_states.shape) != tuple(ref.shape):
+                raise RuntimeError("BlockOutputs.replay: a pass differs from the recorded one")
+            current["out"] = out
+            return out
+
+        patched = []
+        try:
+            blocks[0].forward = first_stub
+            patched.append(blocks[0])
+            for i in range(1, first_changed):
+                # Only the last stub's output reaches the first changed block.
+                blocks[i].forward = lambda *a, **k: current["out"]
+                patched.append(blocks[i])
+            yield
+        finally:
+            for module in patched:
+                del module.forward

@@ -46,3 +46,64 @@ def test_ft_with_and_without_frozen_prefix_agree(arch):
         FineTune(hp).apply(lm.model, lm.tokenizer, case)
         results.append(lm.layout.layers[2].mlp_out.weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
+EVAL_CASE = EditCase(case_id="1", task="counterfact", prompt="The mother tongue of Danielle Darrieux is",
+                     subject="Danielle Darrieux", target_new="English", ground_truth="French",
+                     rephrase_prompts=("Danielle Darrieux spoke the language",),
+                     locality=(PromptAnswer("The Eiffel Tower is located in", "Paris"),
+                               PromptAnswer("Michael Jordan plays the sport of", "basketball")))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layer", [1, 3])
+def test_post_edit_evaluation_reusing_unchanged_blocks_is_identical(arch, layer, monkeypatch):
+    """Recorded pre-edit block outputs replace the blocks below the edit: the same numbers,
+    bit for bit, and those blocks' own forward never runs (batch size 2: several passes)."""
+    from bench.metrics import evaluate_case
+    from editors.frozen import BlockOutputs, first_changed_block
+
+    lm = tiny_model(arch)
+    model, layout = lm.model, lm.layout
+    outputs = BlockOutputs(layout)
+    with outputs.record():
+        evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=2)
+    assert len(outputs.passes) == 4  # 8 probes in batches of 2
+    handle = FineTune(FTHparams(layers=[layer], steps=3, lr=5e-2, norm_constraint=None)).apply(
+        model, lm.tokenizer, EVAL_CASE)
+    first = first_changed_block(layout, handle.changed)
+    assert first == layer
+    full = evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=2)
+
+    block_class = type(layout.blocks[0])
+    calls = []
+    original = block_class.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(next(i for i, b in enumerate(layout.blocks) if b is self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(block_class, "forward", counting)
+    with outputs.replay(first):
+        reused = evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=2)
+    monkeypatch.undo()
+    handle.restore()
+    assert sorted(set(calls)) == list(range(layer, layout.num_layers))
+    assert reused == full  # dataclasses of floats and ids: exact equality
+    assert full.reliability != evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True).reliability
+    assert "forward" not in vars(layout.blocks[0])
+    with outputs.replay(first), pytest.raises(RuntimeError, match="differs from the recorded"):
+        evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=3)
+
+
+def test_first_changed_block_from_parameter_names():
+    from editors.frozen import first_changed_block
+
+    lm = tiny_model("llama")
+    layout = lm.layout
+    names = [n for n, _ in lm.model.named_parameters()]
+    in_block = lambda i: [n for n in names if n.startswith(f"{layout.blocks_name}.{i}.")]  # noqa: E731
+    assert first_changed_block(layout, in_block(3)[:1] + in_block(2)[-1:]) == 2
+    assert first_changed_block(layout, []) == layout.num_layers
+    embedding = [n for n, p in lm.model.named_parameters() if p is layout.embeddings.weight]
+    assert first_changed_block(layout, in_block(3) + embedding) is None
