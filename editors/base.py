@@ -32,7 +32,8 @@ from bench.errors import BenchError
 
 
 class EditHandle:
-    """Restores the weights an edit changed. `changed` names the changed parameters."""
+    """Restores the weights an edit changed. `changed` names the changed parameters, all of
+    them: the runner's post-edit evaluation reuses the outputs of the blocks below them."""
 
     def __init__(self, model: nn.Module, param_names: list[str]):
         params = dict(model.named_parameters())

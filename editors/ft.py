@@ -129,15 +129,12 @@ class FineTune(Editor):
         width = max(len(ids) for ids, _ in examples)
         ids = torch.zeros((n, width), dtype=torch.long, device=device)
         mask = torch.zeros((n, width), dtype=torch.long, device=device)
-        rows, cols, targets = [], [], []
-        for b, (fed, reads) in enumerate(examples):
+        for b, (fed, _) in enumerate(examples):
             ids[b, :len(fed)] = torch.tensor(fed, device=device)
             mask[b, :len(fed)] = 1  # right padding: real tokens keep their unbatched positions
-            for pos, tok in reads:
-                rows.append(b), cols.append(pos), targets.append(tok)
-        rows_t = torch.tensor(rows, device=device)
-        cols_t = torch.tensor(cols, device=device)
-        targets_t = torch.tensor(targets, device=device)
+        # (case, position, target token) for every token any loss reads
+        rows_t, cols_t, targets_t = torch.tensor(
+            [(b, pos, tok) for b, (_, reads) in enumerate(examples) for pos, tok in reads], device=device).T
         reads_per_case = torch.bincount(rows_t, minlength=n).to(torch.float32)
 
         originals = [m.weight.detach() for m in modules]
