@@ -75,27 +75,45 @@ class ProbeResult:
 def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: int = 32) -> list[ProbeResult]:
     """Teacher-forced argmax and log-probabilities at the answer positions of each probe.
 
-    Right padding keeps every real token at the position it has unbatched; vocabulary logits are
-    computed only at the answer positions (the vocabulary projection dominates the cost)."""
+    Answer token j is predicted at position len(prompt) - 1 + j, which sees only the prompt and
+    the answer's earlier tokens, so the sequence run is prompt + answer[:-1]. A probe whose
+    sequence is a prefix of another's (the same prompt with a one-token answer, say: CounterFact's
+    new and true answers) is read from that one's row - causal attention keeps its positions
+    blind to what follows. Right padding keeps every real token at the position it has unbatched;
+    vocabulary logits are computed only at the answer positions (the vocabulary projection
+    dominates the cost)."""
     device = next(model.parameters()).device
     encoded = [encode_probe(tokenizer, p, a) for p, a in probes]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[ProbeResult] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        seqs = [p + a for p, a in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for i, (p_ids, a_ids) in enumerate(chunk):
-            seq = p_ids + a_ids
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-            for j, tok in enumerate(a_ids):
-                rows.append(i)
-                cols.append(len(p_ids) - 1 + j)  # the position that predicts answer token j
-                targets.append(tok)
+    # The sequences actually run, longest first, and which one each probe is read from.
+    runs: list[tuple[int, ...]] = []
+    run_of_prefix: dict[tuple[int, ...], int] = {}
+    readers: dict[int, list[int]] = {}
+    for i in sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1])):
+        p_ids, a_ids = encoded[i]
+        seq = tuple(p_ids + a_ids[:-1])
+        if seq not in run_of_prefix:
+            for k in range(1, len(seq) + 1):
+                run_of_prefix.setdefault(seq[:k], len(runs))
+            runs.append(seq)
+        readers.setdefault(run_of_prefix[seq], []).append(i)
+    results: list[ProbeResult | None] = [None] * len(encoded)
+    for start in range(0, len(runs), batch_size):
+        chunk = runs[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, targets, owners = [], [], [], []
+        for r, seq in enumerate(chunk):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            for i in readers[start + r]:
+                p_ids, a_ids = encoded[i]
+                for j, tok in enumerate(a_ids):
+                    rows.append(r)
+                    cols.append(len(p_ids) - 1 + j)  # the position that predicts answer token j
+                    targets.append(tok)
+                owners.append(i)
         hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logprobs = torch.log_softmax(output_logits(model, picked).float(), dim=-1)
@@ -103,10 +121,11 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
         tok_lp = logprobs.gather(1, target_t[:, None])[:, 0].cpu().tolist()
         argmax = logprobs.argmax(dim=-1).cpu().tolist()
         k = 0
-        for _, a_ids in chunk:
+        for i in owners:
+            a_ids = encoded[i][1]
             n = len(a_ids)
-            results.append(ProbeResult(answer_ids=list(a_ids), pred_ids=argmax[k:k + n],
-                                       mean_logprob=float(np.mean(tok_lp[k:k + n]))))
+            results[i] = ProbeResult(answer_ids=list(a_ids), pred_ids=argmax[k:k + n],
+                                     mean_logprob=float(np.mean(tok_lp[k:k + n])))
             k += n
     return results
 

@@ -59,7 +59,7 @@ EVAL_CASE = EditCase(case_id="1", task="counterfact", prompt="The mother tongue 
 @pytest.mark.parametrize("layer", [1, 3])
 def test_post_edit_evaluation_reusing_unchanged_blocks_is_identical(arch, layer, monkeypatch):
     """Recorded pre-edit block outputs replace the blocks below the edit: the same numbers,
-    bit for bit, and those blocks' own forward never runs (batch size 2: several passes)."""
+    bit for bit, and those blocks' own forward never runs (batch size 1: several passes)."""
     from bench.metrics import evaluate_case
     from editors.frozen import BlockOutputs, first_changed_block
 
@@ -67,13 +67,13 @@ def test_post_edit_evaluation_reusing_unchanged_blocks_is_identical(arch, layer,
     model, layout = lm.model, lm.layout
     outputs = BlockOutputs(layout)
     with outputs.record():
-        evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=2)
-    assert len(outputs.passes) == 4  # 8 probes in batches of 2
+        evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=1)
+    assert len(outputs.passes) == 4  # 8 probes, read from 4 sequences (new and true answers share)
     handle = FineTune(FTHparams(layers=[layer], steps=3, lr=5e-2, norm_constraint=None)).apply(
         model, lm.tokenizer, EVAL_CASE)
     first = first_changed_block(layout, handle.changed)
     assert first == layer
-    full = evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=2)
+    full = evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=1)
 
     block_class = type(layout.blocks[0])
     calls = []
@@ -85,7 +85,7 @@ def test_post_edit_evaluation_reusing_unchanged_blocks_is_identical(arch, layer,
 
     monkeypatch.setattr(block_class, "forward", counting)
     with outputs.replay(first):
-        reused = evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=2)
+        reused = evaluate_case(model, lm.tokenizer, EVAL_CASE, counterfact=True, batch_size=1)
     monkeypatch.undo()
     handle.restore()
     assert sorted(set(calls)) == list(range(layer, layout.num_layers))

@@ -322,8 +322,8 @@ def test_batched_equals_unbatched(arch):
     hook.remove()
     many = score_probes(model, tok, PROBES, batch_size=8)
     odd = score_probes(model, tok, PROBES, batch_size=3)
-    # vocabulary logits only at answer positions
-    assert rows == [len(encode_probe(tok, p, a)[1]) for p, a in PROBES]
+    # vocabulary logits only at answer positions (one run per probe here: no shared prefixes)
+    assert sorted(rows) == sorted(len(encode_probe(tok, p, a)[1]) for p, a in PROBES)
 
     for r1, r8, r3, (prompt, answer) in zip(one, many, odd, PROBES):
         assert r1.answer_ids == r8.answer_ids == r3.answer_ids
@@ -338,3 +338,26 @@ def test_batched_equals_unbatched(arch):
         assert r1.pred_ids == logp.argmax(-1).tolist()
         ref = logp.gather(1, torch.tensor(a_ids)[:, None]).mean().item()
         assert r1.mean_logprob == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_probes_sharing_a_prefix_are_read_from_one_run(arch):
+    """The same prompt with a one-token and a longer answer, and a probe whose whole sequence
+    lies inside another's: one sequence is run for them, with the numbers of separate runs."""
+    lm = tiny_model(arch)
+    model, tok = lm.model, lm.tokenizer
+    prompt = "The mother tongue of Danielle Darrieux is"
+    probes = [(prompt, "French"), (prompt, "English"), (prompt, "the French language"),
+              (prompt + " the", "French"), ("Toko Yasuda plays the", "guitar")]
+    p_ids, a_ids = encode_probe(tok, prompt, "the French language")
+    assert len(encode_probe(tok, prompt, "French")[1]) == 1 and len(a_ids) > 2
+    assert encode_probe(tok, prompt + " the", "French")[0] == p_ids + a_ids[:1]  # inside the long one
+    batches = []
+    hook = model.base_model.register_forward_hook(lambda mod, inp, out: batches.append(out[0].shape[0]))
+    together = score_probes(model, tok, probes, batch_size=8)
+    hook.remove()
+    assert batches == [2]  # 2 sequences run: the long answer's and Toko Yasuda's
+    for probe, res in zip(probes, together):
+        (alone,) = score_probes(model, tok, [probe], batch_size=1)
+        assert res.answer_ids == alone.answer_ids and res.pred_ids == alone.pred_ids
+        assert res.mean_logprob == pytest.approx(alone.mean_logprob, abs=1e-5)
