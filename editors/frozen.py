@@ -18,6 +18,7 @@ on its inputs and weights (no dropout: models are in eval mode).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -57,18 +58,25 @@ def frozen_prefix(model, layout: ModelLayout, layer: int, **inputs):
 
     block_out = detached(kept.get("block"))
     x = kept["x"]
+    # Every block stub ignores its input; only the last one's output reaches block L.
+    stubs = [(blocks[i], lambda *a, **k: block_out) for i in range(layer)]
+    with _forwards_replaced(stubs + [(mlp, lambda *a, **k: mlp_out(x))]):
+        yield
+
+
+@contextmanager
+def _forwards_replaced(stubs: list[tuple[torch.nn.Module, Callable]]):
+    """Each module's forward replaced by its stub (an instance attribute), back to the class's
+    forward on exit."""
     patched = []
     try:
-        for i in range(layer):
-            # Every stub ignores its input; only the last one's output reaches block L.
-            blocks[i].forward = lambda *a, _out=block_out, **k: _out
-            patched.append(blocks[i])
-        mlp.forward = lambda *a, **k: mlp_out(x)
-        patched.append(mlp)
+        for module, stub in stubs:
+            module.forward = stub
+            patched.append(module)
         yield
     finally:
         for module in patched:
-            del module.forward  # back to the class's forward
+            del module.forward
 
 
 def first_changed_block(layout: ModelLayout, param_names: list[str]) -> int | None:
@@ -136,15 +144,7 @@ class BlockOutputs:
             current["out"] = out
             return out
 
-        patched = []
-        try:
-            blocks[0].forward = first_stub
-            patched.append(blocks[0])
-            for i in range(1, first_changed):
-                # Only the last stub's output reaches the first changed block.
-                blocks[i].forward = lambda *a, **k: current["out"]
-                patched.append(blocks[i])
+        # Only the last stub's output reaches the first changed block.
+        stubs = [(blocks[i], lambda *a, **k: current["out"]) for i in range(1, first_changed)]
+        with _forwards_replaced([(blocks[0], first_stub)] + stubs):
             yield
-        finally:
-            for module in patched:
-                del module.forward
