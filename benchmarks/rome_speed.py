@@ -12,6 +12,7 @@ once. Peak memory is the process's maximum resident set size (getrusage) after e
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -24,9 +25,9 @@ import torch  # noqa: E402
 
 from bench.metrics import evaluate_case  # noqa: E402
 from bench.models import cache_dir, load_model  # noqa: E402
-from benchmarks.rome_layer_sweep import counterfact_cases  # noqa: E402
 from editors.base import EditContext, override_hparams, parse_hparam_args  # noqa: E402
 from editors.rome import Rome  # noqa: E402
+from tasks.registry import load_split  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--hparam", action="append", default=[], help="key=value override")
-    ap.add_argument("--data", default="/work/shared/data")
+    ap.add_argument("--data", default=os.environ.get("BENCH_DATA", "/work/shared/data"))
     ap.add_argument("--tracemalloc", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -58,8 +59,7 @@ def main() -> None:
     t0 = time.perf_counter()
     editor.prepare(lm, ctx)
     t_prepare = time.perf_counter() - t0
-    cases = counterfact_cases(Path(args.data) / "counterfact" / "counterfact-train.json",
-                              args.cases, args.offset)
+    cases = load_split("counterfact", "train", Path(args.data)).cases[args.offset: args.offset + args.cases]
 
     rows = []
     for case in cases:
