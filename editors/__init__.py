@@ -1,17 +1,20 @@
 """Editor registry: built-in editors plus third-party ones registered through the
-`instructedit_bench.editors` entry-point group (see README, "Adding an editor")."""
+`instructedit_bench.editors` entry-point group (see README, "Adding an editor"), and the
+hyperparameter presets shipped with the package (`editors/presets/<editor>/<name>.yaml`)."""
 
 from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from pathlib import Path
 
-from bench.errors import BenchError
-from editors.base import EditContext, EditHandle, Editor
+from bench.core.errors import BenchError
+from editors.base import EditContext, EditHandle, Editor, TrainingData
 
 ENTRY_POINT_GROUP = "instructedit_bench.editors"
+PRESETS_DIR = Path(__file__).parent / "presets"
 
-# name -> "module:Class"; imported lazily so `bench list` stays fast.
+# name -> "module:Class"; imported by name when asked for, so listing editors imports none.
 BUILTIN = {
     "none": "editors.none:NoEdit",
     "ft": "editors.ft:FineTune",
@@ -46,4 +49,11 @@ def get_editor_class(name: str) -> type[Editor]:
     raise BenchError(f"unknown editor {name!r}; available: {', '.join(sorted(available_editors()))}")
 
 
-__all__ = ["Editor", "EditHandle", "EditContext", "get_editor_class", "available_editors", "BUILTIN"]
+def presets(editor: str) -> dict[str, Path]:
+    """The hyperparameter presets shipped for `editor`: name -> YAML file."""
+    folder = PRESETS_DIR / editor
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+__all__ = ["Editor", "EditHandle", "EditContext", "TrainingData", "get_editor_class",
+           "available_editors", "presets", "BUILTIN", "PRESETS_DIR"]

@@ -8,39 +8,54 @@ An editor is one class:
 
         def apply(self, model, tokenizer, case) -> EditHandle: ...
 
-and, optionally, `default_hparams(config)` (defaults per model shape), `prepare(lm, ctx)`
-(caches, loading or training a learned editor), `train(lm, train_cases, ctx)`, and
-`apply_many` with `edits_per_call` (compute several independent edits together).
-`apply` returns a handle whose `restore()` puts back every weight it changed, bit for bit.
+`apply` changes the model in place and returns a handle whose `restore()` puts back every weight
+it changed, bit for bit; the handle names those weights and carries the edit's own facts
+(`info`: timings, optimisation steps, ...) that the runner writes into the case record.
+
+Optional, in the order a run calls them:
+
+* `default_hparams(config)`: defaults per model shape (the transformers config);
+* `check(config)`: validate the hyperparameters for this model before its weights are loaded
+  (the default checks types, finiteness, declared bounds and layer ranges: bench.core.hparams);
+* `prepare(lm, ctx)`: once per run, before the first edit (caches; a learned editor loads its
+  checkpoint or trains);
+* `train(lm, ctx) -> dict`: learned editors (`learns = True`) train on `ctx.training` and return
+  the checkpoint's metadata; `prepare` calls it when no checkpoint is cached;
+* `apply_many(model, tokenizer, cases)` with `edits_per_call`: compute several independent edits
+  together (one handle per case, each applied alone).
+
+Editors never load data or wrap prompts themselves: the run hands them what they need in the
+`EditContext` (training splits and their data hashes, the instruction wrapper).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from bench.cases import EditCase
-from bench.distributed import Shard
-from bench.errors import BenchError
+from bench.core.cases import EditCase
+from bench.core.distributed import Shard
+from bench.core.hparams import check_hparams
+from bench.core.layout import text_config
 
 
 class EditHandle:
     """Restores the weights an edit changed. `changed` names the changed parameters, all of
-    them: the runner's post-edit evaluation reuses the outputs of the blocks below them."""
+    them: the runner's post-edit evaluation reuses the outputs of the blocks below them. `info`
+    holds JSON-serialisable facts about this edit (the runner writes them to the case record)."""
 
-    def __init__(self, model: nn.Module, param_names: list[str]):
+    def __init__(self, model: nn.Module, param_names: list[str], info: dict[str, Any] | None = None):
         params = dict(model.named_parameters())
         missing = [n for n in param_names if n not in params]
         if missing:
             raise ValueError(f"unknown parameters {missing}")
         self.changed = list(param_names)
+        self.info: dict[str, Any] = dict(info or {})
         self._params = {n: params[n] for n in param_names}
         self._saved = {n: p.detach().clone() for n, p in self._params.items()}
 
@@ -60,21 +75,40 @@ def param_name(model: nn.Module, module: nn.Module, attr: str = "weight") -> str
 
 
 @dataclass
+class TrainingData:
+    """What a learned editor trains on, handed over by the run (editors never read data files).
+
+    `tasks`: the tasks to train on (held-out tasks and tasks without train data already left
+    out); `load(task)`: that task's train split; `hashes`: {task: {data file: sha256}} for cache
+    keys and provenance; `holdout`: the held-out tasks (never trained on)."""
+
+    tasks: list[str]
+    load: Callable[[str], list[EditCase]]
+    hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    holdout: list[str] = field(default_factory=list)
+
+
+def _no_wrapping(case: EditCase, mode: str) -> EditCase:
+    return case
+
+
+@dataclass
 class EditContext:
-    """What a run hands an editor besides the model: where to cache, the seed, a logger."""
+    """What a run hands an editor besides the model."""
 
     cache_dir: Path
     seed: int = 0
-    data_dir: Path | None = None
-    train_tasks: list[str] = field(default_factory=list)
-    holdout_tasks: list[str] = field(default_factory=list)
-    retrain: bool = False
+    retrain: bool = False  # learned editors: train even if a checkpoint is cached
     log: Callable[[str], None] = print
     # Facts the editor wants recorded in the run's config.json (e.g. tokens used for statistics).
     notes: dict[str, Any] = field(default_factory=dict)
     # This process's place in a multi-process launch; learned editors train data-parallel
     # across the processes. The default is a lone process (every collective a no-op).
     shard: Shard = field(default_factory=Shard)
+    training: TrainingData | None = None
+    # The case with its prompts wrapped in its task's instruction, with a "seen" or "unseen"
+    # description (tasks.instructions); the identity where no task cards are known.
+    instruct: Callable[[EditCase, str], EditCase] = _no_wrapping
 
 
 class Editor:
@@ -91,8 +125,16 @@ class Editor:
         """Defaults for a model with this (transformers) config; override per model shape."""
         return cls.Hparams()
 
+    def check(self, config) -> None:
+        """Raise BenchError if the hyperparameters cannot work on a model with this config."""
+        check_hparams(self.hparams, text_config(config).num_hidden_layers, where=self.name)
+
     def prepare(self, lm, ctx: EditContext) -> None:
         """Called once before the first edit of a run (load caches, train or load a checkpoint)."""
+
+    def train(self, lm, ctx: EditContext) -> dict:
+        """Learned editors: train on ctx.training, return the checkpoint's metadata."""
+        raise NotImplementedError(f"{self.name} does not learn")
 
     def apply(self, model: nn.Module, tokenizer, case: EditCase) -> EditHandle:
         raise NotImplementedError
@@ -109,98 +151,3 @@ class Editor:
         fails the whole call; the runner then retries the cases one by one."""
         for case in cases:
             yield self.apply(model, tokenizer, case)
-
-
-# --------------------------------------------------------------------------------------------
-# Hyperparameters: defaults <- YAML file <- --hparam key=value
-# --------------------------------------------------------------------------------------------
-
-
-def _coerce(value: str, typ, field_name: str):
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        non_none = [a for a in args if a is not type(None)]
-        if value.lower() in ("none", "null"):
-            return None
-        return _coerce(value, non_none[0], field_name)
-    if origin in (list, tuple):
-        inner = args[0] if args else str
-        items = [v for v in value.strip("[]").split(",") if v.strip()]
-        out = [_coerce(v.strip(), inner, field_name) for v in items]
-        return out if origin is list else tuple(out)
-    if typ is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise BenchError(f"hyperparameter {field_name}: expected true/false, got {value!r}")
-    if typ in (int, float):
-        try:
-            return typ(float(value)) if typ is int and "e" in value.lower() else typ(value)
-        except ValueError:
-            raise BenchError(f"hyperparameter {field_name}: expected {typ.__name__}, got {value!r}") from None
-    return value
-
-
-def _check_type(value, typ, field_name: str):
-    """Values from YAML are already typed; accept them when they fit, coerce strings."""
-    if isinstance(value, str) and typ is not str:
-        return _coerce(value, typ, field_name)
-    origin = typing.get_origin(typ)
-    if value is not None and (origin is typing.Union or str(origin) == "<class 'types.UnionType'>"):
-        non_none = [a for a in typing.get_args(typ) if a is not type(None)]
-        return _check_type(value, non_none[0], field_name)  # Optional[X]: check against X
-    if origin in (list, tuple) and isinstance(value, (int, float)):
-        value = [value]
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        inner = typing.get_args(typ)[0] if typing.get_args(typ) else str
-        return [_check_type(v, inner, field_name) for v in value]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def override_hparams(hparams, overrides: dict[str, Any]):
-    """A copy of the dataclass `hparams` with `overrides` applied; unknown keys are errors."""
-    hints = typing.get_type_hints(type(hparams))
-    names = {f.name for f in dataclasses.fields(hparams)}
-    changes = {}
-    for key, value in overrides.items():
-        if key not in names:
-            raise BenchError(f"unknown hyperparameter {key!r} for {type(hparams).__name__}; "
-                             f"known: {', '.join(sorted(names))}")
-        changes[key] = _check_type(value, hints[key], key)
-    return dataclasses.replace(hparams, **changes)
-
-
-def parse_hparam_args(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BenchError(f"--hparam expects key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def load_hparams_file(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise BenchError(f"hyperparameter file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise BenchError(f"hyperparameter file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise BenchError(f"hyperparameter file {path} must hold a mapping of name: value")
-    return data
-
-
-def hparams_to_dict(hparams) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(hparams), default=str))

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.cases import EditCase
-from bench.errors import BenchError
-from bench.metrics import encode_probe
-from bench.models import find_layout, is_transposed, text_config
+from bench.core.cases import EditCase
+from bench.core.hparams import check_hparams, param
+from bench.core.layout import find_layout, is_transposed, text_config
+from bench.core.probes import encode_probe
 from editors.base import EditHandle, Editor, param_name
-from editors.frozen import frozen_prefix
+from editors.frozen_prefix import frozen_prefix
 from editors.vocab_loss import token_nll
+
+OBJECTIVES = ("prompt_last", "target_masked")
 
 
 @dataclass
@@ -44,16 +46,16 @@ class FTHparams:
     A step costs about as much for 8 short prompts as for 1 on CPU, since reading the weights
     dominates (docs/speed.md)."""
 
-    layers: list[int] | None = None
-    steps: int = 25
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    norm_constraint: float | None = 5e-3
-    objective: str = "prompt_last"
-    min_loss: float = 1e-2
+    layers: list[int] | None = param(None, layer="index")
+    steps: int = param(25, ge=0)
+    lr: float = param(5e-4, gt=0)
+    weight_decay: float = param(0.0, ge=0)
+    norm_constraint: float | None = param(5e-3, ge=0)
+    objective: str = param("prompt_last", choices=OBJECTIVES)
+    min_loss: float = param(1e-2, ge=0)
     frozen_prefix: bool = True  # compute blocks below the lowest tuned layer once per edit
     fused_vocab_loss: bool = True  # on CPU: loss and its gradient in one read of the vocabulary
-    parallel_edits: int = 1  # independent edits optimised together in one batch
+    parallel_edits: int = param(1, ge=1)  # independent edits optimised together in one batch
 
 
 class FineTune(Editor):
@@ -71,17 +73,11 @@ class FineTune(Editor):
         return FTHparams(layers=[min(n_layers - 1, round(0.7 * n_layers))],
                          parallel_edits=max(1, min(8, (256 << 20) // per_case)))
 
-    def _check(self, n_layers: int) -> list[int]:
+    def _layers(self, n_layers: int) -> list[int]:
+        """The tuned layers, after checking every hyperparameter against this model."""
+        check_hparams(self.hparams, n_layers, where=self.name)
         hp = self.hparams
-        if hp.objective not in ("prompt_last", "target_masked"):
-            raise BenchError(f"ft: objective must be prompt_last or target_masked, got {hp.objective!r}")
-        if hp.parallel_edits < 1:
-            raise BenchError(f"ft: parallel_edits must be at least 1, got {hp.parallel_edits}")
-        layers = hp.layers if hp.layers is not None else [min(n_layers - 1, round(0.7 * n_layers))]
-        bad = [i for i in layers if not 0 <= i < n_layers]
-        if bad:
-            raise BenchError(f"ft: layers {bad} out of range for a model with {n_layers} layers")
-        return layers
+        return hp.layers if hp.layers is not None else [min(n_layers - 1, round(0.7 * n_layers))]
 
     @property
     def edits_per_call(self) -> int:
@@ -94,12 +90,12 @@ class FineTune(Editor):
         """Optimise the cases' changes together (one batch, a separate change per case), then
         yield them one at a time applied to the model."""
         layout = find_layout(model)
-        layers = self._check(layout.num_layers)
+        layers = self._layers(layout.num_layers)
         modules = [layout.layers[i].mlp_out for i in layers]
         names = [param_name(model, m) for m in modules]
-        deltas = self._optimise(model, layout, layers, [self._example(tokenizer, c) for c in cases])
-        for case_deltas in deltas:
-            handle = EditHandle(model, names)
+        deltas, steps = self._optimise(model, layout, layers, [self._example(tokenizer, c) for c in cases])
+        for case_deltas, case_steps in zip(deltas, steps):
+            handle = EditHandle(model, names, info={"steps": case_steps})
             with torch.no_grad():
                 for module, delta in zip(modules, case_deltas):
                     module.weight.add_(delta)
@@ -116,8 +112,9 @@ class FineTune(Editor):
         # target_masked reads positions up to the second-to-last target token: the last is not fed.
         return prompt_ids + target_ids[:-1], [(last + j, t) for j, t in enumerate(target_ids)]
 
-    def _optimise(self, model, layout, layers: list[int], examples) -> list[list[torch.Tensor]]:
-        """Adam on one additive change per (case, tuned projection), all cases in one batch.
+    def _optimise(self, model, layout, layers: list[int], examples) -> tuple[list[list[torch.Tensor]], list[int]]:
+        """Adam on one additive change per (case, tuned projection), all cases in one batch;
+        returns the changes and each case's number of optimizer steps.
 
         Each case's loss depends only on its own changes, so the batch's summed loss gives every
         change exactly the gradient it would get alone; every case has its own optimizer state
@@ -142,6 +139,7 @@ class FineTune(Editor):
         opt = torch.optim.Adam([d for case_deltas in deltas for d in case_deltas], lr=hp.lr,
                                weight_decay=hp.weight_decay)
         active = [True] * n
+        steps = [0] * n
         hooks = [m.register_forward_hook(_add_per_case(m, [case_deltas[k] for case_deltas in deltas]))
                  for k, m in enumerate(modules)]
         inputs = {"input_ids": ids, "attention_mask": mask}
@@ -160,6 +158,7 @@ class FineTune(Editor):
                         active[b] = active[b] and value >= hp.min_loss
                     if not any(active):
                         break
+                    steps = [k + a for k, a in zip(steps, active)]
                     per_case[torch.tensor(active, device=device)].sum().backward()
                     for b, case_deltas in enumerate(deltas):
                         for d, w0 in zip(case_deltas, originals):
@@ -177,7 +176,7 @@ class FineTune(Editor):
         finally:
             for h in hooks:
                 h.remove()
-        return [[d.detach() for d in case_deltas] for case_deltas in deltas]
+        return [[d.detach() for d in case_deltas] for case_deltas in deltas], steps
 
 
 def _add_per_case(module, deltas: list[torch.Tensor]):

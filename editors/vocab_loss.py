@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.models import logit_softcapping, output_logits
+from bench.core.layout import logit_softcapping, output_logits
 
 CHUNK_ROWS = 1024  # 1024 x 576 float32 = 2.4 MB per block: stays in cache between its two uses
 

@@ -25,7 +25,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 METRICS = ("reliability", "generality", "locality", "portability")
 METRIC_ABBR = {"reliability": "Rel", "generality": "Gen", "locality": "Loc", "portability": "Port"}

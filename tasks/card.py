@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 KNOWN_METRICS = ("reliability", "generality", "locality", "portability", "counterfact")
 SPLIT_KEYS = ("train", "eval", "holdout_eval")

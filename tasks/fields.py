@@ -22,7 +22,7 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, Undefined
 from jinja2.nativetypes import NativeEnvironment, NativeTemplate
 
-from bench.cases import EditCase, PromptAnswer
+from bench.core.cases import EditCase, PromptAnswer
 
 
 def _check_defined(value: Any) -> Any:

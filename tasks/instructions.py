@@ -19,9 +19,10 @@ from functools import lru_cache
 
 from jinja2 import Environment, StrictUndefined, Template
 
-from bench.cases import EditCase, PromptAnswer
-from bench.errors import BenchError
+from bench.core.cases import EditCase, PromptAnswer
+from bench.core.errors import BenchError
 from tasks.card import TaskCard
+from tasks.registry import get_card
 
 MODES = ("seen", "unseen")
 
@@ -60,3 +61,10 @@ def wrap_case(case: EditCase, card: TaskCard, description: str) -> EditCase:
     if case.subject not in wrapped.prompt:  # only possible with a card template that drops {{ input }}
         raise BenchError(f"task {card.name!r}: instruction template lost the subject of case {case.case_id}")
     return wrapped
+
+
+def instruct(case: EditCase, mode: str, seed: int) -> EditCase:
+    """`case` wrapped in its task's instruction with a `mode` ("seen" or "unseen") description
+    fixed by (case id, seed): the one wrapper that training and evaluation share."""
+    card = get_card(case.task)
+    return wrap_case(case, card, pick_description(card, mode, key=case.case_id, seed=seed))

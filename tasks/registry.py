@@ -16,9 +16,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from bench.cases import SkippedRecord, TaskSplit
-from bench.errors import BenchError
-from bench.models import file_sha256
+from bench.core.cases import SkippedRecord, TaskSplit
+from bench.core.errors import BenchError
+from bench.core.io import file_sha256
 from tasks.card import SplitRule, TaskCard, parse_card
 from tasks.fields import FieldMapper, RecordError
 from tasks.loaders import get_loader, read_records
@@ -245,6 +245,18 @@ def task_status(name: str, data_dir: Path | None) -> dict:
     return status
 
 
+def trainable(name: str, data_dir: Path | None) -> bool:
+    """Whether the task can be trained on: it has a train split and its data is found."""
+    card = get_card(name)
+    if card.holdout_only or card.rule("train", False, data_dir is None) is None:
+        return False
+    try:
+        data_file_hashes(name, data_dir, split="train")
+    except BenchError:
+        return False  # data not found
+    return True
+
+
 def data_file_hashes(name: str, data_dir: Path | None, split: str | None = None) -> dict[str, str]:
     """sha256 of each file the task reads (only those of `split` if given), keyed by the
     path relative to the data dir ("sample/<file>" for the built-in sample)."""
@@ -257,4 +269,4 @@ def data_file_hashes(name: str, data_dir: Path | None, split: str | None = None)
 
 
 __all__ = ["list_cards", "get_card", "resolve_data_dir", "load_split", "task_status",
-           "data_file_hashes", "hash_bucket", "TaskCard"]
+           "trainable", "data_file_hashes", "hash_bucket", "TaskCard"]

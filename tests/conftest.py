@@ -39,10 +39,28 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """tests.tiny's Llama (seed 0) saved as an ordinary transformers checkpoint directory."""
-    from tests.tiny import tiny_model
+    from bench.core.tiny import tiny_model
 
     path = tmp_path_factory.mktemp("tiny-llama")
     lm = tiny_model("llama")
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_load(monkeypatch):
+    """The run set-up loads a fresh tiny Llama (and its config), whatever the model spec; the
+    calls are recorded."""
+    import bench.session
+    from bench.core.tiny import tiny_config, tiny_model
+
+    calls = []
+
+    def fake_load(spec="smollm2-135m", device="auto", dtype="auto"):
+        calls.append((spec, device, dtype))
+        return tiny_model("llama")
+
+    monkeypatch.setattr(bench.session, "load_model", fake_load)
+    monkeypatch.setattr(bench.session, "load_config", lambda spec="smollm2-135m": tiny_config("llama"))
+    return calls

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from editors.base import EditHandle, Editor
 
 REPO = Path(__file__).resolve().parents[1]

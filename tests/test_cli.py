@@ -140,14 +140,15 @@ def test_list_tasks_and_editors(capsys):
 
 
 def test_hparam_flags_and_file_reach_run_options(tmp_path):
-    from bench.cli import _options_from_args, build_parser
+    from bench.cli import build_parser
+    from bench.cli.common import options_from_args
 
     hp_file = tmp_path / "hp.yaml"
     hp_file.write_text("steps: 7\nlr: 1e-3\n")
     args = build_parser().parse_args(
         ["run", "--hparam", "steps=3", "--hparam", "layers=1,2", "--hparam", "norm_constraint=none",
          "--hparams-file", str(hp_file), "--limit", "0", "--task", "zsre,counterfact"])
-    opts = _options_from_args(args)
+    opts = options_from_args(args)
     # the file first, then each --hparam on top (still strings: typed against the editor's fields)
     assert opts.hparams == {"steps": "3", "lr": "1e-3", "layers": "1,2", "norm_constraint": "none"}
     assert opts.limit is None and opts.tasks == ["zsre", "counterfact"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import editors
-from bench.errors import BenchError
-from bench.models import find_layout
+from bench.core.errors import BenchError
+from bench.core.layout import find_layout
 from editors.base import EditHandle, Editor, param_name
-from tests.tiny import tiny_model
+from bench.core.tiny import tiny_model
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.cases import EditCase, PromptAnswer
-from editors.frozen import frozen_prefix
+from bench.core.cases import EditCase, PromptAnswer
+from editors.frozen_prefix import frozen_prefix
 from editors.ft import FineTune, FTHparams
-from tests.tiny import ARCHS, tiny_model
+from bench.core.tiny import ARCHS, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -60,8 +60,8 @@ EVAL_CASE = EditCase(case_id="1", task="counterfact", prompt="The mother tongue 
 def test_post_edit_evaluation_reusing_unchanged_blocks_is_identical(arch, layer, monkeypatch):
     """Recorded pre-edit block outputs replace the blocks below the edit: the same numbers,
     bit for bit, and those blocks' own forward never runs (batch size 1: several passes)."""
-    from bench.metrics import evaluate_case
-    from editors.frozen import BlockOutputs, first_changed_block
+    from bench.core.probes import evaluate_case
+    from bench.core.replay import BlockOutputs, first_changed_block
 
     lm = tiny_model(arch)
     model, layout = lm.model, lm.layout
@@ -97,7 +97,7 @@ def test_post_edit_evaluation_reusing_unchanged_blocks_is_identical(arch, layer,
 
 
 def test_first_changed_block_from_parameter_names():
-    from editors.frozen import first_changed_block
+    from bench.core.replay import first_changed_block
 
     lm = tiny_model("llama")
     layout = lm.layout

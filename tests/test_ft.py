@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from bench.cases import EditCase
-from bench.errors import BenchError
-from bench.metrics import encode_probe
+from bench.core.cases import EditCase
+from bench.core.errors import BenchError
+from bench.core.probes import encode_probe
 from editors import get_editor_class
-from editors.base import (EditHandle, hparams_to_dict, load_hparams_file, override_hparams,
-                          parse_hparam_args)
+from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams, parse_hparam_args
+from editors.base import EditHandle
 from editors.ft import FineTune, FTHparams
-from tests.tiny import ARCHS, tiny_model
+from bench.core.tiny import ARCHS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,10 +149,14 @@ def test_parallel_edits_equal_one_at_a_time(arch, objective, frozen, extra):
 
 
 @pytest.mark.parametrize("hp,match", [
-    (FTHparams(layers=[4]), r"ft: layers \[4\] out of range for a model with 4 layers"),
-    (FTHparams(layers=[-1]), r"layers \[-1\] out of range"),
-    (FTHparams(layers=[0], objective="full"), "objective must be prompt_last or target_masked"),
-    (FTHparams(layers=[0], parallel_edits=0), "parallel_edits must be at least 1"),
+    (FTHparams(layers=[4]), r"ft: hyperparameter layers: layer 4 is out of range for a model with 4 "
+                            r"layers \(0 \.\. 3\)"),
+    (FTHparams(layers=[-1]), r"layers: layer -1 is out of range"),
+    (FTHparams(layers=[0], objective="full"), "objective must be one of prompt_last, target_masked, got 'full'"),
+    (FTHparams(layers=[0], parallel_edits=0), "parallel_edits must be >= 1, got 0"),
+    (FTHparams(layers=[0], norm_constraint=float("nan")), "norm_constraint must be a finite number"),
+    (FTHparams(layers=[0], lr=float("inf")), "lr must be a finite number"),
+    (FTHparams(layers=[0], steps=-5), "steps must be >= 0, got -5"),
 ])
 def test_bad_hparams_are_bench_errors_and_leave_the_model_alone(hp, match):
     lm = tiny_model("llama")

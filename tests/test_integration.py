@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def real_data_dir() -> str | None:
 
 @pytest.fixture(scope="module")
 def smollm():
-    from bench.models import load_model, resolve_model
+    from bench.core.models import load_model, resolve_model
 
     try:
         resolve_model("smollm2-135m")
@@ -40,7 +40,7 @@ def smollm():
 
 
 def test_model_loads_and_knows_paris(smollm):
-    from bench.models import check_sanity, embeddings_tied
+    from bench.core.models import check_sanity, embeddings_tied
 
     assert smollm.spec == "smollm2-135m" and len(smollm.source_hash) == 64
     assert embeddings_tied(smollm.model)
@@ -50,10 +50,11 @@ def test_model_loads_and_knows_paris(smollm):
 
 
 def test_two_counterfact_edits_with_ft(smollm, tmp_path, monkeypatch):
-    import bench.models
-    from bench.runner import RunOptions, execute
+    import bench.session
+    from bench.runner import execute
+    from bench.session import RunOptions
 
-    monkeypatch.setattr(bench.models, "load_model", lambda *a, **k: smollm)  # already loaded
+    monkeypatch.setattr(bench.session, "load_model", lambda *a, **k: smollm)  # already loaded
     data_dir = real_data_dir()
     opts = RunOptions(editor="ft", tasks=["counterfact"], model="smollm2-135m", limit=2,
                       data_dir=data_dir, output_dir=str(tmp_path),
@@ -74,6 +75,6 @@ def test_two_counterfact_edits_with_ft(smollm, tmp_path, monkeypatch):
     assert set(summary["tasks"]["counterfact"]) == {"reliability", "generality", "locality",
                                                     "efficacy", "paraphrase", "neighborhood"}
     # the model is back to its unedited self
-    from bench.models import check_sanity
+    from bench.core.models import check_sanity
 
     assert check_sanity(smollm, PROMPT).startswith(" Paris")

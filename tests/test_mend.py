@@ -11,13 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import editors.meta_training as mt
-from bench.cases import EditCase, PromptAnswer
-from bench.errors import BenchError
-from editors.base import EditContext
+import editors.mend.factors as factors
+import editors.mend.trainer as trainer
+from bench.core.cases import EditCase, PromptAnswer
+from bench.core.errors import BenchError
+from bench.session import training_data
+from editors.base import EditContext, TrainingData
+from editors.mend.factors import (LowRankEdits, answer_logprobs, edit_factors, encode_batch, factor_pass,
+                                  logprobs_at_answers, rerun_blocks)
+from editors.mend.networks import stored_delta
+from editors.mend.trainer import MetaTrainer
+from tasks.instructions import instruct
 from editors.instructedit import InstructEdit
 from editors.mend import Mend
-from tests.tiny import ARCHS, tiny_model
+from bench.core.tiny import ARCHS, tiny_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 ALL_TASKS = ["convsent", "counterfact", "recast", "recent", "zsre"]
@@ -43,18 +50,18 @@ def small_hparams(lm, **changes):
     return dataclasses.replace(hp, **base)
 
 
-def ctx_for(tmp_path, holdout=("recast",), tasks=ALL_TASKS, **kw):
-    return EditContext(cache_dir=tmp_path, seed=0, data_dir=FIXTURES,
-                       train_tasks=[t for t in tasks if t not in holdout],
-                       holdout_tasks=list(holdout), log=lambda s: None, **kw)
+def ctx_for(tmp_path, holdout=("recast",), seed=0, **kw):
+    """What a run hands a learned editor: the fixture data's train splits, the wrapper."""
+    return EditContext(cache_dir=tmp_path, seed=seed, training=training_data(FIXTURES, list(holdout)),
+                       instruct=lambda case, mode: instruct(case, mode, seed), log=lambda s: None, **kw)
 
 
 def full_grad(lm, targets, probe):
     for t in targets:
         t.module.weight.requires_grad_(True)
     try:
-        batch = mt.encode_batch(lm.tokenizer, [probe], "cpu")
-        logp = mt.answer_logprobs(lm.model, batch)
+        batch = encode_batch(lm.tokenizer, [probe], "cpu")
+        logp = answer_logprobs(lm.model, batch)
         (-logp.gather(1, batch.targets[:, None]).mean()).backward()
         return {t.name: (t.module.weight.grad.T if t.transposed else t.module.weight.grad).clone()
                 for t in targets}
@@ -77,10 +84,10 @@ def test_factor_outer_products_sum_to_the_full_gradient(arch):
     assert len(ed.targets) == 3 * (3 if arch == "llama" else 2)  # gate+up+down or in+out, 3 blocks
     probes = [(CASE.prompt, CASE.target_new), (CASE2.prompt, CASE2.target_new)]
     # one edit at a time, and two edits in one batched pass (plus a row that carries no loss)
-    batch = mt.encode_batch(lm.tokenizer, probes + [("Barack Obama was born in", "Hawaii")], "cpu")
-    batched = mt.factor_pass(lm.model, batch, ed.targets, n_edits=2).factors
+    batch = encode_batch(lm.tokenizer, probes + [("Barack Obama was born in", "Hawaii")], "cpu")
+    batched = factor_pass(lm.model, batch, ed.targets, n_edits=2).factors
     for i, probe in enumerate(probes):
-        single = mt.edit_factors(lm.model, lm.tokenizer, ed.targets, *probe)
+        single = edit_factors(lm.model, lm.tokenizer, ed.targets, *probe)
         full = full_grad(lm, ed.targets, probe)
         for t in ed.targets:
             u, d = single[t.name]
@@ -95,21 +102,21 @@ def test_row_wise_low_rank_edits_equal_written_weights_and_block_rerun(arch):
     lm = tiny_model(arch)
     ed = Mend(small_hparams(lm, edit_lr=0.05))
     ed.setup(lm)
-    batch = mt.encode_batch(lm.tokenizer, [(CASE.prompt, CASE.target_new),
+    batch = encode_batch(lm.tokenizer, [(CASE.prompt, CASE.target_new),
                                            (CASE.locality[0].prompt, CASE.locality[0].answer)], "cpu")
     first = 1  # the tiny models have 4 blocks; the last three are edited
-    fp = mt.factor_pass(lm.model, batch, ed.targets, 1, capture_from=first, blocks=lm.layout.blocks)
+    fp = factor_pass(lm.model, batch, ed.targets, 1, capture_from=first, blocks=lm.layout.blocks)
     with torch.no_grad():
         ed.network.update_norms(ed.targets, [fp.factors[0]])  # fill stats
         out = ed.network.edit_factors_out(ed.targets, fp.factors[0])
         per_row = {n: (u[None].expand(2, -1, -1), d[None].expand(2, -1, -1)) for n, (u, d) in out.items()}
-        with mt.LowRankEdits(ed.targets, per_row):
-            hooked = mt.answer_logprobs(lm.model, batch)
-            rerun = mt.logprobs_at_answers(
-                lm.model, mt.rerun_blocks(lm.model, lm.layout, first, fp.block_inputs), batch)
+        with LowRankEdits(ed.targets, per_row):
+            hooked = answer_logprobs(lm.model, batch)
+            rerun = logprobs_at_answers(
+                lm.model, rerun_blocks(lm.model, lm.layout, first, fp.block_inputs), batch)
         deltas = ed.network.deltas(ed.targets, fp.factors[0])
-        params = {t.base_name: t.module.weight + mt.stored_delta(t, deltas[t.name]) for t in ed.targets}
-        functional = mt.answer_logprobs(lm.model, batch, params)
+        params = {t.base_name: t.module.weight + stored_delta(t, deltas[t.name]) for t in ed.targets}
+        functional = answer_logprobs(lm.model, batch, params)
     assert (functional - fp.logprobs).abs().max() > 1e-3  # the edit does something
     assert torch.allclose(hooked, functional, atol=1e-5)
     assert torch.allclose(rerun, functional, atol=1e-5)
@@ -121,7 +128,7 @@ def test_row_wise_low_rank_edits_equal_written_weights_and_block_rerun(arch):
 
 
 def trainer_for(lm, ed, cases, **kw):
-    return mt.MetaTrainer(lm, ed.network, ed.targets, ed.hparams, {"counterfact": cases}, {},
+    return MetaTrainer(lm, ed.network, ed.targets, ed.hparams, {"counterfact": cases}, {},
                           holdout=[], seed=0, prepare_case=lambda c: c, log=lambda s: None, **kw)
 
 
@@ -147,14 +154,14 @@ def test_one_training_step_lowers_the_edit_loss(arch):
 def test_balanced_sampling_and_holdout_never_in_batches(tmp_path, monkeypatch):
     lm = tiny_model("llama")
     seen = []
-    real = mt.MetaTrainer.next_batch
+    real = MetaTrainer.next_batch
 
     def spy(self):
         batch = real(self)
         seen.extend(c.task for c in batch)
         return batch
 
-    monkeypatch.setattr(mt.MetaTrainer, "next_batch", spy)
+    monkeypatch.setattr(MetaTrainer, "next_batch", spy)
     ed = Mend(small_hparams(lm, max_steps=4, batch_size=3))
     ctx = ctx_for(tmp_path, holdout=("zsre", "recast"))
     ed.prepare(lm, ctx)
@@ -167,10 +174,12 @@ def test_balanced_sampling_and_holdout_never_in_batches(tmp_path, monkeypatch):
         {"convsent": 4, "counterfact": 4, "recent": 4}
     # a held-out task handed to the trainer directly is refused
     with pytest.raises(BenchError):
-        mt.MetaTrainer(lm, ed.network, ed.targets, ed.hparams, {"zsre": [CASE2]}, {},
+        MetaTrainer(lm, ed.network, ed.targets, ed.hparams, {"zsre": [CASE2]}, {},
                        holdout=["zsre"], seed=0, prepare_case=lambda c: c, log=lambda s: None)
-    with pytest.raises(BenchError):
-        ed.train(lm, {"zsre": [CASE2, CASE2]}, ctx_for(tmp_path, holdout=("zsre",)))
+    leaky = ctx_for(tmp_path, holdout=("zsre",))
+    leaky.training = TrainingData(tasks=["zsre"], load=lambda t: [CASE2, CASE2], holdout=["zsre"])
+    with pytest.raises(BenchError, match="held-out tasks"):
+        ed.train(lm, leaky)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,18 +190,19 @@ def test_balanced_sampling_and_holdout_never_in_batches(tmp_path, monkeypatch):
 def test_instruction_wrapping_applies_to_training_inputs_not_locality(monkeypatch):
     lm = tiny_model("llama")
     recorded = []
-    real = mt.encode_batch
+    real = factors.encode_batch
 
     def spy(tokenizer, probes, device):
         recorded.append(list(probes))
         return real(tokenizer, probes, device)
 
-    monkeypatch.setattr(mt, "encode_batch", spy)
+    monkeypatch.setattr(trainer, "encode_batch", spy)
+    ctx = ctx_for(None)
     for cls in (InstructEdit, Mend):
         ed = cls(small_hparams(lm))
         ed.setup(lm)
-        tr = mt.MetaTrainer(lm, ed.network, ed.targets, ed.hparams, {"counterfact": [CASE]}, {},
-                            holdout=[], seed=0, prepare_case=lambda c: ed.training_case(c, 0),
+        tr = MetaTrainer(lm, ed.network, ed.targets, ed.hparams, {"counterfact": [CASE]}, {},
+                            holdout=[], seed=0, prepare_case=lambda c: ed.training_case(c, ctx),
                             log=lambda s: None)
         recorded.clear()
         tr.train_step([CASE])
@@ -210,9 +220,9 @@ def test_instruction_wrapping_applies_to_training_inputs_not_locality(monkeypatc
     from tasks.registry import get_card
 
     card = get_card("counterfact")
-    wrapped = InstructEdit(small_hparams(lm)).training_case(CASE, seed=0)
+    wrapped = InstructEdit(small_hparams(lm)).training_case(CASE, ctx)
     assert wrapped.instruction in card.instructions.pool(True)
-    assert wrapped == InstructEdit(small_hparams(lm)).training_case(CASE, seed=0)
+    assert wrapped == InstructEdit(small_hparams(lm)).training_case(CASE, ctx_for(None))
     assert wrapped.locality == CASE.locality
 
 
@@ -260,15 +270,20 @@ def test_checkpoint_round_trip_and_cache(tmp_path, monkeypatch):
     assert ctx3.notes["checkpoint_source"] == "explicit"
 
     # the cache key follows the training tasks, the seed, the training hparams, the editor
-    stem = ed.checkpoint_stem(lm, ctx, ed.training_tasks(ctx))
+    stem = ed.checkpoint_stem(lm, ctx)
     assert stem == ckpt.with_suffix("")
-    assert ed.checkpoint_stem(lm, ctx, ["counterfact", "zsre"]) != stem
-    assert ed.checkpoint_stem(lm, dataclasses.replace(ctx, seed=1), ed.training_tasks(ctx)) != stem
-    assert Mend(dataclasses.replace(hp, rank=4)).checkpoint_stem(lm, ctx, ed.training_tasks(ctx)) != stem
-    assert Mend(dataclasses.replace(hp, checkpoint="x")).checkpoint_stem(lm, ctx, ed.training_tasks(ctx)) == stem
-    assert InstructEdit(hp).checkpoint_stem(lm, ctx, ed.training_tasks(ctx)) != stem
-    held = ctx_for(tmp_path, holdout=("zsre", "recast"))
-    assert ed.checkpoint_stem(lm, held, ed.training_tasks(held)) != stem
+    fewer = ctx_for(tmp_path)
+    fewer.training = dataclasses.replace(fewer.training, tasks=["counterfact", "zsre"])
+    assert ed.checkpoint_stem(lm, fewer) != stem
+    assert ed.checkpoint_stem(lm, ctx_for(tmp_path, seed=1)) != stem
+    assert Mend(dataclasses.replace(hp, rank=4)).checkpoint_stem(lm, ctx) != stem
+    assert Mend(dataclasses.replace(hp, checkpoint="x")).checkpoint_stem(lm, ctx) == stem
+    assert InstructEdit(hp).checkpoint_stem(lm, ctx) != stem
+    assert ed.checkpoint_stem(lm, ctx_for(tmp_path, holdout=("zsre", "recast"))) != stem
+    changed = ctx_for(tmp_path)  # another version of a training file
+    changed.training = dataclasses.replace(changed.training, hashes={**changed.training.hashes,
+                                                                     "zsre": {"zsre/x.json": "0" * 64}})
+    assert ed.checkpoint_stem(lm, changed) != stem
 
     # a checkpoint for another network shape is refused, not half-loaded
     other = Mend(dataclasses.replace(hp, rank=4, checkpoint=str(ckpt.with_suffix(""))))

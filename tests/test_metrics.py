@@ -12,10 +12,11 @@ from tokenizers import Tokenizer, processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from bench.cases import EditCase, PromptAnswer
-from bench.metrics import (CaseEval, ProbeResult, bootstrap_ci, build_probes, case_scores,
-                           encode_probe, evaluate_case, predictions, score_probes, summarize_task)
-from tests.tiny import ARCHS, _tokenizer_json, tiny_model, tiny_tokenizer
+from bench.core.cases import EditCase, PromptAnswer
+from bench.core.metrics import bootstrap_ci, case_scores, summarize_task
+from bench.core.probes import (CaseEval, ProbeResult, build_probes, encode_probe, evaluate_case,
+                               predictions, score_probes)
+from bench.core.tiny import ARCHS, _tokenizer_json, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

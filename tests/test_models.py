@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from bench.cli import main
-from bench.errors import BenchError
-from bench.models import (embeddings_tied, find_layout, is_transposed, load_model, output_logits,
-                          resolve_device, resolve_dtype, resolve_model, weight_out_in)
+from bench.core.errors import BenchError
+from bench.core.layout import find_layout, is_transposed, output_logits, weight_out_in
+from bench.core.models import embeddings_tied, load_model, resolve_device, resolve_dtype, resolve_model
 from tests.helpers import finish, start_bench
-from tests.tiny import ARCHS, tiny_model
+from bench.core.tiny import ARCHS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,8 +204,8 @@ def test_gemma_layout_and_softcapped_logits(config_name):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from bench.models import find_layout, output_logits
-    from tests.tiny import tiny_tokenizer
+    from bench.core.layout import find_layout, output_logits
+    from bench.core.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = getattr(transformers, config_name)(

@@ -1,4 +1,4 @@
-"""lm-eval regression (bench/regression.py) on a tiny model and tests/fixtures/data.
+"""lm-eval regression (bench/regression/) on a tiny model and tests/fixtures/data.
 
 A test-only editor that sharpens the output distribution (scales the LM head by 8) stands in for
 a destructive edit: it must show up as a higher perplexity, and both modes must leave every
@@ -14,16 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.models
-import bench.regression as regression
+import bench.regression.corpus as corpus
+import bench.session
+import editors
 from bench.cli import main
-from bench.errors import BenchError
-from bench.regression import (RegressionOptions, build_fact_retention_docs, execute_regress,
-                              read_corpus)
-from bench.runner import RunOptions, execute
+from bench.core.errors import BenchError
+from bench.core.io import read_corpus, read_jsonl
+from bench.regression import RegressionOptions
+from bench.regression.docs import build_fact_retention_docs
+from bench.regression.suite import LMSuite
+from bench.runner import execute
+from bench.session import RunOptions
 from editors.base import EditHandle, Editor, param_name
 from tests.helpers import FIXTURE_DATA
-from tests.tiny import CORPUS, tiny_model
+from bench.core.tiny import CORPUS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,9 +62,12 @@ def _same(model, snap) -> bool:
 
 @pytest.fixture
 def tiny_lm(monkeypatch):
-    """load_model returns this one tiny Llama, so the test can inspect its weights afterwards."""
+    """The run loads this one tiny Llama, so the test can inspect its weights afterwards; the
+    destructive ScaleHead is registered as the editor "scale-head"."""
+    monkeypatch.setitem(editors.BUILTIN, "scale-head", f"{__name__}:ScaleHead")
     lm = tiny_model("llama")
-    monkeypatch.setattr(bench.models, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(bench.session, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(bench.session, "load_config", lambda *a, **k: lm.model.config)
     return lm
 
 
@@ -102,6 +109,9 @@ def test_read_corpus_formats(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first doc\nline two\n\n\nsecond doc\n")
     assert read_corpus(txt) == ["first doc\nline two", "second doc"]
+    lines = tmp_path / "lines.txt"  # no blank line: one document per line
+    lines.write_text("first doc\nsecond doc\n")
+    assert read_corpus(lines) == ["first doc", "second doc"]
     jl = tmp_path / "b.jsonl"
     jl.write_text('{"text": "one"}\n\n{"text": "two"}\n')
     assert read_corpus(jl) == ["one", "two"]
@@ -119,10 +129,9 @@ def test_read_corpus_formats(tmp_path):
 
 def test_single_mode_detects_damage_and_restores(tmp_path, tiny_lm, corpus_file):
     snap = _snapshot(tiny_lm.model)
-    reg = RegressionOptions(mode="single", sample=2, lm_limit=8, corpus=str(corpus_file),
-                            batch_size=8)
-    run = execute_regress(_opts(tmp_path, limit=3), reg, argv=["regress"], log=lambda m: None,
-                          editor_class=ScaleHead)
+    opts = _opts(tmp_path, limit=3, regression=["fact_retention", "bench_perplexity"],
+                 regression_sample=2, lm_limit=8, regression_corpus=str(corpus_file))
+    run = execute(opts, argv=["regress"], log=lambda m: None, label="regress-test")
     assert _same(tiny_lm.model, snap)
     block = json.loads((run / "regression.json").read_text())
     assert block["restored_bit_exact"] is True
@@ -146,33 +155,33 @@ def test_single_mode_detects_damage_and_restores(tmp_path, tiny_lm, corpus_file)
 
 
 def test_sequential_mode_generated_corpus_and_restore(tmp_path, tiny_lm, monkeypatch):
-    monkeypatch.setattr(regression, "CORPUS_DOCS", 4)
-    monkeypatch.setattr(regression, "CORPUS_NEW_TOKENS", 24)
+    monkeypatch.setattr(corpus, "CORPUS_DOCS", 4)
+    monkeypatch.setattr(corpus, "CORPUS_NEW_TOKENS", 24)
     snap = _snapshot(tiny_lm.model)
-    reg = RegressionOptions(mode="sequential", lm_limit=8, batch_size=8, seed=3)
-    run = execute_regress(_opts(tmp_path, limit=3, seed=3), reg, argv=["regress"],
-                          log=lambda m: None, editor_class=ScaleHead)
+    opts = _opts(tmp_path, limit=3, seed=3, mode="sequential", lm_limit=8,
+                 regression=["fact_retention", "bench_perplexity"])
+    run = execute(opts, argv=["regress"], log=lambda m: None)
     assert _same(tiny_lm.model, snap)
     block = json.loads((run / "regression.json").read_text())
     assert block["restored_bit_exact"] is True
     assert block["n_evaluated"] == 1 and block["n_edits_applied"] == 3
     assert "generated from the unedited model" in block["suite"]["bench_perplexity"]["source"]
-    docs = regression.read_jsonl(run / "regression" / "perplexity_corpus.jsonl")
+    docs = read_jsonl(run / "regression" / "perplexity_corpus.jsonl")
     assert len(docs) == 4
     # three stacked x8 scalings: far sharper, far worse on text the unedited model wrote
     bpb = block["results"]["bench_perplexity"]["bits_per_byte"]
     assert bpb["after"] > bpb["before"] + 1.0
     # the corpus is seeded: a second generation gives the same text
-    again = regression.generate_corpus(tiny_lm, seed=3, n_docs=4, new_tokens=24)
+    again = corpus.generated_corpus(tiny_lm, seed=3, n_docs=4, new_tokens=24)
     assert [d["text"] for d in docs] == again
+    # and every case was scored on the model holding all three edits
+    cases = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == 3 and all("post" in c for c in cases)
 
 
 def test_run_regression_hook(tmp_path, tiny_lm, corpus_file, monkeypatch):
-    import editors
-
-    monkeypatch.setitem(editors.BUILTIN, "scale-head", f"{__name__}:ScaleHead")
     snap = _snapshot(tiny_lm.model)
-    opts = _opts(tmp_path, regression=["bench_perplexity"], regression_mode="sequential",
+    opts = _opts(tmp_path, regression=["bench_perplexity"], mode="sequential",
                  lm_limit=4, regression_corpus=str(corpus_file))
     run = execute(opts, argv=["run"], log=lambda m: None)
     assert _same(tiny_lm.model, snap)
@@ -194,7 +203,7 @@ def test_unknown_and_unloadable_lm_tasks(tmp_path, capsys, tiny_lm):
     # a real lm-eval task whose data cannot be reached offline: one line naming it and the cause
     reg = RegressionOptions(lm_tasks=["arc_easy"], lm_limit=2)
     try:
-        regression.LMSuite(tiny_lm, reg, tmp_path / "r", FIXTURE_DATA, ["counterfact"])
+        LMSuite(tiny_lm, reg, tmp_path / "r", FIXTURE_DATA, ["counterfact"])
     except BenchError as exc:
         msg = str(exc)
     else:

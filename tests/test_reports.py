@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
-from bench.errors import BenchError
-from reports.report import build_report, signflip_pvalue
+from bench.core.errors import BenchError
+from reports import build_report
+from reports.report import signflip_pvalue
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 NONE, FT, ROME = RUNS / "none-fixture", RUNS / "ft-fixture", RUNS / "rome-fixture"

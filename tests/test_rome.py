@@ -8,13 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-import editors.key_stats as key_stats
-import editors.rome as rome
-from bench.cases import EditCase
-from bench.errors import BenchError
+import bench.core.samples as samples
+import editors.rome.layer_stats as layer_stats
+from bench.core.io import read_corpus
+from bench.core.cases import EditCase
+from bench.core.errors import BenchError
 from editors.base import EditContext
 from editors.rome import Rome, rank_one_update
-from tests.tiny import ARCHS, tiny_config, tiny_model
+from editors.rome.contexts import context_templates
+from editors.rome.tokens import find_subject, last_token_in_span
+from bench.core.tiny import ARCHS, tiny_config, tiny_model
 
 CASE = EditCase(case_id="1", task="t", prompt="The mother tongue of Danielle Darrieux",
                 subject="Danielle Darrieux", target_new="English", ground_truth="French")
@@ -85,11 +88,14 @@ def test_update_maps_key_to_value(arch, mom2, shared_cache):
     lm = tiny_model(arch)
     editor = Rome(tiny_hparams(lm, mom2_adjustment=mom2, v_num_grad_steps=3))
     editor.prepare(lm, ctx_for(shared_cache))
-    editor.apply(lm.model, lm.tokenizer, CASE)
+    edit = editor.compute(lm.model, lm.tokenizer, CASE)
+    handle = editor.write(lm.model, edit)
     module = lm.layout.layers[editor.hparams.layer].mlp_out
     with torch.no_grad():
-        out = module(editor.last_residual_key[None])[0]
-    torch.testing.assert_close(out, editor.last_value, rtol=1e-4, atol=1e-4)
+        out = module(edit.residual_key[None])[0]
+    torch.testing.assert_close(out, edit.value, rtol=1e-4, atol=1e-4)
+    # the handle carries the edit's facts for the case record
+    assert handle.info["steps"] == edit.info["steps"] and {"key_s", "value_s", "update_s"} <= set(handle.info)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -103,12 +109,13 @@ def test_context_prefix_reuse_is_exact(arch, shared_cache):
         lm = tiny_model(arch)
         editor = Rome(tiny_hparams(lm, reuse_context_prefix=reuse, v_num_grad_steps=5))
         editor.prepare(lm, ctx_for(shared_cache))
-        assert editor._prepared.prefix is not None if reuse else editor._prepared.prefix is None
+        assert editor._state.prefix is not None if reuse else editor._state.prefix is None
         out = []
         for case in (CASE, case2):  # sequential: no restore in between
-            editor.apply(lm.model, lm.tokenizer, case)
-            assert editor.last_info["prefix_reused"] == reuse
-            out.append((editor.last_key, editor.last_value))
+            edit = editor.compute(lm.model, lm.tokenizer, case)
+            editor.write(lm.model, edit)
+            assert edit.info["prefix_reused"] == reuse
+            out.append((edit.key, edit.value))
         got[reuse] = out
     for (k1, v1), (k2, v2) in zip(got[True], got[False]):
         torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5)
@@ -122,11 +129,12 @@ def test_residual_key_is_mapped_exactly_to_the_value(residual_key, shared_cache)
     lm = tiny_model("llama")
     editor = Rome(tiny_hparams(lm, residual_key=residual_key, v_num_grad_steps=5))
     editor.prepare(lm, ctx_for(shared_cache))
-    editor.apply(lm.model, lm.tokenizer, CASE)
-    mapped = editor.last_residual_key
-    assert torch.equal(mapped, editor.last_key) == (residual_key == "mean")
+    edit = editor.compute(lm.model, lm.tokenizer, CASE)
+    editor.write(lm.model, edit)
+    mapped = edit.residual_key
+    assert torch.equal(mapped, edit.key) == (residual_key == "mean")
     weight = lm.layout.layers[editor.hparams.layer].mlp_out.weight
-    torch.testing.assert_close(weight.float() @ mapped, editor.last_value, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.float() @ mapped, edit.value, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -139,8 +147,8 @@ def test_fixed_tokens_reuse_without_contexts_is_exact(arch, shared_cache):
         editor = Rome(tiny_hparams(lm, reuse_context_prefix=reuse, v_num_grad_steps=5,
                                    context_lengths=[], context_counts=[]))
         editor.prepare(lm, ctx_for(shared_cache))
-        editor.apply(lm.model, lm.tokenizer, CASE)
-        got[reuse] = (editor.last_key, editor.last_value)
+        edit = editor.compute(lm.model, lm.tokenizer, CASE)
+        got[reuse] = (edit.key, edit.value)
     torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-4, atol=1e-5)
     assert (got[True][1] - got[False][1]).norm() / got[False][1].norm() < 1e-3
 
@@ -179,10 +187,8 @@ def test_key_statistics_and_contexts_are_cached(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(key_stats, "compute_moments", boom)
-    monkeypatch.setattr(key_stats, "sample_documents", boom)
-    monkeypatch.setattr(rome, "generate_context_templates", boom)
-    monkeypatch.setattr(rome, "_CONTEXT_MEMO", {})  # force the disk cache, not the memo
+    monkeypatch.setattr(layer_stats, "compute_moments", boom)
+    monkeypatch.setattr(samples, "sample_batches", boom)  # no text sampled again either
     ctx2 = ctx_for(tmp_path)
     editor = Rome(hp)
     editor.prepare(lm, ctx2)
@@ -190,12 +196,13 @@ def test_key_statistics_and_contexts_are_cached(tmp_path, monkeypatch):
     assert ctx2.notes["rome"]["stats_tokens"] == hp.mom2_n_samples
     assert ctx2.notes["rome"]["context_templates"] == info["context_templates"]
     assert list((tmp_path / "stats").glob("*.safetensors"))
+    assert len(list((tmp_path / "samples").glob("*.safetensors"))) == 2  # contexts, statistics text
 
 
 def test_context_templates_reproducible():
     lm = tiny_model("gpt_neox")
-    a = rome.generate_context_templates(lm.model, lm.tokenizer, [5, 10], [10, 10], seed=3)
-    b = rome.generate_context_templates(lm.model, lm.tokenizer, [5, 10], [10, 10], seed=3)
+    a = context_templates(lm.model, lm.tokenizer, None, [5, 10], [10, 10], seed=3, cache_dir=None)
+    b = context_templates(lm.model, lm.tokenizer, None, [5, 10], [10, 10], seed=3, cache_dir=None)
     assert a == b and len(a) == 21 and a[0] == "{}"
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
 
@@ -214,20 +221,20 @@ def test_subject_last_token_with_and_without_leading_space():
     from transformers import PreTrainedTokenizerFast
 
     prompt = "The mother tongue of Danielle Darrieux is"
-    start, end = rome.find_subject(prompt, "Danielle Darrieux")
+    start, end = find_subject(prompt, "Danielle Darrieux")
     # Byte-level BPE: the space is part of the following token.
     bpe = tiny_model("llama").tokenizer
     ids = bpe(prompt).input_ids
-    j = rome.last_token_in_span(bpe, prompt, start, end)
+    j = last_token_in_span(bpe, prompt, start, end)
     assert bpe.decode(ids[: j + 1]).endswith("Darrieux") and not bpe.decode(ids[j + 1:]).startswith("x")
     # Word-level on whitespace: no token carries a space.
     words = prompt.split()
     wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
     wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]")
-    assert rome.last_token_in_span(tok, prompt, start, end) == words.index("Darrieux")
+    assert last_token_in_span(tok, prompt, start, end) == words.index("Darrieux")
     # Case-insensitive fallback.
-    assert rome.find_subject("danielle darrieux speaks", "Danielle Darrieux") == (0, 17)
+    assert find_subject("danielle darrieux speaks", "Danielle Darrieux") == (0, 17)
 
 
 def test_stats_corpus_file_jsonl_and_plain(tmp_path):
@@ -236,23 +243,23 @@ def test_stats_corpus_file_jsonl_and_plain(tmp_path):
     plain.write_text("The Eiffel Tower is in Paris.\nDanielle Darrieux spoke French.\n" * 20)
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": line}) for line in plain.read_text().splitlines()))
-    assert key_stats.read_corpus(plain) == key_stats.read_corpus(jsonl)
+    assert read_corpus(plain) == read_corpus(jsonl)
     ctx = ctx_for(tmp_path)
     Rome(tiny_hparams(lm, stats_corpus=str(jsonl), mom2_n_samples=100)).prepare(lm, ctx)
     assert ctx.notes["rome"]["stats_tokens"] == 100
-    with pytest.raises(BenchError):
-        key_stats.read_corpus(tmp_path / "missing.txt")
+    with pytest.raises(BenchError, match="stats_corpus file not found"):
+        Rome(tiny_hparams(lm, stats_corpus=str(tmp_path / "missing.txt"))).prepare(lm, ctx_for(tmp_path))
 
 
 def test_runner_records_notes_and_case_errors(tmp_path, monkeypatch):
     """`bench run --editor rome` on the tiny Llama and the fixture CounterFact data."""
-    import bench.models
-    from bench.runner import RunOptions, execute
+    import bench.session
+    from bench.runner import execute
+    from bench.session import RunOptions
     from tests.helpers import FIXTURE_DATA
 
-    monkeypatch.setattr(bench.models, "load_model", lambda *a, **k: tiny_model("llama"))
-    monkeypatch.setattr(bench.models, "load_config", lambda *a, **k: tiny_config("llama"),
-                        raising=False)
+    monkeypatch.setattr(bench.session, "load_model", lambda *a, **k: tiny_model("llama"))
+    monkeypatch.setattr(bench.session, "load_config", lambda *a, **k: tiny_config("llama"))
     opts = RunOptions(editor="rome", tasks=["counterfact"], model="tiny", device="cpu", limit=2,
                       data_dir=str(FIXTURE_DATA), output_dir=str(tmp_path / "runs"),
                       hparams={"mom2_n_samples": "300", "v_num_grad_steps": "2",

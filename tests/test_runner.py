@@ -11,35 +11,21 @@ from pathlib import Path
 
 import pytest
 
-import bench.models
 import editors
-from bench.errors import BenchError
-from bench.results import RunDir
-from bench.runner import RunOptions, execute, resume, summarize_run
-from editors.base import hparams_to_dict
+from bench.core.errors import BenchError
+from bench.core.runfiles import RunDir
+from bench.runner import execute, resume, summarize_run
+from bench.session import RunOptions
+from bench.core.hparams import hparams_to_dict
 from editors.ft import FineTune
 from tests.helpers import FIXTURE_DATA, start
-from tests.tiny import tiny_config, tiny_model
+from bench.core.tiny import tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TASKS = ["counterfact", "zsre", "recent"]
 N_CASES = {"counterfact": 6, "zsre": 1, "recent": 3}  # eval cases in the fixture data
 FT_HPARAMS = {"steps": "2", "layers": "1"}
-
-
-@pytest.fixture
-def tiny_load(monkeypatch):
-    """bench.models.load_model returns a fresh tiny Llama, whatever the spec."""
-    calls = []
-
-    def fake_load(spec="smollm2-135m", device="auto", dtype="auto"):
-        calls.append((spec, device, dtype))
-        return tiny_model("llama")
-
-    monkeypatch.setattr(bench.models, "load_model", fake_load)
-    monkeypatch.setattr(bench.models, "load_config", lambda spec="smollm2-135m": tiny_config("llama"))
-    return calls
 
 
 def options(tmp_path, **changes) -> RunOptions:
@@ -64,7 +50,7 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     path = execute(options(tmp_path), argv=argv, log=logs.append)
     assert tiny_load == [("tiny", "cpu", "auto")]
     assert path.parent == tmp_path / "runs" and path.name.startswith("ft-counterfact+zsre+recent-")
-    assert sorted(p.name for p in path.iterdir()) == ["cases.jsonl", "config.json", "summary.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["cases.jsonl", "config.json", "run.lock", "summary.json"]
 
     config = json.loads((path / "config.json").read_text())
     assert config["argv"] == argv and config["command"] == "bench " + " ".join(argv)
@@ -113,7 +99,7 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
 
     summary = json.loads((path / "summary.json").read_text())
     assert summary["config"] == {"model": "random:llama", "editor": "ft",
-                                 "hparams": config["editor"]["hparams"], "seed": 0,
+                                 "hparams": config["editor"]["hparams"], "seed": 0, "mode": "single",
                                  "metric_definitions": "easyedit-token-accuracy/v1"}
     assert set(summary["tasks"]) == set(TASKS)
     for task, metrics in summary["tasks"].items():
@@ -199,20 +185,22 @@ def test_torn_last_line_is_dropped_and_truncated(tmp_path):
     good = [json.dumps({"task": "t", "case_id": str(i)}) + "\n" for i in range(3)]
     write_lines(run.cases_path, good + ['{"task": "t", "case_i'])
     assert [r["case_id"] for r in run.read_cases()] == ["0", "1", "2"]
-    assert run.cases_path.read_text() == "".join(good)  # truncated away
+    assert run.cases_path.read_text().endswith("case_i")  # a reader leaves the file alone
+    assert [r["case_id"] for r in run.read_cases(repair=True)] == ["0", "1", "2"]
+    assert run.cases_path.read_text() == "".join(good)  # the writer cuts the torn line away
     run.append_case({"task": "t", "case_id": "3"})
     assert [r["case_id"] for r in run.read_cases()] == ["0", "1", "2", "3"]
 
     # a complete object without its newline is treated as torn as well
     write_lines(run.cases_path, good + [json.dumps({"task": "t", "case_id": "9"})])
-    assert [r["case_id"] for r in run.read_cases()] == ["0", "1", "2"]
+    assert [r["case_id"] for r in run.read_cases(repair=True)] == ["0", "1", "2"]
     assert run.cases_path.read_text() == "".join(good)
 
     # blank lines are fine; a corrupt line that is not the last one is an error
     write_lines(run.cases_path, [good[0], "\n", good[1]])
     assert len(run.read_cases()) == 2
     write_lines(run.cases_path, [good[0], "{oops\n", good[1]])
-    with pytest.raises(BenchError, match="corrupt line at byte"):
+    with pytest.raises(BenchError, match=r"cases.jsonl: line 2 is not valid JSON"):
         run.read_cases()
 
 
@@ -281,7 +269,7 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir
 
 
 def test_resume_with_a_larger_limit_extends_the_run(tmp_path, tiny_load):
-    from bench.results import RunDir
+    from bench.core.runfiles import RunDir
 
     first = execute(options(tmp_path, limit=2), log=lambda s: None)
     before = RunDir(first).read_cases()
@@ -299,7 +287,7 @@ def test_resume_with_a_larger_limit_extends_the_run(tmp_path, tiny_load):
 
 def test_resume_keeps_the_editor_hyperparameters_the_run_resolved(tmp_path, tiny_load, monkeypatch):
     """A default changed in the code after a run started does not reach its remaining cases."""
-    from bench.results import RunDir
+    from bench.core.runfiles import RunDir
     import dataclasses
 
     from editors.ft import FineTune

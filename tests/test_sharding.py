@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import tiny_model
+from bench.core.tiny import tiny_model
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cases import PromptAnswer
-from bench.errors import BenchError
+from bench.core.cases import PromptAnswer
+from bench.core.errors import BenchError
 from tasks import registry
 from tasks.card import SplitRule, parse_card
 from tasks.fields import fill_blank, first_alias, probes

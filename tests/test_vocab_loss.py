@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bench.models import output_logits
+from bench.core.layout import output_logits
 from editors import vocab_loss
 from editors.vocab_loss import ChunkedTokenNLL, token_nll
-from tests.tiny import tiny_model
+from bench.core.tiny import tiny_model
 
 
 def reference_nll(model, hidden, targets):

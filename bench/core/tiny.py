@@ -7,7 +7,7 @@ from functools import lru_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from bench.models import LoadedModel, model_from_config
+from bench.core.models import LoadedModel, model_from_config
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",

@@ -1,21 +1,8 @@
-"""Metric definitions, compatible with EasyEdit's, and their aggregation.
+"""Reading the model: teacher-forced probes (a prompt followed by an answer).
 
-Every metric is computed from teacher-forced probes: a prompt followed by an answer. For each
-probe we read, at the answer's positions only, the argmax token and the log-probability of the
-answer token. From those:
-
-* reliability  - token accuracy of `target_new` after the edit prompt: mean over target tokens of
-                 [argmax == target token];
-* generality   - the same on each rephrase prompt (mean over rephrases);
-* locality     - agreement between post-edit and pre-edit argmax tokens over the locality
-                 answer's positions (agreement, not correctness); 1.0 before the edit by definition;
-* portability  - token accuracy of the portability answer after its prompt;
-* efficacy / paraphrase / neighborhood (CounterFact, ROME's probability comparison) - the fraction
-                 of prompts where P(target_new) > P(ground_truth) on the prompt / on rephrases, and
-                 where P(true answer) > P(target_new) on locality (neighbourhood) prompts. P is the
-                 mean per-token log-probability, as in ROME.
-
-Case scores are fractions in [0, 1]; summaries report percent with a bootstrap 95% interval.
+For each probe we read, at the answer's positions only, the argmax token and the log-probability
+of the answer token (`score_probes`); `evaluate_case` does it for every probe of one edit case in
+one batched pass, giving the `CaseEval` that bench.core.metrics turns into scores.
 """
 
 from __future__ import annotations
@@ -25,13 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.cases import EditCase
-from bench.models import output_logits
-
-METRIC_DEFINITIONS = "easyedit-token-accuracy/v1"
-TOKEN_METRICS = ("reliability", "generality", "locality", "portability")
-COUNTERFACT_METRICS = ("efficacy", "paraphrase", "neighborhood")
-ALL_METRICS = TOKEN_METRICS + COUNTERFACT_METRICS
+from bench.core.cases import EditCase
+from bench.core.layout import output_logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,37 +164,6 @@ def evaluate_case(model, tokenizer, case: EditCase, counterfact: bool = False,
     )
 
 
-def _mean(values) -> float:
-    return float(np.mean(values))
-
-
-def case_scores(ev: CaseEval, pre: CaseEval | None = None) -> dict[str, float]:
-    """Scores in [0, 1] for one case. `pre` is the pre-edit evaluation of the same case (needed
-    for locality); without it `ev` is itself the pre-edit state and locality is 1 by definition."""
-    scores = {"reliability": ev.reliability.accuracy}
-    if ev.generality:
-        scores["generality"] = _mean([r.accuracy for r in ev.generality])
-    if ev.locality:
-        if pre is None:
-            scores["locality"] = 1.0
-        else:
-            per_prompt = []
-            for now, before in zip(ev.locality, pre.locality):
-                per_prompt.append(_mean([a == b for a, b in zip(now.pred_ids, before.pred_ids)]))
-            scores["locality"] = _mean(per_prompt)
-    if ev.portability:
-        scores["portability"] = _mean([r.accuracy for r in ev.portability])
-    if ev.truth_prompt is not None:
-        scores["efficacy"] = float(ev.reliability.mean_logprob > ev.truth_prompt.mean_logprob)
-        if ev.generality:
-            scores["paraphrase"] = _mean([n.mean_logprob > t.mean_logprob
-                                          for n, t in zip(ev.generality, ev.truth_rephrase)])
-        if ev.locality:
-            scores["neighborhood"] = _mean([t.mean_logprob > n.mean_logprob
-                                            for t, n in zip(ev.locality, ev.new_on_locality)])
-    return scores
-
-
 def predictions(tokenizer, ev: CaseEval) -> dict:
     """Decoded argmax tokens at the answer positions, for drill-down."""
     dec = lambda r: tokenizer.decode(r.pred_ids)  # noqa: E731
@@ -220,38 +171,4 @@ def predictions(tokenizer, ev: CaseEval) -> dict:
            "locality": [dec(r) for r in ev.locality]}
     if ev.portability:
         out["portability"] = [dec(r) for r in ev.portability]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(values, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (same units as `values`)."""
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        return (float("nan"), float("nan"))
-    if arr.size == 1 or np.all(arr == arr[0]):
-        return (float(arr.mean()), float(arr.mean()))
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, arr.size, size=(n_resamples, arr.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
-
-
-def summarize_task(records: list[dict]) -> dict[str, dict]:
-    """Per metric {"pre", "post", "ci", "n"} in percent over the finished, error-free records."""
-    ok = [r for r in records if not r.get("error") and r.get("post")]
-    out: dict[str, dict] = {}
-    for metric in ALL_METRICS:
-        post = [r["post"][metric] for r in ok if metric in r["post"]]
-        if not post:
-            continue
-        pre = [r["pre"][metric] for r in ok if metric in r.get("pre", {})]
-        lo, hi = bootstrap_ci(np.asarray(post) * 100)
-        out[metric] = {"pre": round(float(np.mean(pre)) * 100, 4) if pre else None,
-                       "post": round(float(np.mean(post)) * 100, 4),
-                       "ci": [round(lo, 4), round(hi, 4)], "n": len(post)}
     return out

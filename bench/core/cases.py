@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -35,17 +35,6 @@ class EditCase:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EditCase":
-        d = dict(d)
-        d["rephrase_prompts"] = tuple(d.get("rephrase_prompts") or ())
-        d["locality"] = tuple(PromptAnswer(**p) for p in d.get("locality") or ())
-        d["portability"] = tuple(PromptAnswer(**p) for p in d.get("portability") or ())
-        return cls(**d)
-
-    def with_prompts(self, **changes) -> "EditCase":
-        return replace(self, **changes)
 
 
 @dataclass

@@ -1,18 +1,10 @@
-"""Reusing what an edit cannot change: the blocks below it.
+"""Replaying recorded block outputs: what an edit cannot change need not be computed again.
 
-`frozen_prefix` serves editors that optimise a change at one MLP output projection;
-`BlockOutputs` serves evaluation after an edit (the blocks below the lowest changed one compute
-exactly what they computed before the edit, so their recorded outputs stand in for them).
-
-While only `W` = the MLP output projection of block L changes, nothing upstream of it changes:
-the outputs of blocks 0..L-1 and the input `x` of that projection are the same at every
-optimisation step. `frozen_prefix` runs the model once, keeps those tensors, and then replaces
-blocks 0..L-1 by stubs returning the kept output and block L's MLP by `W x_kept`, so each later
-forward pass computes only block L's attention and blocks L+1.. (and backward never goes below L).
-
-It works from the module structure alone (find_layout), for any architecture whose MLP returns
-its output projection applied to `x` (Llama, Gemma, GPT-2 and GPT-NeoX in eval mode). The same
-input ids must be fed while the stubs are in place. Both rely on a block's output depending only
+The blocks below the lowest changed one compute, after an edit, exactly what they computed
+before it; `BlockOutputs` records every block's output during the pre-edit evaluation and replays
+them after the edit in place of those blocks (the post-edit evaluation runs the same batches in
+the same order). `forwards_replaced` is the one mechanism that swaps a module's forward for a
+stub and back; editors/frozen_prefix.py uses it too. Both rely on a block's output depending only
 on its inputs and weights (no dropout: models are in eval mode).
 """
 
@@ -23,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench.models import ModelLayout
+from bench.core.layout import ModelLayout
 
 
 def detached(value):
@@ -35,37 +27,7 @@ def detached(value):
 
 
 @contextmanager
-def frozen_prefix(model, layout: ModelLayout, layer: int, **inputs):
-    """Capture with one forward pass on `inputs`, then yield with the prefix stubbed out."""
-    blocks, mlp_out, mlp = layout.blocks, layout.layers[layer].mlp_out, layout.layers[layer].mlp
-    kept: dict[str, object] = {}
-
-    def keep_block_output(_module, _args, output):
-        kept["block"] = output
-
-    def keep_mlp_input(_module, args):
-        kept["x"] = args[0].detach()
-
-    hooks = [mlp_out.register_forward_pre_hook(keep_mlp_input)]
-    if layer > 0:
-        hooks.append(blocks[layer - 1].register_forward_hook(keep_block_output))
-    try:
-        with torch.no_grad():
-            model.base_model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    block_out = detached(kept.get("block"))
-    x = kept["x"]
-    # Every block stub ignores its input; only the last one's output reaches block L.
-    stubs = [(blocks[i], lambda *a, **k: block_out) for i in range(layer)]
-    with _forwards_replaced(stubs + [(mlp, lambda *a, **k: mlp_out(x))]):
-        yield
-
-
-@contextmanager
-def _forwards_replaced(stubs: list[tuple[torch.nn.Module, Callable]]):
+def forwards_replaced(stubs: list[tuple[torch.nn.Module, Callable]]):
     """Each module's forward replaced by its stub (an instance attribute), back to the class's
     forward on exit."""
     patched = []
@@ -146,5 +108,5 @@ class BlockOutputs:
 
         # Only the last stub's output reaches the first changed block.
         stubs = [(blocks[i], lambda *a, **k: current["out"]) for i in range(1, first_changed)]
-        with _forwards_replaced([(blocks[0], first_stub)] + stubs):
+        with forwards_replaced([(blocks[0], first_stub)] + stubs):
             yield

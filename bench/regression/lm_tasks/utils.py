@@ -3,30 +3,32 @@
 lm-eval calls them as `fn(**task_metadata, **dataset_kwargs)`; the metadata carries every key
 given to the TaskManager (`bench regress` passes the paths of the files it wrote), so each
 function picks its own keys and ignores the rest. Both return a DatasetDict with one "test"
-split. This module is loaded by lm-eval from its file path, so it imports the harness lazily.
+split. lm-eval loads this module from its file path.
 """
 
 from __future__ import annotations
 
+import math
+
+import datasets
+
+from bench.core.io import read_corpus, read_jsonl
+from bench.regression.docs import build_fact_retention_docs
+from tasks.registry import resolve_data_dir
+
 
 def _dataset(docs: list[dict]):
-    import datasets
-
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 
 def fact_retention_dataset(fact_retention_file: str | None = None, data_dir: str | None = None,
                            tasks: str | list | None = None, seed: int = 0, **_ignored):
     """Docs from the JSONL written by `bench regress`, or built now from a data directory
-    (standalone use: `lm_eval --include_path bench/lm_tasks --tasks fact_retention
+    (standalone use: `lm_eval --include_path bench/regression/lm_tasks --tasks fact_retention
     --metadata '{"data_dir": "...", "tasks": "counterfact"}'`)."""
-    from bench.regression import build_fact_retention_docs, read_jsonl
-
     if fact_retention_file:
         docs = read_jsonl(fact_retention_file)
     else:
-        from tasks.registry import resolve_data_dir
-
         names = tasks.split(",") if isinstance(tasks, str) else list(tasks or [])
         directory, _ = resolve_data_dir(data_dir)
         docs = build_fact_retention_docs(directory, names or ["counterfact"], seed=int(seed))
@@ -36,20 +38,16 @@ def fact_retention_dataset(fact_retention_file: str | None = None, data_dir: str
 
 
 def perplexity_dataset(perplexity_file: str | None = None, **_ignored):
-    """Documents of the corpus file (JSONL with "text", or plain text split on blank lines)."""
-    from bench.regression import read_corpus
-
+    """Documents of the corpus file (bench.core.io.read_corpus)."""
     if not perplexity_file:
         raise ValueError("bench_perplexity: no corpus; pass the metadata key perplexity_file "
                          "(bench regress does this itself)")
-    return _dataset([{"text": t} for t in read_corpus(perplexity_file)])
+    return _dataset([{"text": t} for t in read_corpus(perplexity_file, "perplexity corpus")])
 
 
 def safe_weighted_perplexity(items) -> float:
     """exp(-sum(loglikelihood) / sum(count)) over (loglikelihood, count) pairs, as lm-eval's
     weighted_perplexity, but inf where the exponential overflows."""
-    import math
-
     total = sum(ll for ll, _ in items)
     count = sum(n for _, n in items)
     rate = -total / count

@@ -17,6 +17,7 @@ class Shard:
     def current(cls, device: str = "auto") -> "Shard":
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
+        # late: accelerate costs ~0.4 s to import and a lone process never needs it
         from accelerate import PartialState
 
         # Without CUDA, accelerate must be told to form a CPU (gloo) group.
@@ -36,7 +37,7 @@ class Shard:
         """Process 0's `value` (any picklable object), on every process."""
         if self.state is None:
             return value
-        from accelerate.utils import broadcast_object_list
+        from accelerate.utils import broadcast_object_list  # late: see current()
 
         box = [value]
         broadcast_object_list(box, from_process=0)
@@ -46,7 +47,7 @@ class Shard:
         """Every process's `tensor` (same shape everywhere) concatenated along dim 0 in rank order."""
         if self.state is None:
             return tensor
-        from accelerate.utils import gather
+        from accelerate.utils import gather  # late: see current()
 
         return gather(tensor)
 

@@ -3,21 +3,21 @@
 A *key* is the input of a block's MLP output projection (down_proj / c_proj / dense_4h_to_h) at
 one token.  ROME needs C = E[k k^T] over ordinary text at the edited layer.  We estimate it from
 
-  * a corpus file (`stats_corpus`): plain text with one document per line, or JSONL whose
-    objects carry a "text" field; or
+  * a corpus file (`stats_corpus`, read by bench.core.io.read_corpus: JSONL whose objects carry
+    a "text" field, or plain text paragraphs; one document per line when there is no blank line);
   * by default, text sampled from the model itself with a fixed seed (no data download).
 
 Statistics are computed once per (model identity, layer, corpus, sample count, dtype) and
 cached as safetensors under `<cache_dir>/stats/`, so a second run loads them at once.  Text
-sampled from the model is cached there too, so statistics for another layer only cost one
-forward pass.  `compute_moments` is the one function that does the expensive pass (tests
+sampled from the model is cached too (bench.core.samples), so statistics for another layer only
+cost one forward pass.  `compute_moments` is the one function that does the expensive pass (tests
 monkeypatch it to check the cache is used).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -25,9 +25,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
+from bench.core.io import read_corpus
+from bench.core.samples import SampleBatch, cached_samples, sample_batches
 
 # Openers for text sampled from the model (statistics corpus when none is given).
 SAMPLE_STARTERS = (
@@ -37,6 +42,7 @@ SAMPLE_STARTERS = (
 MAX_DOC_TOKENS = 256  # corpus documents are truncated to this many tokens
 SAMPLE_NEW_TOKENS = 128  # tokens generated per sampled document
 SAMPLE_BATCH = 16
+SAMPLE_TOP_K = 50
 FORWARD_BATCH = 8
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -75,96 +81,30 @@ def corpus_tag(corpus: str | None, seed: int) -> str:
     return f"file-{h}"
 
 
-def read_corpus(path: str | Path) -> list[str]:
-    """Documents of a plain-text file (one per line) or a JSONL file with a "text" field."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BenchError(f"stats_corpus file not found: {path}")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise BenchError(f"stats_corpus {path} is empty")
-    jsonl = path.suffix == ".jsonl" or lines[0].lstrip().startswith("{")
-    if not jsonl:
-        return lines
-    docs = []
-    for i, line in enumerate(lines):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise BenchError(f"stats_corpus {path} line {i + 1} is not valid JSON") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise BenchError(f"stats_corpus {path} line {i + 1} has no string \"text\" field")
-        if obj["text"].strip():
-            docs.append(obj["text"])
-    return docs
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []
-
-
 @torch.no_grad()
-def sample_documents(model: nn.Module, tokenizer, n_tokens: int, seed: int,
-                     log: Callable[[str], None] = print) -> list[list[int]]:
-    """Token-id documents sampled from the model (top-k 50, temperature 1) until `n_tokens`."""
-    from tqdm import tqdm
-
-    device = _model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def sample_documents(model: nn.Module, tokenizer, n_tokens: int, seed: int) -> list[list[int]]:
+    """Token-id documents sampled from the model (top-k 50, temperature 1, SAMPLE_BATCH at a
+    time after the openers in turn), each cut after its first EOS, until `n_tokens`."""
     eos = tokenizer.eos_token_id
+
+    def batches():
+        for i in itertools.count():
+            starter = SAMPLE_STARTERS[i % len(SAMPLE_STARTERS)]
+            yield SampleBatch((starter,) * SAMPLE_BATCH, max_new_tokens=SAMPLE_NEW_TOKENS)
+
     docs: list[list[int]] = []
     total = 0
     bar = tqdm(total=n_tokens, desc="sampling statistics text", unit="tok", leave=False)
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.manual_seed(seed)
-        i = 0
-        while total < n_tokens:
-            starter = SAMPLE_STARTERS[i % len(SAMPLE_STARTERS)]
-            i += 1
-            prompt = tokenizer(starter, return_tensors="pt").input_ids.to(device)
-            ids = prompt.repeat(SAMPLE_BATCH, 1)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 top_k=50, top_p=1.0, temperature=1.0,
-                                 max_new_tokens=SAMPLE_NEW_TOKENS, pad_token_id=pad)
-            for row in out.tolist():
-                gen = row[prompt.shape[1]:]
-                if eos is not None and eos in gen:  # keep the EOS token, drop what follows
-                    gen = gen[: gen.index(eos) + 1]
-                doc = row[: prompt.shape[1]] + gen
-                docs.append(doc)
-                total += len(doc)
-                bar.update(len(doc))
+    for rows in sample_batches(model, tokenizer, batches(), seed=seed, top_k=SAMPLE_TOP_K):
+        for prompt, gen in rows:
+            if eos is not None and eos in gen:  # keep the EOS token, drop what follows
+                gen = gen[: gen.index(eos) + 1]
+            docs.append(prompt + gen)
+            total += len(docs[-1])
+            bar.update(len(docs[-1]))
+        if total >= n_tokens:
+            break
     bar.close()
-    return docs
-
-
-def _sampled_docs_cached(model, tokenizer, identity: str, n_tokens: int, seed: int,
-                         cache: Path | None, log) -> list[list[int]]:
-    from safetensors.torch import load_file, save_file
-
-    path = None
-    if cache is not None:
-        path = cache / f"samples-{_slug(identity)}-s{seed}-n{n_tokens}.safetensors"
-        if path.exists():
-            data = load_file(str(path))
-            flat, lengths = data["ids"].tolist(), data["lengths"].tolist()
-            docs, at = [], 0
-            for n in lengths:
-                docs.append(flat[at: at + n])
-                at += n
-            return docs
-    log(f"rome: sampling {n_tokens} tokens of text from the model for key statistics (seed {seed})")
-    docs = sample_documents(model, tokenizer, n_tokens, seed, log)
-    if path is not None:
-        flat = torch.tensor([t for d in docs for t in d], dtype=torch.int64)
-        lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"ids": flat, "lengths": lengths}, str(tmp))
-        tmp.replace(path)
     return docs
 
 
@@ -180,9 +120,7 @@ def compute_moments(model: nn.Module, layout, docs: Iterable[list[int]], layers:
     Returns ({layer: E[k k^T] as float32 CPU tensor}, number of key vectors used).  Stops after
     `n_samples` tokens; the forward pass is cut short after the deepest requested layer.
     """
-    from tqdm import tqdm
-
-    device = _model_device(model)
+    device = next(model.parameters()).device
     d = layout.intermediate_size
     sums = {layer: torch.zeros(d, d, dtype=dtype, device=device) for layer in layers}
     state = {"mask": None, "take": 0}
@@ -235,8 +173,6 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
                 cache_dir: Path | None, log: Callable[[str], None] = print) -> dict[int, KeyStats]:
     """Key statistics for `layers`, read from the cache where present, else computed in one pass
     (and cached when `cache_dir` is given)."""
-    from safetensors.torch import load_file, save_file
-
     dtype = stats_dtype(dtype_name)
     tag = corpus_tag(corpus, seed)
     cache = None
@@ -254,8 +190,6 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
             continue
         paths[layer] = cache / name
         if paths[layer].exists():
-            from safetensors import safe_open
-
             with safe_open(str(paths[layer]), framework="pt") as f:
                 meta = f.metadata() or {}
             mom2 = load_file(str(paths[layer]))["mom2"]
@@ -264,9 +198,14 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
     missing = [layer for layer in layers if layer not in out]
     if missing:
         if corpus is None:
-            docs = _sampled_docs_cached(model, tokenizer, identity, n_samples, seed, cache, log)
+            log(f"rome: sampling {n_samples} tokens of text from the model for key statistics "
+                f"(seed {seed}; cached)")
+            spec = {"n_tokens": n_samples, "seed": seed, "top_k": SAMPLE_TOP_K, "batch": SAMPLE_BATCH,
+                    "new_tokens": SAMPLE_NEW_TOKENS, "starters": SAMPLE_STARTERS}
+            docs = cached_samples(cache_dir, "stats-text", identity, spec,
+                                  lambda: sample_documents(model, tokenizer, n_samples, seed))
         else:
-            docs = [tokenizer(text).input_ids for text in read_corpus(corpus)]
+            docs = [tokenizer(text).input_ids for text in read_corpus(corpus, "stats_corpus")]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         log(f"rome: computing key statistics for layers {missing} ({n_samples} tokens, {tag})")
         moments, count = compute_moments(model, layout, docs, missing, n_samples, dtype, pad)

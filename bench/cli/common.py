@@ -1,0 +1,105 @@
+"""What the subcommands share: one-line argument errors, the run arguments, and turning them
+into RunOptions."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
+from bench.core.hparams import parse_hparam_args
+from bench.session import MODES, RunOptions, hparams_source
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class MarkGiven(argparse.Action):
+    """Stores the value and records that the option was given (`<dest>_given`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def csv_list(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def limit(value: str) -> int | None:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0 means all cases)")
+    return None if n == 0 else n
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL}, a local checkpoint directory, a .gguf file or a hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+
+
+def add_editor_arguments(p: argparse.ArgumentParser, default_editor: str = "ft") -> None:
+    p.add_argument("--editor", default=default_editor,
+                   help=f"editor name (bench list editors); default {default_editor}")
+    p.add_argument("--holdout", type=csv_list, default=[], metavar="T[,T]",
+                   help="tasks excluded from training and evaluated as held out")
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one editor hyperparameter (repeatable)")
+    p.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
+                   help="YAML mapping of hyperparameters, or the name of a preset shipped for the "
+                        "editor (editors/presets/<editor>/)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_editor_arguments(p)
+    p.add_argument("--task", type=csv_list, default=[], metavar="T[,T]",
+                   help="tasks to evaluate (default: every task whose data is found)")
+    p.add_argument("--limit", type=limit, default=DEFAULT_LIMIT, action=MarkGiven,
+                   help=f"cases per task (default {DEFAULT_LIMIT}; 0 = all)")
+    p.add_argument("--instruction", dest="instruction_mode", choices=["seen", "unseen"],
+                   default="seen", help="instruction description used at evaluation")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per evaluation batch")
+    p.add_argument("--retrain", action="store_true", help="learned editors: ignore cached checkpoints")
+    p.add_argument("--lm-limit", type=limit, default=DEFAULT_LM_LIMIT,
+                   help=f"docs per lm-eval task (default {DEFAULT_LM_LIMIT}; 0 = all)")
+    p.add_argument("--regression-corpus", default=None, metavar="FILE",
+                   help="text for bench_perplexity (.jsonl with \"text\", or plain text paragraphs; "
+                        "default: sampled from the unedited model)")
+    p.add_argument("--output-dir", default="runs", help="where run directories go (default runs/)")
+    p.add_argument("--name", default=None, help="run directory name prefix")
+
+
+def editor_hparams(args) -> dict:
+    """--hparams-file (a file or a preset), then each --hparam on top."""
+    hparams = hparams_source(args.editor, args.hparams_file)
+    hparams.update(parse_hparam_args(args.hparam))
+    return hparams
+
+
+def options_from_args(args, **changes) -> RunOptions:
+    opts = RunOptions(editor=args.editor, tasks=args.task, holdout=args.holdout, model=args.model,
+                      device=args.device, dtype=args.dtype, limit=args.limit, seed=args.seed,
+                      data_dir=args.data_dir, output_dir=args.output_dir, hparams=editor_hparams(args),
+                      instruction_mode=args.instruction_mode, batch_size=args.batch_size,
+                      retrain=args.retrain, run_name=args.name, lm_limit=args.lm_limit,
+                      regression_corpus=args.regression_corpus)
+    for key, value in changes.items():
+        setattr(opts, key, value)
+    opts.check()
+    return opts
+
+
+__all__ = ["Parser", "MarkGiven", "csv_list", "limit", "add_model_arguments", "add_editor_arguments",
+           "add_run_arguments", "options_from_args", "editor_hparams", "MODES"]

@@ -1,0 +1,65 @@
+"""`bench list tasks|editors`: what is registered, and whether each task's data is found."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.core.errors import BenchError
+from editors import available_editors, get_editor_class, presets
+from tasks.registry import list_cards, resolve_data_dir, task_status
+
+
+def register(sub) -> None:
+    p = sub.add_parser("list", help="list tasks or editors")
+    p.add_argument("what", choices=["tasks", "editors"])
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=main)
+
+
+def _first_sentence(cls) -> str:
+    text = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+    paragraph = " ".join(text.split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".")[:90] if paragraph else ""
+
+
+def list_editors() -> None:
+    for name, origin in sorted(available_editors().items()):
+        try:
+            cls = get_editor_class(name)
+        except BenchError as exc:
+            print(f"{name:14s} {origin:10s} (cannot load: {exc})")
+            continue
+        flags = ", ".join(f for f, on in (("learns", cls.learns),
+                                          ("instructions", cls.uses_instructions)) if on)
+        print(f"{name:14s} {origin:10s} {flags:22s} {_first_sentence(cls)}")
+        shipped = presets(name)
+        if shipped:
+            print(f"{'':14s} presets (--hparams-file NAME): {', '.join(shipped)}")
+
+
+def list_tasks(data_dir_arg: str | None) -> None:
+    data_dir, _ = resolve_data_dir(data_dir_arg)
+    print(f"data directory: {data_dir if data_dir else 'none found; built-in sample'}")
+    print(f"{'task':12s} {'data':8s} {'train':>7s} {'eval':>7s} {'skipped':>8s} {'seen':>5s} "
+          f"{'unseen':>6s}  source")
+    for name in list_cards():
+        st = task_status(name, data_dir)
+        counts = st.get("counts", {})
+        skipped = sum(v or 0 for v in (st.get("skipped") or {}).values())
+        instr = st.get("instructions", {})
+        source = ", ".join(str(v) for v in st.get("source") or [])
+        cells = ["-" if counts.get(s) is None else str(counts.get(s)) for s in ("train", "eval")]
+        print(f"{name:12s} {'found' if st['found'] else 'MISSING':8s} {cells[0]:>7s} {cells[1]:>7s} "
+              f"{skipped:>8d} {instr.get('seen', 0):>5d} {instr.get('unseen', 0):>6d}  {source}")
+        for key in ("missing", "error"):
+            if st.get(key):
+                print(f"{'':12s} {key}: {st[key]}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.what == "editors":
+        list_editors()
+    else:
+        list_tasks(args.data_dir)
+    return 0

@@ -1,0 +1,33 @@
+"""`bench regress`: general-capability regression (lm-eval) before and after edits; a run whose
+lm-eval suite defaults to the offline one (bench/regression, docs/regression.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.cli.common import add_run_arguments, csv_list, options_from_args
+from bench.regression import DEFAULT_SAMPLE, DEFAULT_SUITE, set_offline_defaults
+from bench.runner import execute
+
+
+def register(sub) -> None:
+    p = sub.add_parser("regress", help="general-capability regression (lm-eval) before/after edits")
+    add_run_arguments(p)
+    p.add_argument("--lm-tasks", type=csv_list, default=list(DEFAULT_SUITE), metavar="T[,T]",
+                   help=f"lm-eval tasks (default {','.join(DEFAULT_SUITE)})")
+    p.add_argument("--mode", choices=["single", "sequential"], default="single",
+                   help="single (default): each edit alone, suite after --sample of them; "
+                        "sequential: suite once on the model holding all edits")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
+                   help=f"edits evaluated in single mode (default {DEFAULT_SAMPLE})")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    set_offline_defaults()
+    opts = options_from_args(args, regression=args.lm_tasks, mode=args.mode,
+                             regression_sample=args.sample)
+    tasks = "+".join(opts.tasks) if opts.tasks else "all"
+    execute(opts, argv=sys.argv[1:], label=f"regress-{opts.editor}-{opts.mode}-{tasks}")
+    return 0

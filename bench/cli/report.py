@@ -1,0 +1,27 @@
+"""`bench report`: render leaderboards (HTML, Markdown, JSON, CSV) from run directories."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from reports import build_report
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="render an HTML/Markdown leaderboard from run directories")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", required=True, help="output directory (e.g. leaderboards/NAME)")
+    p.add_argument("--baseline", default="ft", help="editor the others are compared with (default ft)")
+    p.add_argument("--format", choices=["html", "md", "all"], default="html")
+    p.add_argument("--title", default=None)
+    p.add_argument("--no-case-text", action="store_true",
+                   help="drill-down pages without the data records' texts (for publishing)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = build_report([Path(p) for p in args.run_dirs], Path(args.output), baseline=args.baseline,
+                       fmt=args.format, title=args.title, case_text=not args.no_case_text)
+    print(f"report: {out}")
+    return 0

@@ -1,0 +1,147 @@
+"""Run directories: config.json, cases.jsonl (append-only, flushed per case), summary.json.
+
+See docs/run-format.md for the exact layout. Writes are crash-safe: a case line is flushed and
+fsync'ed as soon as the case finishes, JSON files are replaced atomically, and a torn last line
+left by a kill is dropped on reading (that case is simply run again on resume). A process that
+writes into a run directory holds its lock (`lock`), so two processes never run the same cases.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.core.errors import BenchError
+from bench.core.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl
+
+CONFIG = "config.json"
+CASES = "cases.jsonl"
+SUMMARY = "summary.json"
+LOCK = "run.lock"
+
+# A run name is one path component that a shell glob and a CSV cell take as plain text.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it is a safe directory name, else BenchError (no separators, no '..', no
+    leading dot, dash or '=')."""
+    if not _NAME.fullmatch(name) or len(name) > 200:
+        raise BenchError(f"run name {name!r} must be one directory name of letters, digits and "
+                         "'.', '_', '+', '-', starting with a letter or digit")
+    return name
+
+
+def new_run_dir(output_dir: Path, label: str) -> Path:
+    """A fresh directory `<output_dir>/<label>-<UTC time>[-k]`."""
+    check_run_name(label)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BenchError(f"output directory {output_dir} is a file")
+    base = output_dir / f"{label}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    path.mkdir(parents=True)
+    return path
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._locks: list[int] = []
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def cases_path(self) -> Path:
+        return self.path / CASES
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY
+
+    def shard_path(self, rank: int) -> Path:
+        return self.path / f"cases.rank{rank}.jsonl"
+
+    # -- the lock ------------------------------------------------------------------------------
+
+    def lock(self, rank: int | None = None) -> None:
+        """Take this process's lock on the run: exclusive for a lone process; for process `rank`
+        of a sharded run, shared on the run and exclusive on its shard. Held until release() or
+        the process ends (the kernel drops flock locks of a dead process)."""
+        if not self.path.is_dir():
+            raise BenchError(f"run directory {self.path} does not exist")
+        wanted = [(self.path / LOCK, fcntl.LOCK_EX if rank is None else fcntl.LOCK_SH)]
+        if rank is not None:
+            wanted.append((self.path / f"run.rank{rank}.lock", fcntl.LOCK_EX))
+        for path, mode in wanted:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.release()
+                raise BenchError(f"run directory {self.path} is in use by another bench process; "
+                                 "wait for it to finish (or stop it) before resuming") from None
+            self._locks.append(fd)
+
+    def release(self) -> None:
+        for fd in self._locks:
+            os.close(fd)  # closing the descriptor drops its flock
+        self._locks = []
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.config_path, config)
+
+    def read_config(self) -> dict:
+        if not self.path.is_dir():
+            raise BenchError(f"run directory {self.path} does not exist")
+        config = read_json(self.config_path)
+        if not isinstance(config, dict):
+            raise BenchError(f"{self.config_path}: expected a JSON object")
+        return config
+
+    def read_cases(self, repair: bool = False) -> list[dict]:
+        """Finished cases from cases.jsonl and any per-process shards (a sharded run that has not
+        been merged yet), without duplicates (the first record of a (task, case_id) wins).
+        `repair` cuts a torn last line off the files (only the process holding the lock may)."""
+        records, seen = [], set()
+        for path in [self.cases_path] + sorted(self.path.glob("cases.rank*.jsonl")):
+            for rec in read_jsonl(path, repair=repair):
+                if not isinstance(rec, dict) or "task" not in rec or "case_id" not in rec:
+                    raise BenchError(f"{path}: a case record needs 'task' and 'case_id'")
+                key = (rec["task"], rec["case_id"])
+                if key not in seen:
+                    seen.add(key)
+                    records.append(rec)
+        return records
+
+    def append_case(self, record: dict, rank: int | None = None) -> None:
+        """Append one finished case (to this process's shard when the run is sharded)."""
+        append_jsonl(self.cases_path if rank is None else self.shard_path(rank), record)
+
+    def merge_shards(self, order: list[tuple[str, str]]) -> list[dict]:
+        """Fold shard files into cases.jsonl (in the run's planned case order) and remove them."""
+        records = self.read_cases(repair=True)
+        rank = {key: i for i, key in enumerate(order)}
+        records.sort(key=lambda r: rank.get((r["task"], r["case_id"]), len(rank)))
+        write_jsonl(self.cases_path, records)
+        for shard in self.path.glob("cases.rank*.jsonl"):
+            shard.unlink()
+        return records
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+    def read_summary(self) -> dict:
+        return read_json(self.summary_path)

@@ -1,0 +1,54 @@
+"""The default corpus of the offline `bench_perplexity` task: text sampled, seeded, from the
+unedited model itself (no download), cached per model (bench.core.samples)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from bench.core.io import cache_dir
+from bench.core.samples import SampleBatch, cached_samples, sample_batches
+
+CORPUS_DOCS = 24
+CORPUS_NEW_TOKENS = 96
+CORPUS_BATCH = 8
+TOP_K, TOP_P = 50, 0.95
+
+# Neutral openings for the generated corpus (document i starts with opener i % 16).
+CORPUS_OPENERS = (
+    "The history of the city begins", "In the morning, the market", "Scientists have long studied",
+    "The recipe calls for", "During the winter months,", "The museum's collection includes",
+    "A typical day at the school", "The river flows through", "Many people believe that",
+    "The company was founded", "In the final chapter of the book,", "The weather forecast for",
+    "When the train arrived at the station,", "The old house on the hill", "Music has always been",
+    "The rules of the game are",
+)
+
+
+def generated_corpus(lm, seed: int, log: Callable[[str], None] = print, n_docs: int | None = None,
+                     new_tokens: int | None = None) -> list[str]:
+    """`n_docs` (default CORPUS_DOCS) continuations of CORPUS_OPENERS sampled from the model
+    (top-k 50, top-p 0.95, temperature 1, `new_tokens` (CORPUS_NEW_TOKENS) new tokens, torch
+    seeded with `seed`); each document is the opener + its decoded continuation (empty documents
+    are left out)."""
+    n_docs = n_docs or CORPUS_DOCS
+    new_tokens = new_tokens or CORPUS_NEW_TOKENS
+    openers = [CORPUS_OPENERS[i % len(CORPUS_OPENERS)] for i in range(n_docs)]
+    batches = [SampleBatch(tuple(openers[i:i + CORPUS_BATCH]), max_new_tokens=new_tokens)
+               for i in range(0, n_docs, CORPUS_BATCH)]
+
+    def produce() -> list[list[int]]:
+        log(f"generating the perplexity corpus from the unedited model ({n_docs} docs, seed {seed}) ...")
+        rows = sample_batches(lm.model, lm.tokenizer, batches, seed=seed, top_k=TOP_K, top_p=TOP_P)
+        return [gen for batch in rows for _, gen in batch]
+
+    spec = {"openers": openers, "new_tokens": new_tokens, "seed": seed, "top_k": TOP_K,
+            "top_p": TOP_P, "batch": CORPUS_BATCH}
+    generated = cached_samples(cache_dir(), "perplexity-corpus", lm.identity, spec, produce)
+    texts = [(opener + lm.tokenizer.decode(gen, skip_special_tokens=True)).strip()
+             for opener, gen in zip(openers, generated)]
+    return [t for t in texts if t]
+
+
+def describe(seed: int) -> str:
+    return (f"generated from the unedited model: {CORPUS_DOCS} samples of {CORPUS_NEW_TOKENS} "
+            f"tokens, seed {seed} (cached per model)")

@@ -1,0 +1,300 @@
+"""Run set-up, shared by `bench run`, `bench regress` and `bench train`: check the options, find
+the data (one banner when there is none), plan the tasks, build and check the editor against the
+model's config before any weights load, load the model, hand the editor its context (training
+data, instruction wrapper, cache) and describe the run in its config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+
+from bench import __version__
+from bench.core.cases import EditCase, SkippedRecord
+from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
+from bench.core.distributed import Shard
+from bench.core.errors import BenchError
+from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams
+from bench.core.io import cache_dir
+from bench.core.metrics import METRIC_DEFINITIONS
+from bench.core.models import LoadedModel, load_config, load_model, resolve_device, resolve_dtype
+from bench.regression import RegressionOptions, check_regression, lm_eval_version
+from editors import get_editor_class, presets
+from editors.base import EditContext, Editor, TrainingData
+from tasks.instructions import MODES as INSTRUCTION_MODES
+from tasks.instructions import instruct
+from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, resolve_data_dir,
+                            task_status, trainable)
+
+MODES = ("single", "sequential")
+
+
+@dataclass
+class RunOptions:
+    """Everything that defines a run; stored in config.json so `--resume` can rebuild it."""
+
+    editor: str = "ft"
+    tasks: list[str] = field(default_factory=list)  # empty: every task whose data is found
+    holdout: list[str] = field(default_factory=list)
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: int | None = DEFAULT_LIMIT  # cases per task; None = all
+    seed: int = 0
+    data_dir: str | None = None
+    output_dir: str = "runs"
+    hparams: dict = field(default_factory=dict)  # overrides from --hparam / --hparams-file
+    instruction_mode: str = "seen"  # "seen" or "unseen" description at evaluation
+    batch_size: int = 32
+    retrain: bool = False
+    run_name: str | None = None
+    # single: each case edited alone and restored; sequential: every edit applied in order and
+    # kept, each case scored on the model holding all of them, restored at the end
+    mode: str = "single"
+    # lm-eval regression (bench/regression): empty list = none
+    regression: list[str] = field(default_factory=list)
+    lm_limit: int | None = DEFAULT_LM_LIMIT  # docs per lm-eval task; None = all
+    regression_corpus: str | None = None
+    regression_sample: int = 3  # single mode: edits the suite is evaluated after
+
+    def check(self) -> None:
+        """Option errors that need no data, model or editor."""
+        if self.instruction_mode not in INSTRUCTION_MODES:
+            raise BenchError(f"--instruction must be seen or unseen, got {self.instruction_mode!r}")
+        if self.limit is not None and self.limit < 1:
+            raise BenchError(f"--limit must be positive, got {self.limit}")
+        if self.batch_size < 1:
+            raise BenchError("--batch-size must be at least 1")
+        if self.mode not in MODES:
+            raise BenchError(f"mode must be single or sequential, got {self.mode!r}")
+        get_editor_class(self.editor)  # unknown editor
+        for name in list(self.tasks) + list(self.holdout):
+            get_card(name)  # unknown task or held-out task
+        if self.regression:
+            check_regression(self.regression_options())
+
+    def regression_options(self) -> RegressionOptions:
+        return RegressionOptions(lm_tasks=list(self.regression), mode=self.mode,
+                                 lm_limit=self.lm_limit, sample=self.regression_sample,
+                                 corpus=self.regression_corpus, batch_size=self.batch_size,
+                                 seed=self.seed)
+
+
+def options_from_config(config: dict) -> RunOptions:
+    """The RunOptions stored in a run's config.json; a run written by an incompatible version is
+    one clear error, not a traceback."""
+    stored = config.get("options")
+    known = {f.name for f in dataclasses.fields(RunOptions)}
+    if not isinstance(stored, dict) or set(stored) - known:
+        unknown = sorted(set(stored) - known) if isinstance(stored, dict) else ["options"]
+        raise BenchError(f"this run directory was written by another version of the harness "
+                         f"(unknown options: {', '.join(unknown)}); start a new run")
+    return RunOptions(**stored)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and tasks
+# --------------------------------------------------------------------------------------------
+
+
+def find_data(arg: str | None, log: Callable[[str], None]) -> Path | None:
+    """The data directory (--data-dir, $BENCH_DATA, ../shared/data), or None for the built-in
+    sample, announced by the one banner every command shows."""
+    data_dir, builtin = resolve_data_dir(arg)
+    if builtin:
+        log("=" * 72)
+        log("NOTE: no data directory found (--data-dir, $BENCH_DATA, ../shared/data);")
+        log("      using the small built-in sample records. Numbers are not comparable.")
+        log("=" * 72)
+    return data_dir
+
+
+@dataclass
+class PlannedTask:
+    name: str
+    holdout: bool
+    metrics: list[str]
+    cases: list[EditCase]
+    skipped: list[SkippedRecord]
+    data_files: dict[str, str]
+
+    @property
+    def counterfact(self) -> bool:
+        """Whether CounterFact's probability comparisons are scored for this task."""
+        return "counterfact" in self.metrics
+
+
+def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
+    """Resolve task names, load their eval splits and apply --limit."""
+    names = list(opts.tasks)
+    explicit = set(names) | set(opts.holdout)
+    if not names:
+        names = [n for n in list_cards() if task_status(n, data_dir)["found"]]
+    names += [n for n in opts.holdout if n not in names]
+    planned = []
+    for name in names:
+        card = get_card(name)
+        holdout = name in opts.holdout
+        split = load_split(name, "eval", data_dir, holdout=holdout)
+        cases = split.cases if opts.limit is None else split.cases[: opts.limit]
+        if not cases:
+            if name in explicit:
+                raise BenchError(f"task {name!r} has no usable eval cases in its data")
+            continue  # chosen by default because its files exist, but they hold no eval case
+        planned.append(PlannedTask(name=name, holdout=holdout, metrics=list(card.metrics),
+                                   cases=cases, skipped=split.skipped,
+                                   data_files=data_file_hashes(name, data_dir, split="eval")))
+    if not planned:
+        raise BenchError("no task with eval cases found; name one with --task (see bench list tasks)")
+    return planned
+
+
+def training_data(data_dir: Path | None, holdout: list[str]) -> TrainingData:
+    """What a learned editor trains on: every task with a train split whose data is found,
+    except the held-out ones; splits are loaded when the editor asks for them."""
+    tasks = [name for name in list_cards() if name not in holdout and trainable(name, data_dir)]
+    return TrainingData(tasks=tasks, holdout=list(holdout),
+                        load=lambda name: load_split(name, "train", data_dir).cases,
+                        hashes={t: data_file_hashes(t, data_dir, split="train") for t in tasks})
+
+
+# --------------------------------------------------------------------------------------------
+# Editor and context
+# --------------------------------------------------------------------------------------------
+
+
+def hparams_source(editor: str, hparams_file: str | None) -> dict:
+    """The mapping of a --hparams-file: a YAML path, or the name of a preset shipped for the
+    editor (editors/presets/<editor>/<name>.yaml)."""
+    if not hparams_file:
+        return {}
+    shipped = presets(editor)
+    if not Path(hparams_file).exists() and hparams_file in shipped:
+        return load_hparams_file(shipped[hparams_file])
+    if not Path(hparams_file).exists():
+        known = f" (presets for {editor}: {', '.join(shipped)})" if shipped else ""
+        raise BenchError(f"hyperparameter file not found: {hparams_file}{known}")
+    return load_hparams_file(hparams_file)
+
+
+def build_editor(name: str, overrides: dict, model_config) -> Editor:
+    """The editor with its defaults for this model, the overrides applied and every value
+    checked against the model (before its weights load)."""
+    cls = get_editor_class(name)
+    editor = cls(override_hparams(cls.default_hparams(model_config), overrides))
+    editor.check(model_config)
+    return editor
+
+
+def edit_context(opts: RunOptions, editor: Editor, data_dir: Path | None, shard: Shard,
+                 log: Callable[[str], None]) -> EditContext:
+    """The one EditContext builder: cache, seed, training data (learned editors), instruction
+    wrapper, this process's shard."""
+    return EditContext(cache_dir=cache_dir(), seed=opts.seed, retrain=opts.retrain, log=log,
+                       shard=shard,
+                       training=training_data(data_dir, list(opts.holdout)) if editor.learns else None,
+                       instruct=lambda case, mode: instruct(case, mode, opts.seed))
+
+
+def prepare_editor(editor: Editor, lm: LoadedModel, ctx: EditContext) -> None:
+    """editor.prepare on every process: learned editors under a launcher train together (or
+    all load); anything else is prepared (cached) on the first process, then found in the cache
+    by the others."""
+    shard = ctx.shard
+    if editor.learns and shard.world > 1:
+        editor.prepare(lm, ctx)
+        return
+    if shard.rank == 0:
+        editor.prepare(lm, ctx)
+    shard.barrier()
+    if shard.rank != 0:
+        editor.prepare(lm, ctx)
+
+
+@dataclass
+class Setup:
+    opts: RunOptions
+    data_dir: Path | None
+    planned: list[PlannedTask]
+    editor: Editor
+    lm: LoadedModel
+    ctx: EditContext
+    shard: Shard
+
+
+def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = True) -> Setup:
+    """Everything before the first case: every input is checked before the model loads."""
+    opts.check()
+    data_dir = find_data(opts.data_dir, log)
+    planned = plan_tasks(opts, data_dir) if plan else []
+    shard = Shard.current(opts.device)
+    if shard.world > 1 and opts.regression:
+        raise BenchError("lm-eval regression runs in one process; drop --regression or the launcher")
+    device = shard.device_for(opts.device)
+    resolve_dtype(opts.dtype, resolve_device(device))  # bad --device / --dtype: fail before loading
+    editor = build_editor(opts.editor, opts.hparams, load_config(opts.model))
+    lm = load_model(opts.model, device=device, dtype=opts.dtype)
+    ctx = edit_context(opts, editor, data_dir, shard, log)
+    prepare_editor(editor, lm, ctx)
+    return Setup(opts, data_dir, planned, editor, lm, ctx, shard)
+
+
+def evaluation_case(setup: Setup, case: EditCase) -> EditCase:
+    """The case as the editor sees it: wrapped in its task's instruction for editors that use
+    instructions (the run's seen or unseen description), as it is otherwise."""
+    if not setup.editor.uses_instructions:
+        return case
+    return setup.ctx.instruct(case, setup.opts.instruction_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------
+
+
+def _versions(regression: bool) -> dict:
+    out = {"instructedit_bench": __version__, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    if regression:
+        out["lm_eval"] = lm_eval_version()
+    return out
+
+
+def _count_reasons(skipped: list[SkippedRecord]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in skipped:
+        out[s.reason] = out.get(s.reason, 0) + 1
+    return out
+
+
+def run_config(setup: Setup, argv: list[str] | None) -> dict:
+    """The config.json of a run: everything needed to reproduce and compare it."""
+    opts, lm, editor = setup.opts, setup.lm, setup.editor
+    args = list(argv if argv is not None else sys.argv[1:])
+    return {
+        "command": "bench " + " ".join(args),
+        "argv": args,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": dataclasses.asdict(opts),
+        "model": {"spec": lm.spec, "source_hash": lm.source_hash,
+                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device)},
+        "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
+                   "uses_instructions": editor.uses_instructions},
+        "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
+                   "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
+                   "skipped_reasons": _count_reasons(t.skipped)} for t in setup.planned],
+        "data_dir": str(setup.data_dir) if setup.data_dir else "built-in sample",
+        "seed": opts.seed, "limit": opts.limit, "mode": opts.mode,
+        "instruction_mode": opts.instruction_mode,
+        "metric_definitions": METRIC_DEFINITIONS,
+        "versions": _versions(bool(opts.regression)),
+        "notes": setup.ctx.notes,
+    }
