@@ -7,6 +7,7 @@ data, instruction wrapper, cache) and describe the run in its config.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from bench.regression import RegressionOptions, check_regression, lm_eval_versio
 from editors import get_editor_class, presets
 from editors.base import EditContext, Editor, TrainingData
 from tasks.instructions import MODES as INSTRUCTION_MODES
+from tasks.card import merge_options
 from tasks.instructions import instruct
 from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, resolve_data_dir,
                             task_status, trainable)
@@ -52,6 +54,8 @@ class RunOptions:
     data_dir: str | None = None
     output_dir: str = "runs"
     hparams: dict = field(default_factory=dict)  # overrides from --hparam / --hparams-file
+    # per task, overrides of its card's source.options (--task-option task.key=value)
+    task_options: dict = field(default_factory=dict)
     instruction_mode: str = "seen"  # "seen" or "unseen" description at evaluation
     batch_size: int = 32
     retrain: bool = False
@@ -78,6 +82,8 @@ class RunOptions:
         get_editor_class(self.editor)  # unknown editor
         for name in list(self.tasks) + list(self.holdout):
             get_card(name)  # unknown task or held-out task
+        for name, options in self.task_options.items():
+            merge_options(get_card(name), options)  # unknown task or option, a bad value
         if self.regression:
             check_regression(self.regression_options())
 
@@ -143,7 +149,7 @@ def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
     for name in names:
         card = get_card(name)
         holdout = name in opts.holdout
-        split = load_split(name, "eval", data_dir, holdout=holdout)
+        split = load_split(name, "eval", data_dir, holdout=holdout, options=opts.task_options.get(name))
         cases = split.cases if opts.limit is None else split.cases[: opts.limit]
         if not cases:
             if name in explicit:
@@ -157,13 +163,20 @@ def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
     return planned
 
 
-def training_data(data_dir: Path | None, holdout: list[str]) -> TrainingData:
+def training_data(data_dir: Path | None, holdout: list[str],
+                  task_options: dict[str, dict] | None = None) -> TrainingData:
     """What a learned editor trains on: every task with a train split whose data is found,
-    except the held-out ones; splits are loaded when the editor asks for them."""
+    except the held-out ones; splits are loaded when the editor asks for them. A task whose
+    card options are overridden names them beside its file hashes (they change the cases)."""
+    task_options = task_options or {}
     tasks = [name for name in list_cards() if name not in holdout and trainable(name, data_dir)]
-    return TrainingData(tasks=tasks, holdout=list(holdout),
-                        load=lambda name: load_split(name, "train", data_dir).cases,
-                        hashes={t: data_file_hashes(t, data_dir, split="train") for t in tasks})
+    hashes = {t: data_file_hashes(t, data_dir, split="train") for t in tasks}
+    for t in tasks:
+        if task_options.get(t):
+            hashes[t] = {**hashes[t], "options": json.dumps(task_options[t], sort_keys=True)}
+    return TrainingData(tasks=tasks, holdout=list(holdout), hashes=hashes,
+                        load=lambda name: load_split(name, "train", data_dir,
+                                                     options=task_options.get(name)).cases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +213,8 @@ def edit_context(opts: RunOptions, editor: Editor, data_dir: Path | None, shard:
     wrapper, this process's shard."""
     return EditContext(cache_dir=cache_dir(), seed=opts.seed, retrain=opts.retrain, log=log,
                        shard=shard,
-                       training=training_data(data_dir, list(opts.holdout)) if editor.learns else None,
+                       training=(training_data(data_dir, list(opts.holdout), opts.task_options)
+                                 if editor.learns else None),
                        instruct=lambda case, mode: instruct(case, mode, opts.seed))
 
 
@@ -289,6 +303,7 @@ def run_config(setup: Setup, argv: list[str] | None) -> dict:
         "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
                    "uses_instructions": editor.uses_instructions},
         "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
+                   "options": merge_options(get_card(t.name), opts.task_options.get(t.name)),
                    "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
                    "skipped_reasons": _count_reasons(t.skipped)} for t in setup.planned],
         "data_dir": str(setup.data_dir) if setup.data_dir else "built-in sample",

@@ -1,194 +1,88 @@
-"""Speed benchmark: the optimised and the plain path of FT-L and ROME, side by side.
+"""Speed benchmark: the optimised and the plain path of FT and ROME side by side, their cost
+curves, and the per-edit phases of any editor.
 
     python benchmarks/speed.py --cases 5 --editors ft,rome --json speed.json
     python benchmarks/speed.py --curve --curve-cases 2
+    python benchmarks/speed.py --phases --editor rome --hparams-file easyedit --cases 3
 
-Compare mode (default) builds editors per method from the reference hyperparameters
-(FT: layer 21, 25 Adam steps, lr 5e-4, no norm constraint, teacher-forced target loss,
-stop below 1e-2; ROME: layer 5, 25 value steps, context_counts 10,10 with lengths 5,10, no
-covariance adjustment) that differ only in the optimisation switches: "optimised" and
-"plain" (FT `frozen_prefix` + `fused_vocab_loss`, ROME `reuse_context_prefix`), for FT also
-"parallel" (optimised, `--parallel-edits` cases optimised together) and "reference" (the
-reference framework's whole-model computation, written out here). Every path runs the same
-CounterFact cases through bench.runner.run_cases, the order of the paths rotating chunk by
-chunk so that a busy machine slows all alike. It prints seconds per edit (edit only, and
-edit plus pre- and post-edit evaluation), the ratios to plain and to the reference, and
-every metric's post-edit mean for each path.
+Compare mode (default) builds the editors of each method from the reference settings, the
+presets shipped for them (`ft/easyedit-ft-m`: layer 21, 25 Adam steps, lr 5e-4, no norm
+constraint, teacher-forced target loss, stop below 1e-2; `rome/easyedit`: layer 5, 25 value
+iterations with ROME's total-loss stop rule, context_counts 10,10 with lengths 5,10, no covariance
+adjustment; layers scaled to the model's depth when it is not 30), which differ only in the
+optimisation switches: "optimised" and "plain" (FT `frozen_prefix` + `fused_vocab_loss`, ROME
+`reuse_context_prefix`), for FT also "parallel" (optimised, `--parallel-edits` cases optimised
+together) and "reference" (the reference framework's whole-model computation, written out here).
+Every path runs the same cases (CounterFact eval records by default) through
+bench.runner.run_cases, the order of the paths rotating chunk by chunk so that a busy machine
+slows all alike. It prints seconds per edit (edit only, and edit plus pre- and post-edit
+evaluation), the ratios to plain and to the reference, every metric's post-edit mean for each
+path, and the per-edit phases the editors report (ROME: key, value, update).
 
-Curve mode (--curve) times the edit alone (no evaluation) against model size (the tiny
-random Llama of tests/tiny.py and SmolLM2-135M) for FT and ROME, and against the number of
-ROME context prompts on SmolLM2-135M, with the peak resident-memory increase during the edit.
+Curve mode (--curve) times the edit alone (no evaluation) against model size (the tiny random
+Llama of bench.core.tiny and SmolLM2-135M) for FT and ROME, and against the number of ROME
+context prompts on SmolLM2-135M, with the peak resident-memory increase during the edit.
 
-Absolute seconds depend on the machine's load (reported at start and end); the ratios
-optimised/plain, measured in the same process on the same cases, are the robust figures.
+Phases mode (--phases) runs any editor (`--editor`, default rome) with its defaults for the
+model, `--hparams-file FILE|PRESET` and `--hparam KEY=VALUE` on top, and prints per case the
+phase timings the edit reports (its handle.info: ROME's key_s, value_s, update_s), the edit and
+evaluation seconds, the optimisation steps, the post-edit reliability and the memory, plus the
+time of `prepare` (ROME: context texts, key statistics and C^-1, cached on disk after the first
+run; learned editors: loading or training their checkpoint).
+
+Steps and phases come from each edit's handle.info (the case record's "edit" entry). Absolute
+seconds depend on the machine's load (reported at start and end); the ratios optimised/plain,
+measured in the same process on the same cases, are the robust figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from _common import (PeakRSS, add_data_argument, find_data_dir, fmt, is_counterfact, load_cases, log,
+                     loadavg, machine, machine_line, max_rss_mib, mean, prepare, run_main,
+                     scalar_notes, set_threads)
+from bench.core.defaults import DEFAULT_MODEL
+from bench.core.hparams import hparams_to_dict, parse_hparam_args
+from bench.core.layout import find_layout
+from bench.core.metrics import ALL_METRICS
+from bench.core.models import LoadedModel, load_model
+from bench.core.probes import encode_probe
+from bench.core.tiny import tiny_model
+from bench.runner import run_cases
+from bench.session import build_editor, hparams_source
+from editors import get_editor_class
+from editors.base import EditHandle, param_name
+from editors.ft import FineTune
 
-from bench.models import LoadedModel, cache_dir, load_model  # noqa: E402
-from bench.runner import run_cases  # noqa: E402
-from bench.metrics import encode_probe  # noqa: E402
-from bench.models import find_layout  # noqa: E402
-from editors.base import EditContext, EditHandle, param_name  # noqa: E402
-from editors.ft import FineTune, FTHparams  # noqa: E402
-from editors.rome import Rome, RomeHparams  # noqa: E402
-
-MODEL = "smollm2-135m"
-DATA_DIR = Path(os.environ.get("BENCH_DATA", "/work/shared/data"))
-METRICS = ("reliability", "generality", "locality", "efficacy", "paraphrase", "neighborhood")
 # The issue author's figures on this machine, idle (another framework, SmolLM2-135M float32,
 # first 50 CounterFact edit records). ROME's figure has no separate evaluation time.
 REFERENCE = {"ft": {"edit_s": 2.3, "eval_s": 0.4}, "rome": {"edit_s": 30.0, "eval_s": None}}
 TARGET = {"ft": 0.4, "rome": 0.7}  # optimised seconds per edit / reference, at most
-SWITCH = {"ft": "frozen_prefix", "rome": "reuse_context_prefix"}
+PRESET = {"ft": "easyedit-ft-m", "rome": "easyedit"}  # the reference settings, shipped presets
+PRESET_DEPTH = 30  # the presets' layer numbers are SmolLM2-135M's (30 layers)
 OPTIMISED_PATHS = ("optimised", "parallel")  # compared with "plain" (and FT's "reference")
-REF_LAYER = {"ft": 21, "rome": 5}  # on SmolLM2-135M's 30 layers
+TINY = "tiny-llama"
 
 
 # ------------------------------------------------------------------------------------------
-# Machine, memory and step counting
+# Reference settings and editors
 # ------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def machine() -> dict:
-    import transformers
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-def rss_bytes() -> int | None:
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss
-
-
-class PeakRSS:
-    """Peak resident-set growth while the block runs: psutil sampled every `interval` seconds
-    on a background thread; without psutil, the growth of ru_maxrss (which only sees growth
-    beyond the process's earlier peak, so it is a lower bound)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.delta_mib = 0.0
-        self.source = "psutil" if rss_bytes() is not None else "ru_maxrss"
-
-    def __enter__(self):
-        self._stop = threading.Event()
-        if self.source == "psutil":
-            import psutil
-
-            proc = psutil.Process()
-            self._base = proc.memory_info().rss
-            self._peak = self._base
-
-            def sample():
-                while not self._stop.is_set():
-                    self._peak = max(self._peak, proc.memory_info().rss)
-                    self._stop.wait(self.interval)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        else:
-            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self.source == "psutil":
-            self._thread.join()
-            self._peak = max(self._peak, rss_bytes())
-        else:
-            self._peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.delta_mib = (self._peak - self._base) / 2**20
-        return False
-
-
-class StepCounter:
-    """Counts optimizer steps taken by any torch optimizer inside the block (both editors stop
-    early on a loss threshold, so steps differ from case to case)."""
-
-    def __enter__(self):
-        self.n = 0
-
-        def hook(_opt, _args, _kwargs):
-            self.n += 1
-
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._handle = register_optimizer_step_post_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-        return False
-
-
-# ------------------------------------------------------------------------------------------
-# Cases, models, editors
-# ------------------------------------------------------------------------------------------
-
-
-def load_cases(n: int, offset: int = 0):
-    from tasks.registry import load_split
-
-    split = load_split("counterfact", "eval", DATA_DIR)
-    return split.cases[offset: offset + n]
-
-
-def load_lm(spec: str) -> tuple[LoadedModel, Path, tempfile.TemporaryDirectory | None]:
-    """The model and the cache directory its editors prepare into (a throwaway one for the
-    random tiny model, so it leaves nothing in the shared cache)."""
-    if spec == "tiny-llama":
-        from tests.tiny import tiny_model
-
-        tmp = tempfile.TemporaryDirectory(prefix="speed-tiny-")
-        return tiny_model("llama"), Path(tmp.name), tmp
-    return load_model(spec, device="cpu", dtype="float32"), cache_dir(), None
-
-
-def scaled_layer(name: str, n_layers: int) -> int:
-    """The reference layer (of 30) at the same relative depth for another model."""
-    if n_layers == 30:
-        return REF_LAYER[name]
-    return max(0, min(n_layers - 1, round(REF_LAYER[name] / 30 * n_layers)))
+def scaled(layer: int, n_layers: int) -> int:
+    """A preset layer (of 30) at the same relative depth of a model with `n_layers`."""
+    if n_layers == PRESET_DEPTH:
+        return layer
+    return max(0, min(n_layers - 1, round(layer / PRESET_DEPTH * n_layers)))
 
 
 def context_spec(n_contexts: int) -> tuple[list[int], list[int]]:
@@ -198,21 +92,26 @@ def context_spec(n_contexts: int) -> tuple[list[int], list[int]]:
     return [5, 10], [n_contexts // 2, n_contexts - n_contexts // 2]
 
 
-def make_hparams(name: str, n_layers: int, optimised: bool, n_contexts: int = 20, steps: int = 25,
-                 parallel_edits: int = 1):
-    layer = scaled_layer(name, n_layers)
+def reference_overrides(name: str, n_layers: int, optimised: bool, n_contexts: int | None = None,
+                        steps: int | None = None, parallel_edits: int = 1) -> dict:
+    """The preset of `name` with its layers scaled to the model and the optimisation switches
+    set; `n_contexts` (ROME) and `steps` replace the preset's where given."""
+    hp = hparams_source(name, PRESET[name])
+    if "layer" in hp:
+        hp["layer"] = scaled(hp["layer"], n_layers)
+    if hp.get("layers"):
+        hp["layers"] = [scaled(i, n_layers) for i in hp["layers"]]
     if name == "ft":
-        # The reference framework's Llama FT setting: no norm constraint, the loss is the mean NLL
-        # of the teacher-forced target tokens (our FT-M objective), stop once it is below 1e-2.
-        return FTHparams(layers=[layer], steps=steps, lr=5e-4, norm_constraint=None,
-                         objective="target_masked", min_loss=1e-2, frozen_prefix=optimised,
-                         fused_vocab_loss=optimised, parallel_edits=parallel_edits)
-    lengths, counts = context_spec(n_contexts)
-    # The reference stops on the total loss (NLL + KL + weight decay) < 0.05, which the KL term
-    # keeps from firing, so it runs all 25 steps: early stopping is off here for the same work.
-    return RomeHparams(layer=layer, v_num_grad_steps=steps, context_lengths=lengths,
-                       context_counts=counts, mom2_adjustment=False, v_loss_layer=-1,
-                       v_early_stop_nll=0.0, reuse_context_prefix=optimised)
+        hp.update(frozen_prefix=optimised, fused_vocab_loss=optimised, parallel_edits=parallel_edits)
+        if steps is not None:
+            hp["steps"] = steps
+    else:
+        hp["reuse_context_prefix"] = optimised
+        if n_contexts is not None:
+            hp["context_lengths"], hp["context_counts"] = context_spec(n_contexts)
+        if steps is not None:
+            hp["v_num_grad_steps"] = steps
+    return hp
 
 
 class ReferenceLikeFT(FineTune):
@@ -222,10 +121,10 @@ class ReferenceLikeFT(FineTune):
     objective target_masked, so the same steps and, up to float rounding, the same edit). It
     measures on this machine, now, what the reference figure measured then."""
 
-    def apply(self, model, tokenizer, case):
+    def apply(self, model, tokenizer, case) -> EditHandle:
         hp = self.hparams
         layout = find_layout(model)
-        layers = self._check(layout.num_layers)
+        layers = self._layers(layout.num_layers)
         weights = [layout.layers[i].mlp_out.weight for i in layers]
         handle = EditHandle(model, [param_name(model, layout.layers[i].mlp_out) for i in layers])
         prompt_ids, target_ids = encode_probe(tokenizer, case.prompt, case.target_new)
@@ -236,6 +135,7 @@ class ReferenceLikeFT(FineTune):
         for w in weights:
             w.requires_grad_(True)
         opt = torch.optim.Adam(weights, lr=hp.lr, weight_decay=hp.weight_decay)
+        steps = 0
         try:
             with torch.enable_grad():
                 for _ in range(hp.steps):
@@ -247,32 +147,54 @@ class ReferenceLikeFT(FineTune):
                         break
                     loss.backward()
                     opt.step()
+                    steps += 1
         finally:
             for w in weights:
                 w.requires_grad_(False)
                 w.grad = None
+        handle.info["steps"] = steps
         return handle
 
-
-def make_editor(name: str, lm: LoadedModel, cache: Path, hparams, reference: bool = False) -> tuple[object, float]:
-    """The editor, prepared; returns (editor, seconds spent in prepare)."""
-    editor = (ReferenceLikeFT if reference else FineTune if name == "ft" else Rome)(hparams)
-    t0 = time.perf_counter()
-    editor.prepare(lm, EditContext(cache_dir=cache, seed=0, log=lambda s: print(s, file=sys.stderr)))
-    return editor, time.perf_counter() - t0
+    def apply_many(self, model, tokenizer, cases):
+        # FineTune's batched optimisation is not the reference's: one case at a time.
+        for case in cases:
+            yield self.apply(model, tokenizer, case)
 
 
-def warm_up(name: str, lm: LoadedModel, cache: Path, optimised: bool, cases, n_contexts: int = 20,
-            parallel_edits: int = 1) -> None:
+def make_editor(name: str, lm: LoadedModel, overrides: dict, cache: Path | None = None,
+                reference: bool = False, data_dir: Path | None = None):
+    """The editor built and checked by bench.session.build_editor, prepared as a run prepares
+    it; returns (editor, context, seconds spent in prepare)."""
+    editor = build_editor(name, overrides, lm.model.config)
+    if reference:
+        editor = ReferenceLikeFT(editor.hparams)
+    ctx, prepare_s = prepare(editor, lm, data_dir, cache=cache)
+    return editor, ctx, prepare_s
+
+
+def warm_up(name: str, lm: LoadedModel, cache: Path | None, optimised: bool, cases,
+            n_contexts: int | None = None, parallel_edits: int = 1) -> None:
     """One short call (2 steps) so the first timed edit pays no first-call costs."""
-    editor, _ = make_editor(name, lm, cache, make_hparams(name, lm.layout.num_layers, optimised,
-                                                          n_contexts, steps=2, parallel_edits=parallel_edits))
+    hp = reference_overrides(name, lm.layout.num_layers, optimised, n_contexts, steps=2,
+                             parallel_edits=parallel_edits)
+    editor, _, _ = make_editor(name, lm, hp, cache)
     for handle in editor.apply_many(lm.model, lm.tokenizer, cases[:parallel_edits]):
         handle.restore()
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def load_lm(spec: str, device: str,
+            dtype: str) -> tuple[LoadedModel, Path | None, tempfile.TemporaryDirectory | None]:
+    """The model and the cache directory its editors prepare into (None: the harness's cache; a
+    throwaway one for the random tiny model, so it leaves nothing in the shared cache)."""
+    if spec == TINY:
+        tmp = tempfile.TemporaryDirectory(prefix="speed-tiny-")
+        return tiny_model("llama"), Path(tmp.name), tmp
+    return load_model(spec, device=device, dtype=dtype), None, None
+
+
+def phase_keys(info: dict) -> list[str]:
+    """The timing entries of an edit's info (ROME: key_s, value_s, update_s)."""
+    return [k for k, v in info.items() if k.endswith("_s") and isinstance(v, (int, float))]
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,23 +202,22 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def timed_cases(lm: LoadedModel, editor, cases, optimised: bool) -> list[dict]:
+def timed_cases(lm: LoadedModel, editor, cases, optimised: bool, counterfact: bool) -> list[dict]:
     """The cases through bench.runner.run_cases, in one call when the editor computes several
-    edits together (then `steps` is the joint steps, the most any of them took); the optimised
-    paths' post-edit evaluation reuses the blocks below the edit, the others run every block."""
-    with StepCounter() as steps:
-        records = list(run_cases(lm, editor, [(c, True) for c in cases], batch_size=32,
-                                 reuse_unchanged_blocks=optimised))
+    edits together; the optimised paths' post-edit evaluation reuses the blocks below the edit,
+    the others run every block. Steps and phases from each record's "edit" entry."""
+    records = list(run_cases(lm, editor, [(c, counterfact) for c in cases], batch_size=32,
+                             reuse_unchanged_blocks=optimised))
     out = []
     for case, rec in zip(cases, records):
-        r = {"case_id": case.case_id, "error": rec["error"], "steps": steps.n, "load": loadavg()}
+        info = rec.get("edit", {})
+        r = {"case_id": case.case_id, "error": rec["error"], "steps": info.get("steps"), "load": loadavg(),
+             "phases": {k: info[k] for k in phase_keys(info)}}
+        if "prefix_reused" in info:
+            r["prefix_reused"] = info["prefix_reused"]
         if not rec["error"]:
-            r.update(edit_s=rec["time"]["edit_s"], eval_s=rec["time"]["eval_s"],
-                     pre={k: rec["pre"][k] for k in METRICS if k in rec["pre"]},
-                     post={k: rec["post"][k] for k in METRICS if k in rec["post"]})
-        if isinstance(editor, Rome):
-            r["phases"] = {k: round(v, 4) for k, v in editor.last_timings.items()}
-            r["prefix_reused"] = editor.last_info.get("prefix_reused")
+            r.update(edit_s=rec["time"]["edit_s"], eval_s=rec["time"]["eval_s"], pre=rec["pre"],
+                     post=rec["post"])
         out.append(r)
     return out
 
@@ -312,16 +233,17 @@ def paths_for(name: str, parallel_edits: int) -> list[tuple[str, bool, int]]:
     return paths
 
 
-def compare(lm: LoadedModel, names: list[str], cases, warmup: bool, parallel_edits: int = 8) -> dict:
+def compare(lm: LoadedModel, names: list[str], cases, counterfact: bool, warmup: bool,
+            parallel_edits: int = 8) -> dict:
     results = {}
     for name in names:
         editors, prepare_s = {}, {}
         paths = paths_for(name, parallel_edits)
         for path, optimised, per_call in paths:
-            hp = make_hparams(name, lm.layout.num_layers, optimised, parallel_edits=per_call)
-            editors[path], prepare_s[path] = make_editor(name, lm, cache_dir(), hp, path == "reference")
+            hp = reference_overrides(name, lm.layout.num_layers, optimised, parallel_edits=per_call)
+            editors[path], _, prepare_s[path] = make_editor(name, lm, hp, reference=path == "reference")
             if warmup:
-                warm_up(name, lm, cache_dir(), optimised, cases, parallel_edits=per_call)
+                warm_up(name, lm, None, optimised, cases, parallel_edits=per_call)
         runs = {path: [] for path, _, _ in paths}
         chunk = max(per_call for _, _, per_call in paths)
         for i, start in enumerate(range(0, len(cases), chunk)):
@@ -330,18 +252,14 @@ def compare(lm: LoadedModel, names: list[str], cases, warmup: bool, parallel_edi
             for path, optimised, per_call in order:
                 for j in range(start, min(start + chunk, len(cases)), per_call):
                     batch = cases[j:min(j + per_call, start + chunk, len(cases))]
-                    for case, r in zip(batch, timed_cases(lm, editors[path], batch, optimised)):
+                    for case, r in zip(batch, timed_cases(lm, editors[path], batch, optimised, counterfact)):
                         runs[path].append(r)
                         log(f"{name} {path:9s} case {case.case_id}: edit {r.get('edit_s', float('nan')):.2f} s, "
                             f"eval {r.get('eval_s', float('nan')):.2f} s, {r['steps']} steps, load {r['load']}"
                             + (f"  ERROR {r['error']}" if r["error"] else ""))
-        results[name] = {"hparams": {p: dataclasses.asdict(e.hparams) for p, e in editors.items()},
+        results[name] = {"hparams": {p: hparams_to_dict(e.hparams) for p, e in editors.items()},
                          "prepare_s": prepare_s, "runs": runs}
     return results
-
-
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def summarize(results: dict) -> dict:
@@ -349,20 +267,24 @@ def summarize(results: dict) -> dict:
     for name, res in results.items():
         ok_ids = set.intersection(*({r["case_id"] for r in runs if not r["error"]}
                                     for runs in res["runs"].values()))
-        s = {}
+        metrics = [m for m in ALL_METRICS
+                   if any(m in r.get("post", {}) for runs in res["runs"].values() for r in runs)]
+        s = {"metrics": metrics}
         for path, runs in res["runs"].items():
             ok = [r for r in runs if r["case_id"] in ok_ids]
+            steps = [r["steps"] for r in ok if r["steps"] is not None]
             s[path] = {"n": len(ok), "errors": len(runs) - len(ok),
-                       "edit_s": _mean([r["edit_s"] for r in ok]),
-                       "total_s": _mean([r["edit_s"] + r["eval_s"] for r in ok]),
-                       "eval_s": _mean([r["eval_s"] for r in ok]),
-                       "steps": _mean([r["steps"] for r in ok]),
-                       "pre": {m: 100 * _mean([r["pre"][m] for r in ok if m in r["pre"]]) for m in METRICS},
-                       "post": {m: 100 * _mean([r["post"][m] for r in ok if m in r["post"]]) for m in METRICS}}
-            if name == "rome":
-                s[path]["phases"] = {k: _mean([r["phases"][k] for r in ok])
-                                     for k in ("key_s", "value_s", "update_s")}
-                s[path]["prefix_reused"] = sum(bool(r["prefix_reused"]) for r in ok)
+                       "edit_s": mean([r["edit_s"] for r in ok]),
+                       "total_s": mean([r["edit_s"] + r["eval_s"] for r in ok]),
+                       "eval_s": mean([r["eval_s"] for r in ok]),
+                       "steps": mean(steps) if steps else None,
+                       "pre": {m: 100 * mean([r["pre"][m] for r in ok if m in r["pre"]]) for m in metrics},
+                       "post": {m: 100 * mean([r["post"][m] for r in ok if m in r["post"]]) for m in metrics}}
+            keys = list(dict.fromkeys(k for r in ok for k in r["phases"]))
+            if keys:
+                s[path]["phases"] = {k: mean([r["phases"][k] for r in ok if k in r["phases"]]) for k in keys}
+            if any("prefix_reused" in r for r in ok):
+                s[path]["prefix_reused"] = sum(bool(r.get("prefix_reused")) for r in ok)
         by_case = {p: {r["case_id"]: r for r in runs} for p, runs in res["runs"].items()}
         p, ref = s["plain"], REFERENCE[name]
         s["ratios"] = {}
@@ -375,19 +297,13 @@ def summarize(results: dict) -> dict:
                  "vs_reference_edit": o["edit_s"] / ref["edit_s"],
                  "vs_reference_total": (o["total_s"] / (ref["edit_s"] + ref["eval_s"])
                                         if ref["eval_s"] is not None else None),
-                 "max_metric_diff": max(abs(o["post"][m] - p["post"][m]) for m in METRICS)}
+                 "max_metric_diff": max((abs(o["post"][m] - p["post"][m]) for m in metrics), default=None)}
             if "reference" in s:
                 r["vs_reference_path_edit"] = o["edit_s"] / s["reference"]["edit_s"]
                 r["vs_reference_path_total"] = o["total_s"] / s["reference"]["total_s"]
             s["ratios"][path] = r
         out[name] = s
     return out
-
-
-def fmt(x, nd=2) -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "-"
-    return f"{x:.{nd}f}"
 
 
 def compare_tables(summary: dict) -> str:
@@ -413,20 +329,24 @@ def compare_tables(summary: dict) -> str:
     lines += ["", "| editor | metric | pre | plain | optimised | optimised - plain | parallel | parallel - plain "
               "| reference path |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in summary.items():
-        for m in METRICS:
+        for m in s["metrics"]:
             o, p = s["optimised"]["post"][m], s["plain"]["post"][m]
             par = s["parallel"]["post"][m] if "parallel" in s else None
             r = fmt(s["reference"]["post"][m], 1) if "reference" in s else "-"
             lines.append(f"| {name} | {m} | {fmt(s['plain']['pre'][m], 1)} | {fmt(p, 1)} | "
                          f"{fmt(o, 1)} | {fmt(o - p, 2)} | {fmt(par, 1)} | "
                          f"{fmt(par - p if par is not None else None, 2)} | {r} |")
-    if "rome" in summary:
-        lines += ["", "| rome path | key s | value s | update s | cases with prefix reused |",
-                  "|---|---:|---:|---:|---:|"]
-        for path in ("optimised", "plain"):
-            ph = summary["rome"][path]["phases"]
-            lines.append(f"| {path} | {fmt(ph['key_s'])} | {fmt(ph['value_s'])} | {fmt(ph['update_s'], 3)} | "
-                         f"{summary['rome'][path]['prefix_reused']}/{summary['rome'][path]['n']} |")
+    phased = [(name, path) for name, s in summary.items()
+              for path in ("optimised", "parallel", "plain", "reference") if path in s and s[path].get("phases")]
+    if phased:
+        keys = list(dict.fromkeys(k for name, path in phased for k in summary[name][path]["phases"]))
+        lines += ["", "| editor | path | " + " | ".join(k.replace("_s", " s") for k in keys)
+                  + " | cases with prefix reused |", "|---|---|" + "---:|" * (len(keys) + 1)]
+        for name, path in phased:
+            s = summary[name][path]
+            reused = f"{s['prefix_reused']}/{s['n']}" if "prefix_reused" in s else "-"
+            cells = [fmt(s["phases"].get(k), 3 if k == "update_s" else 2) for k in keys]
+            lines.append(f"| {name} | {path} | " + " | ".join(cells) + f" | {reused} |")
     return "\n".join(lines)
 
 
@@ -435,40 +355,43 @@ def compare_tables(summary: dict) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def curve_point(name: str, spec: str, lm: LoadedModel, cache: Path, cases, optimised: bool, n_contexts: int,
-                warmup: bool, parallel_edits: int = 1) -> dict:
-    hp = make_hparams(name, lm.layout.num_layers, optimised, n_contexts, parallel_edits=parallel_edits)
-    editor, prep = make_editor(name, lm, cache, hp)
+def curve_point(name: str, spec: str, lm: LoadedModel, cache: Path | None, cases, optimised: bool,
+                n_contexts: int, warmup: bool, parallel_edits: int = 1) -> dict:
+    hp = reference_overrides(name, lm.layout.num_layers, optimised, n_contexts, parallel_edits=parallel_edits)
+    editor, _, prep = make_editor(name, lm, hp, cache)
     if warmup:
         warm_up(name, lm, cache, optimised, cases, n_contexts, parallel_edits=parallel_edits)
     times, mems, steps = [], [], []
     for start in range(0, len(cases), parallel_edits):
         chunk = cases[start:start + parallel_edits]
-        with StepCounter() as sc, PeakRSS() as mem:
+        with PeakRSS() as mem:
             t0 = time.perf_counter()
             for handle in editor.apply_many(lm.model, lm.tokenizer, chunk):
+                steps.append(handle.info.get("steps"))
                 handle.restore()  # a copy of the tuned weights: negligible next to the edit
             times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
         mems.append(mem.delta_mib)
-        steps += [sc.n] * len(chunk)
+    steps = [s for s in steps if s is not None]
     n_params = sum(p.numel() for p in lm.model.parameters())
+    layer = hp["layer"] if name == "rome" else hp["layers"][0]
     return {"model": spec, "params_m": n_params / 1e6, "layers": lm.layout.num_layers,
             "editor": name, "path": "plain" if not optimised else "parallel" if parallel_edits > 1 else "optimised",
-            "together": parallel_edits, "layer": scaled_layer(name, lm.layout.num_layers),
+            "together": parallel_edits, "layer": layer,
             "contexts": n_contexts if name == "rome" else None, "prepare_s": prep,
-            "edit_s": _mean(times), "steps": _mean(steps), "peak_rss_mib": max(mems),
-            "rss_source": PeakRSS().source, "n": len(cases), "load": loadavg()}
+            "edit_s": mean(times), "steps": mean(steps) if steps else None, "peak_rss_mib": max(mems),
+            "rss_source": PeakRSS.source, "n": len(cases), "load": loadavg()}
 
 
-def curve(models: list[str], contexts: list[int], n_cases: int, names: list[str], warmup: bool,
-          parallel: list[int] = ()) -> list[dict]:
+def curve(models: list[str], contexts: list[int], cases, n_cases: int, names: list[str], warmup: bool,
+          parallel: list[int], device: str, dtype: str) -> list[dict]:
+    """Each point times the first max(n_cases, edits together) of `cases`."""
     points, memo = [], {}
 
     def point(name, spec, lm, cache, optimised, n_ctx, together=1):
         key = (name, spec, optimised, n_ctx if name == "rome" else None, together)
         if key not in memo:
-            cases = load_cases(max(n_cases, together))
-            memo[key] = curve_point(name, spec, lm, cache, cases, optimised, n_ctx, warmup, together)
+            memo[key] = curve_point(name, spec, lm, cache, cases[:max(n_cases, together)], optimised,
+                                    n_ctx, warmup, together)
             p = memo[key]
             log(f"curve {spec} {name} {p['path']} contexts {p['contexts']} together {together}: "
                 f"{p['edit_s']:.2f} s/edit, peak +{p['peak_rss_mib']:.0f} MiB, load {p['load']}")
@@ -476,16 +399,16 @@ def curve(models: list[str], contexts: list[int], n_cases: int, names: list[str]
         return memo[key]
 
     for spec in models:
-        lm, cache, tmp = load_lm(spec)
+        lm, cache, tmp = load_lm(spec, device, dtype)
         try:
             for name in names:
                 for optimised in (True, False):
                     point(name, spec, lm, cache, optimised, 20)
-            if spec == MODEL and "rome" in names:
+            if spec != TINY and "rome" in names:
                 for n_ctx in contexts:
                     for optimised in (True, False):
                         point("rome", spec, lm, cache, optimised, n_ctx)
-            if spec == MODEL and "ft" in names:
+            if spec != TINY and "ft" in names:
                 for together in parallel:
                     point("ft", spec, lm, cache, True, 20, together)
         finally:
@@ -513,64 +436,161 @@ def curve_tables(points: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# Phases mode
+# ------------------------------------------------------------------------------------------
+
+
+def phases(lm: LoadedModel, editor, ctx, cases, counterfact: bool) -> list[dict]:
+    """Each case through bench.runner.run_cases (pre-edit evaluation, edit, post-edit
+    evaluation, restore): the phases the edit reports, seconds, steps, reliability, memory."""
+    rows = []
+    for case in cases:
+        if editor.uses_instructions:
+            case = ctx.instruct(case, "seen")
+        with PeakRSS() as mem:
+            rec = next(run_cases(lm, editor, [(case, counterfact)], batch_size=32))
+        info = rec.get("edit", {})
+        row = {"case": case.case_id, "error": rec["error"], "phases": {k: info[k] for k in phase_keys(info)},
+               "steps": info.get("steps"), "growth_mib": mem.delta_mib, "max_rss_mib": max_rss_mib()}
+        if not rec["error"]:
+            row.update(edit_s=rec["time"]["edit_s"], eval_s=rec["time"]["eval_s"],
+                       total_s=rec["time"]["edit_s"] + rec["time"]["eval_s"],
+                       reliability=rec["post"]["reliability"])
+        rows.append(row)
+        log(f"{editor.name} case {case.case_id}: edit {row.get('edit_s', float('nan')):.2f} s, "
+            f"eval {row.get('eval_s', float('nan')):.2f} s, steps {row['steps']}"
+            + (f"  ERROR {rec['error']}" if rec["error"] else ""))
+    return rows
+
+
+def phases_table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r["phases"]))
+    head = ["case"] + [k.replace("_s", " s") for k in keys] + [
+        "edit s", "eval s (pre+post)", "total s", "steps", "reliability",
+        f"RSS growth MiB ({PeakRSS.source})", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['case']} | error: {r['error']} |")
+            continue
+        cells = ([r["case"]] + [fmt(r["phases"].get(k), 3) for k in keys]
+                 + [fmt(r["edit_s"]), fmt(r["eval_s"]), fmt(r["total_s"]),
+                    "-" if r["steps"] is None else str(r["steps"]), fmt(r["reliability"]),
+                    fmt(r["growth_mib"], 0), fmt(r["max_rss_mib"], 0)])
+        lines.append("| " + " | ".join(cells) + " |")
+    ok = [r for r in rows if not r["error"]]
+    if ok:
+        steps = [r["steps"] for r in ok if r["steps"] is not None]
+        cells = (["mean"] + [fmt(mean([r["phases"][k] for r in ok if k in r["phases"]]), 3) for k in keys]
+                 + [fmt(mean([r[k] for r in ok])) for k in ("edit_s", "eval_s", "total_s")]
+                 + [fmt(mean(steps) if steps else None, 1), fmt(mean([r["reliability"] for r in ok])),
+                    fmt(max(r["growth_mib"] for r in ok), 0), fmt(max(r["max_rss_mib"] for r in ok), 0)])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def csv_ints(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", type=int, default=10, help="CounterFact edit records (the first N)")
-    ap.add_argument("--editors", default="ft,rome")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--cases", type=int, default=None,
+                    help="cases of the task split, from --offset (default 10; --phases: 3)")
+    ap.add_argument("--task", default="counterfact", help="task whose cases are edited (default counterfact)")
+    ap.add_argument("--split", default="eval", choices=("eval", "train"), help="its split (default eval)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many cases first")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="compare and phases modes")
+    ap.add_argument("--device", default="cpu", help="default cpu (the reference figures are CPU figures)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's choice)")
     ap.add_argument("--json", default=None, help="write all measurements here")
+    add_data_argument(ap)
+    ap.add_argument("--editors", default="ft,rome", help="compare and curve modes: ft and/or rome")
     ap.add_argument("--parallel-edits", type=int, default=8,
                     help="FT: also time the optimised path with this many cases optimised together "
                          "(the 'parallel' path; 1 = leave it out)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed 2-step edit per path")
     ap.add_argument("--curve", action="store_true", help="cost curves instead of the comparison")
     ap.add_argument("--curve-cases", type=int, default=2)
-    ap.add_argument("--curve-models", default=f"tiny-llama,{MODEL}")
+    ap.add_argument("--curve-models", default=f"{TINY},{DEFAULT_MODEL}")
     ap.add_argument("--curve-contexts", default="0,4,10,20", help="ROME context prompts (besides the bare prompt)")
     ap.add_argument("--curve-parallel", default="2,4,8,16",
-                    help="FT on SmolLM2: cases optimised together (each point uses that many cases)")
+                    help="FT on the real model: cases optimised together (each point uses that many cases)")
+    ap.add_argument("--phases", action="store_true",
+                    help="per-edit phases of one editor instead of the comparison")
+    ap.add_argument("--editor", default="rome", help="phases mode: editor name (default rome)")
+    ap.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
+                    help="phases mode: YAML mapping or a preset shipped for the editor")
+    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                    help="phases mode: hyperparameter override (repeatable)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
+    if args.curve and args.phases:
+        ap.error("--curve and --phases are different modes; choose one")
+    n_cases = args.cases if args.cases is not None else 3 if args.phases else 10
+    if n_cases < 1 or args.offset < 0:
+        ap.error("--cases must be positive and --offset not negative")
+    set_threads(args.threads)
     torch.manual_seed(0)
     names = [n.strip() for n in args.editors.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SWITCH]
-    if unknown:
-        ap.error(f"unknown editors {unknown}; choose from ft, rome")
+    unknown = [n for n in names if n not in PRESET]
+    if unknown and not args.phases:
+        ap.error(f"unknown editors {unknown}; compare and curve modes time ft and rome")
 
-    info = {"machine": machine(), "load_start": loadavg(), "argv": sys.argv[1:]}
+    data_dir = find_data_dir(args.data_dir)
+    counterfact = is_counterfact(args.task)
+    info = {"machine": machine(), "load_start": loadavg(), "argv": sys.argv[1:],
+            "data_dir": str(data_dir) if data_dir else None}
     started = time.perf_counter()
     if args.curve:
+        parallel = csv_ints(args.curve_parallel)
+        cases = load_cases(args.task, args.split, data_dir, max([args.curve_cases] + parallel), args.offset)
         points = curve([m.strip() for m in args.curve_models.split(",") if m.strip()],
-                       [int(c) for c in args.curve_contexts.split(",") if c.strip()],
-                       args.curve_cases, names, not args.no_warmup,
-                       [int(c) for c in args.curve_parallel.split(",") if c.strip()])
+                       csv_ints(args.curve_contexts), cases, args.curve_cases, names, not args.no_warmup,
+                       parallel, args.device, args.dtype)
         info["curve"] = points
-        table = curve_tables(points)
+        header, table = [], curve_tables(points)
+    elif args.phases:
+        get_editor_class(args.editor)  # unknown editor: one line, before anything loads
+        overrides = hparams_source(args.editor, args.hparams_file)
+        overrides.update(parse_hparam_args(args.hparam))
+        cases = load_cases(args.task, args.split, data_dir, n_cases, args.offset)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        rss_model = max_rss_mib()
+        editor = build_editor(args.editor, overrides, lm.model.config)
+        ctx, prepare_s = prepare(editor, lm, data_dir)
+        rows = phases(lm, editor, ctx, cases, counterfact)
+        notes = scalar_notes(ctx.notes)
+        info.update(phases=rows, prepare_s=prepare_s, notes=notes, hparams=hparams_to_dict(editor.hparams))
+        given = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the editor's defaults"
+        header = [f"{args.editor} on {lm.spec} ({lm.device}, {str(lm.dtype).replace('torch.', '')}), "
+                  f"{args.task} {args.split} cases [{args.offset}, {args.offset + len(cases)}); "
+                  f"hyperparameters: {given}",
+                  f"prepare: {prepare_s:.2f} s; RSS after loading the model {rss_model:.0f} MiB"
+                  + ("; " + ", ".join(f"{k}={v}" for k, v in notes.items()) if notes else ""), ""]
+        table = phases_table(rows)
     else:
-        lm = load_model(MODEL, device="cpu", dtype="float32")
-        cases = load_cases(args.cases)
-        results = compare(lm, names, cases, not args.no_warmup, args.parallel_edits)
+        cases = load_cases(args.task, args.split, data_dir, n_cases, args.offset)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        results = compare(lm, names, cases, counterfact, not args.no_warmup, args.parallel_edits)
         info["compare"] = results
         info["summary"] = summarize(results)
+        header = [f"{args.model}, {args.task} {args.split} cases [{args.offset}, {args.offset + len(cases)}); "
+                  + "; ".join(f"{n}: preset {n}/{PRESET[n]}" for n in names), ""]
         table = compare_tables(info["summary"])
     info["load_end"] = loadavg()
     info["wall_s"] = round(time.perf_counter() - started, 1)
-    m = info["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} "
-          f"thread(s), transformers {m['transformers']}, python {m['python']}")
+    print(machine_line(info["machine"]))
     print(f"load average (1, 5, 15 min): start {info['load_start']}, end {info['load_end']}; "
           f"wall {info['wall_s']} s")
-    print()
+    print("\n".join(header))
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1, default=str))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,5 +1,5 @@
 """Leaderboard reports (HTML, Markdown, JSON, CSV) built from `bench run` directories."""
 
-from reports.report import build_report
+from reports.render import build_report
 
 __all__ = ["build_report"]

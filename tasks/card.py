@@ -8,7 +8,8 @@ Card schema (all keys are checked; an unknown key is an error so typos don't go 
     source:
       schema: str                  # a loader registered in tasks.loaders
       files: {key: path | [path, ...]}   # relative to the data dir; a list = candidates, first found wins
-      options: {...}               # optional, passed to the loader
+      options: {name: value}       # optional: passed to the loader and, as `options`, to the
+                                   # field templates; load_split(options=...) overrides them per run
     sample:                        # optional: the built-in sample used when there is no data dir
       files: {key: path}           # relative to tasks/samples
       splits: {split: rule}        # optional, replaces `splits` for the sample
@@ -36,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jinja2 import Environment, TemplateSyntaxError
 
 from bench.core.errors import BenchError
+from tasks.fields import FieldMapper
 
 KNOWN_METRICS = ("reliability", "generality", "locality", "portability", "counterfact")
 SPLIT_KEYS = ("train", "eval", "holdout_eval")
@@ -113,23 +116,28 @@ def _expect_keys(where: str, d: Any, required: set[str], optional: set[str] = fr
     unknown = d.keys() - required - optional
     if missing:
         raise BenchError(f"{where}: missing key(s) {', '.join(sorted(missing))}")
-    if unknown:
-        raise BenchError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    if unknown:  # YAML keys may be numbers or dates: sort their text
+        raise BenchError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     return d
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_rule(where: str, d: Any, file_keys: set[str]) -> SplitRule:
     d = _expect_keys(where, d, {"file"}, {"slice", "all", "hash"})
-    if d["file"] not in file_keys:
+    if not isinstance(d["file"], str) or d["file"] not in file_keys:
         raise BenchError(f"{where}: file {d['file']!r} is not one of {sorted(file_keys)}")
     selectors = [k for k in ("slice", "all", "hash") if k in d]
     if len(selectors) != 1:
         raise BenchError(f"{where}: give exactly one of slice, all, hash")
     if "slice" in d:
         s = d["slice"]
-        if not (isinstance(s, list) and len(s) == 2 and isinstance(s[0], int)
-                and (s[1] is None or isinstance(s[1], int))):
-            raise BenchError(f"{where}: slice must be [start, stop] (stop may be null)")
+        if not (isinstance(s, list) and len(s) == 2 and _is_int(s[0]) and s[0] >= 0
+                and (s[1] is None or (_is_int(s[1]) and s[1] >= s[0]))):
+            raise BenchError(f"{where}: slice must be [start, stop] with 0 <= start <= stop "
+                             f"(stop may be null)")
         return SplitRule(file=d["file"], slice=(s[0], s[1]))
     if "all" in d:
         if d["all"] is not True:
@@ -137,8 +145,8 @@ def _parse_rule(where: str, d: Any, file_keys: set[str]) -> SplitRule:
         return SplitRule(file=d["file"], all=True)
     h = _expect_keys(f"{where}.hash", d["hash"], {"salt", "buckets", "keep"})
     keep = h["keep"]
-    if not (isinstance(h["buckets"], int) and h["buckets"] > 0 and isinstance(keep, list)
-            and len(keep) == 2 and 0 <= keep[0] < keep[1] <= h["buckets"]):
+    if not (_is_int(h["buckets"]) and h["buckets"] > 0 and isinstance(keep, list) and len(keep) == 2
+            and _is_int(keep[0]) and _is_int(keep[1]) and 0 <= keep[0] < keep[1] <= h["buckets"]):
         raise BenchError(f"{where}.hash: need buckets > 0 and keep [lo, hi] within it")
     return SplitRule(file=d["file"], salt=str(h["salt"]), buckets=h["buckets"],
                      keep=(keep[0], keep[1]))
@@ -149,60 +157,171 @@ def _parse_splits(where: str, d: Any, file_keys: set[str]) -> dict[str, SplitRul
     return {k: _parse_rule(f"{where}.{k}", v, file_keys) for k, v in d.items()}
 
 
+def _text_field(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BenchError(f"{where} must be a non-empty string")
+    return value
+
+
+def _check_options(where: str, options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise BenchError(f"{where}: source.options must map option names to values")
+    return dict(options)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        # utf-8-sig: accept a card saved with a byte order mark
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise BenchError(f"task card not found: {path}") from None
+    except IsADirectoryError:
+        raise BenchError(f"task card {path} is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"task card {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise BenchError(f"cannot read task card {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BenchError(f"task card {path}: invalid YAML ({exc.__class__.__name__})") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date 2001-13-01
+        raise BenchError(f"task card {path}: invalid YAML value ({exc.__class__.__name__}: "
+                         f"{str(exc)[:80]})") from None
+
+
 def parse_card(path: Path) -> TaskCard:
     """Read and validate one card file."""
+    path = Path(path)
     where = path.name
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise BenchError(f"task card {path}: invalid YAML ({exc.__class__.__name__})") from exc
+    raw = _read_yaml(path)
     d = _expect_keys(where, raw, {"name", "description", "source", "fields", "splits", "metrics",
                                   "instructions"}, {"sample", "holdout_only"})
     if d["name"] != path.stem:
         raise BenchError(f"{where}: name {d['name']!r} must match the file name")
 
     src = _expect_keys(f"{where}: source", d["source"], {"schema", "files"}, {"options"})
-    files = {k: tuple([v] if isinstance(v, str) else v) for k, v in src["files"].items()}
+    schema = _text_field(f"{where}: source.schema", src["schema"])
+    if not isinstance(src["files"], dict) or not all(isinstance(k, str) for k in src["files"]):
+        raise BenchError(f"{where}: source.files must map keys to a path or a list of paths")
+    files = {k: tuple([v] if isinstance(v, str) else v if isinstance(v, list) else [None])
+             for k, v in src["files"].items()}
     if not files or not all(files.values()) or not all(isinstance(p, str) for v in files.values() for p in v):
         raise BenchError(f"{where}: source.files must map keys to a path or a list of paths")
+    options = _check_options(where, src.get("options"))
 
     fields = _expect_keys(f"{where}: fields", d["fields"], {"case_id", *REQUIRED_FIELDS},
                           set(CASE_FIELDS))
     if not all(isinstance(v, str) for v in fields.values()):
         raise BenchError(f"{where}: every fields entry must be a template string")
+    FieldMapper(d["name"], fields, options)  # a template syntax error is a card error, said now
 
     splits = _parse_splits(f"{where}: splits", d["splits"], set(files))
     sample_files = sample_splits = None
     if "sample" in d:
         s = _expect_keys(f"{where}: sample", d["sample"], {"files"}, {"splits"})
+        if not isinstance(s["files"], dict) or not all(isinstance(v, str) for v in s["files"].values()):
+            raise BenchError(f"{where}: sample.files must map keys to a path")
         sample_files = dict(s["files"])
         if set(sample_files) != set(files):
             raise BenchError(f"{where}: sample.files must have the same keys as source.files")
         if "splits" in s:
             sample_splits = _parse_splits(f"{where}: sample.splits", s["splits"], set(files))
 
-    metrics = tuple(d["metrics"] or ())
-    bad = [m for m in metrics if m not in KNOWN_METRICS]
-    if not metrics or bad:
+    metrics = d["metrics"]
+    if not (isinstance(metrics, list) and metrics
+            and all(isinstance(m, str) and m in KNOWN_METRICS for m in metrics)):
         raise BenchError(f"{where}: metrics must be a non-empty subset of {', '.join(KNOWN_METRICS)}")
+    metrics = tuple(metrics)
 
     ins = _expect_keys(f"{where}: instructions", d["instructions"], {"task", "descriptions"},
                        {"template"})
+    if not isinstance(ins["descriptions"], list):
+        raise BenchError(f"{where}: instructions.descriptions must be a list of {{text, seen}}")
     descs = []
-    for i, item in enumerate(ins["descriptions"] or ()):
+    for i, item in enumerate(ins["descriptions"]):
         item = _expect_keys(f"{where}: instructions.descriptions[{i}]", item, {"text", "seen"})
         if not isinstance(item["text"], str) or not item["text"].strip() or not isinstance(item["seen"], bool):
             raise BenchError(f"{where}: instructions.descriptions[{i}] needs text and seen: true|false")
         descs.append(Description(item["text"].strip(), item["seen"]))
-    instructions = Instructions(str(ins["task"]), ins.get("template", INSTRUCTION_TEMPLATE), tuple(descs))
+    template = _text_field(f"{where}: instructions.template", ins.get("template", INSTRUCTION_TEMPLATE))
+    try:
+        Environment().parse(template)
+    except TemplateSyntaxError as exc:
+        raise BenchError(f"{where}: instructions.template is not a valid template: {exc.message}") from None
+    task = _text_field(f"{where}: instructions.task", ins["task"])
+    instructions = Instructions(task, template, tuple(descs))
     if not instructions.pool(True) or not instructions.pool(False):
         raise BenchError(f"{where}: instructions need at least one seen and one unseen description")
 
-    holdout_only = bool(d.get("holdout_only", False))
+    holdout_only = d.get("holdout_only", False)
+    if not isinstance(holdout_only, bool):
+        raise BenchError(f"{where}: holdout_only must be true or false")
     if holdout_only and "train" in splits:
         raise BenchError(f"{where}: a holdout_only task cannot have a train split")
-    return TaskCard(name=d["name"], description=str(d["description"]).strip(), schema=src["schema"],
-                    files=files, options=dict(src.get("options") or {}), fields=dict(fields),
+    return TaskCard(name=d["name"], description=str(d["description"]).strip(), schema=schema,
+                    files=files, options=options, fields=dict(fields),
                     splits=splits, metrics=metrics, instructions=instructions,
                     sample_files=sample_files, sample_splits=sample_splits,
                     holdout_only=holdout_only, path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run options
+# --------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _coerce_option(task: str, key: str, value: Any, default: Any) -> Any:
+    """`value` in the type of the card's default (command-line values arrive as strings)."""
+    def bad(expected: str) -> BenchError:
+        return BenchError(f"task {task!r}: option {key} expects {expected}, got {value!r}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
+    if isinstance(default, int):
+        if _is_int(value):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad("an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise bad("a number")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise bad("text")
+    return value  # a default of another type (list, null): taken as given
+
+
+def merge_options(card: TaskCard, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's source.options with `overrides` applied, each coerced to its default's type;
+    an unknown name is a BenchError listing the known ones."""
+    merged = dict(card.options)
+    if not overrides:
+        return merged
+    if not isinstance(overrides, dict):
+        raise BenchError(f"task {card.name!r}: options must be a mapping of name to value")
+    for key, value in overrides.items():
+        if key not in card.options:
+            known = ", ".join(sorted(card.options)) or "none"
+            raise BenchError(f"task {card.name!r}: unknown option {key!r}; known: {known}")
+        merged[key] = _coerce_option(card.name, key, value, card.options[key])
+    return merged

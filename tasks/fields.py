@@ -4,8 +4,14 @@ Templates are rendered with a NativeEnvironment, so a template that is a single 
 (`{{ [rephrase_prompt] }}`) yields the Python value itself (list, dict, str, int). Unlike Jinja's
 stock native mode we never run ast.literal_eval over strings: an answer such as "1789" or
 "None" stays the string it was. A template that mixes text and expressions (`zsre-{{ _index }}`)
-yields a string. Every record also sees `_index` (its position in the file) and `_file` (the
-card's file key).
+yields a string. Every record also sees `_index` (its position in the file), `_file` (the
+card's file key) and `options` (the card's `source.options` with any per-run overrides merged in,
+e.g. `options.strip_locality_prefix`; it hides a record field of the same name).
+
+A text field counts as empty ("blank") when it holds only invisible characters: whitespace,
+format characters (Unicode category Cf: zero-width space, BOM, joiners, bidi marks), control
+characters, or the few other default-ignorable code points (Hangul fillers, variation
+selectors). Such records are skipped with reason "empty <field>".
 
 Custom filters available in cards:
   fill_blank        'The capital of France is' -> 'Fill in the blank: "The capital of France is ___"\\nAnswer:'
@@ -17,12 +23,29 @@ Custom filters available in cards:
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefined
 from jinja2.nativetypes import NativeEnvironment, NativeTemplate
 
 from bench.core.cases import EditCase, PromptAnswer
+from bench.core.errors import BenchError
+
+# Categories whose characters render as nothing (Cf: format, Cc: control) or as space.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
+# Default-ignorable code points outside Cf: combining grapheme joiner, Hangul fillers, Khmer
+# inherent vowels, Mongolian variation selectors, variation selectors (incl. the supplement).
+_INVISIBLE_EXTRA = frozenset(map(chr, (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C,
+                                       0x180D, 0x180F, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10),
+                                       *range(0xE0100, 0xE01F0))))
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: empty, or only whitespace and invisible characters."""
+    # all() stops at the first visible character, so ordinary text costs one check
+    return all(ch.isspace() or ch in _INVISIBLE_EXTRA
+               or unicodedata.category(ch) in _INVISIBLE_CATEGORIES for ch in text)
 
 
 def _check_defined(value: Any) -> Any:
@@ -60,13 +83,23 @@ class FieldEnvironment(NativeEnvironment):
 _FieldTemplate.environment_class = FieldEnvironment
 
 
-def fill_blank(prompt: str) -> str:
+def _as_text(value: Any) -> str:
+    """A filter's input as text; a list or object is refused rather than printed as "['a']"."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return str(value)
+
+
+def fill_blank(prompt: Any) -> str:
     """Recast a cloze continuation prompt as a fill-in-the-blank question."""
-    return f'Fill in the blank: "{str(prompt).rstrip()} ___"\nAnswer:'
+    prompt = _as_text(prompt)
+    if is_blank(prompt):  # stays blank, so the mapper reports "empty ..." instead of a bare "___"
+        return prompt
+    return f'Fill in the blank: "{prompt.rstrip()} ___"\nAnswer:'
 
 
-def strip_prefix(text: str, prefix: str) -> str:
-    text = str(text)
+def strip_prefix(text: Any, prefix: str) -> str:
+    text = _as_text(text)
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
@@ -117,7 +150,12 @@ def _text(value: Any, what: str, allow_none: bool = False) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RecordError(f"{what} is {type(value).__name__}, not text")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")  # a JSON "\ud800" escape decodes to a lone surrogate
+    except UnicodeEncodeError:
+        raise RecordError(f"{what} is not valid Unicode (lone surrogate)") from None
+    return text
 
 
 def _pairs(value: Any, what: str) -> tuple[PromptAnswer, ...]:
@@ -130,9 +168,9 @@ def _pairs(value: Any, what: str) -> tuple[PromptAnswer, ...]:
         if not isinstance(item, dict) or "prompt" not in item or "answer" not in item:
             raise RecordError(f"{what} item lacks prompt or answer")
         pa = PromptAnswer(_text(item["prompt"], f"{what} prompt"), _text(item["answer"], f"{what} answer"))
-        if not pa.prompt.strip():
+        if is_blank(pa.prompt):
             raise RecordError(f"empty {what} prompt")
-        if not pa.answer.strip():
+        if is_blank(pa.answer):
             raise RecordError(f"empty {what} answer")
         out.append(pa)
     return tuple(out)
@@ -141,10 +179,17 @@ def _pairs(value: Any, what: str) -> tuple[PromptAnswer, ...]:
 class FieldMapper:
     """Compiled `fields` templates of one card."""
 
-    def __init__(self, task: str, fields: dict[str, str]):
+    def __init__(self, task: str, fields: dict[str, str], options: dict[str, Any] | None = None):
         self.task = task
+        self.options = dict(options or {})
         env = make_environment()
-        self.templates = {name: env.from_string(src) for name, src in fields.items()}
+        self.templates = {}
+        for name, src in fields.items():
+            try:
+                self.templates[name] = env.from_string(src)
+            except TemplateSyntaxError as exc:
+                raise BenchError(f"task {task!r}: fields.{name} is not a valid template: "
+                                 f"{exc.message} (line {exc.lineno})") from None
 
     def case_id(self, record: dict, context: dict) -> str:
         return self._render(("case_id",), record, context)["case_id"]
@@ -152,18 +197,20 @@ class FieldMapper:
     def _render(self, names: tuple[str, ...], record: dict, context: dict) -> dict[str, Any]:
         # One Jinja context per record shared by all its field templates: building contexts is
         # most of the cost, and the card's templates share one environment and have no blocks.
-        ctx = self.templates[names[0]].new_context({**record, **context})
+        ctx = self.templates[names[0]].new_context({**record, **context, "options": self.options})
         out = {}
         for name in names:
             try:
                 value = _plain_concat(self.templates[name].root_render_func(ctx))
             except TemplateError as exc:  # StrictUndefined: a field the record lacks
                 raise RecordError(f"cannot map {name}: {exc.message}") from None
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
                 raise RecordError(f"cannot map {name}: {exc}") from None
+            except RecursionError:  # a record nested deeper than Python's stack allows
+                raise RecordError(f"cannot map {name}: value nested too deeply") from None
             if name == "case_id":
                 value = _text(value, "case_id")
-                if not value.strip():
+                if is_blank(value):
                     raise RecordError("empty case_id")
             out[name] = value
         return out
@@ -174,14 +221,18 @@ class FieldMapper:
         case_id = v["case_id"]
         text = {k: _text(v[k], k) for k in ("prompt", "subject", "target_new")}
         for k in ("prompt", "subject", "target_new"):
-            if not text[k].strip():
+            if is_blank(text[k]):
                 raise RecordError(f"empty {k}")
+        # None means the card's template found no ground truth (KnowEdit recent may lack one);
+        # a value that is present but blank would leave the counterfact metric silently unscored
         ground_truth = _text(v.get("ground_truth"), "ground_truth", allow_none=True)
+        if ground_truth is not None and is_blank(ground_truth):
+            raise RecordError("empty ground_truth")
         rephrases = v.get("rephrase_prompts") or ()
         if isinstance(rephrases, str) or not isinstance(rephrases, (list, tuple)):
             raise RecordError("rephrase_prompts is not a list")
         rephrases = tuple(_text(r, "rephrase prompt") for r in rephrases)
-        if any(not r.strip() for r in rephrases):
+        if any(is_blank(r) for r in rephrases):
             raise RecordError("empty rephrase prompt")
         if text["subject"] not in text["prompt"]:
             raise RecordError("subject not in prompt")

@@ -3,8 +3,9 @@
 A loader is `fn(path, options) -> list[RawRecord]`, registered by schema name with @register.
 It returns one RawRecord per record in the file, in file order: either the (possibly normalised)
 record or the reason it was refused. Refused records are later reported as SkippedRecord, never
-scored. Whole-file problems (missing, not JSON, not a list of objects) raise BenchError naming
-the file. Files may be a JSON list (.json) or one object per line (.jsonl).
+scored. Whole-file problems (missing, a directory, not JSON, not a list of objects, no records)
+raise BenchError naming the file. Files may be a JSON list (.json) or one object per line
+(.jsonl), UTF-8 with or without a byte order mark.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.core.errors import BenchError
+from tasks.fields import is_blank, strip_prefix
 
 
 @dataclass(frozen=True)
 class RawRecord:
-    index: int                # position in the file (0-based; the line number - 1 for .jsonl)
+    index: int                # position in the file (0-based; for .jsonl, among non-blank lines)
     data: dict | None         # None when refused
     reason: str | None = None
 
@@ -55,41 +57,65 @@ def read_records(path: Path) -> list[dict]:
         st = path.stat()
     except FileNotFoundError:
         raise BenchError(f"data file not found: {path}") from None
-    if not path.is_file():
-        raise BenchError(f"data file is not a file: {path}")
+    except OSError as exc:
+        raise BenchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise BenchError(f"data file {path} is a directory, not a file")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise BenchError(f"data file {path} is not a regular file")
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _FILE_CACHE:
         _FILE_CACHE[key] = _parse(path)
     return _FILE_CACHE[key]
 
 
+def _json(text: str) -> Any:
+    """json.loads; its errors other than JSONDecodeError (nesting, huge ints) as ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _parse(path: Path) -> list[dict]:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: files saved by some Windows editors start with a byte order mark
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BenchError(f"data file {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise BenchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     if path.suffix == ".jsonl":
         records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # only "\n" ends a record: str.splitlines() would also split at U+2028 or U+0085,
+        # which JSON allows unescaped inside strings
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(_json(line))
             except json.JSONDecodeError as exc:
                 raise BenchError(f"data file {path}: line {lineno} (record {len(records)}) is not "
                                  f"valid JSON: {exc.msg}") from None
+            except ValueError as exc:
+                raise BenchError(f"data file {path}: line {lineno} (record {len(records)}) is not "
+                                 f"valid JSON: {exc}") from None
     else:
         try:
-            records = json.loads(text)
+            records = _json(text)
         except json.JSONDecodeError as exc:
             raise BenchError(f"data file {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
                              f"column {exc.colno}") from None
+        except ValueError as exc:
+            raise BenchError(f"data file {path} is not valid JSON: {exc}") from None
         if not isinstance(records, list):
             raise BenchError(f"data file {path} must hold a JSON list of objects, "
                              f"not a {type(records).__name__}")
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise BenchError(f"data file {path}: record {i} is a {type(rec).__name__}, not an object")
+    if not records:  # said here, naming the file, rather than "no usable cases" later
+        raise BenchError(f"data file {path} holds no records")
     return records
 
 
@@ -122,12 +148,23 @@ def load_counterfact(path: Path, options: dict) -> list[RawRecord]:
                                        "rephrase_prompt", "locality_prompt", "locality_ground_truth"))
 
 
+ZSRE_LOC_PREFIX = "nq question: "
+
+
 @register("mend_zsre")
 def load_zsre(path: Path, options: dict) -> list[RawRecord]:
-    """ZsRE in the MEND layout (subject, src, rephrase, alt, answers[], loc, loc_ans)."""
+    """ZsRE in the MEND layout (subject, src, rephrase, alt, answers[], loc, loc_ans).
+
+    `loc` is a Natural Questions item prefixed "nq question: "; a loc with nothing after the
+    prefix is refused here, so the record is skipped whether or not a card strips the prefix.
+    """
     def answers_ok(rec: dict) -> str | None:
         if not isinstance(rec["answers"], list) or not rec["answers"]:
             return "answers is not a non-empty list"
+        if rec["answers"][0] is None:  # would map to "no ground truth" instead of a skip
+            return "answers[0] is null"
+        if isinstance(rec["loc"], str) and is_blank(strip_prefix(rec["loc"], ZSRE_LOC_PREFIX)):
+            return "empty locality prompt"
         return None
     return _check(read_records(path), ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans"),
                   answers_ok)
@@ -164,9 +201,7 @@ def load_convsent(path: Path, options: dict) -> list[RawRecord]:
     Both become {topic, question (None for ent_pos_neg), target_new, ground_truth, rephrase: [],
     locality: [{prompt, answer}], layout}.
     """
-    records = read_records(path)
-    if not records:
-        return []
+    records = read_records(path)  # never empty: read_records refuses a file without records
     first = records[0]
     if "ent" in first:
         target = options.get("target_sentiment", "positive")
@@ -176,7 +211,8 @@ def load_convsent(path: Path, options: dict) -> list[RawRecord]:
     if "prompt" in first and "target_new" in first:
         return _check(records, ("subject", "prompt", "target_new"), _from_reconstructed)
     raise BenchError(f"data file {path}: cannot tell the convsent layout from record 0 "
-                     f"(keys {', '.join(sorted(first))}); expected ent/pos/neg or subject/prompt/target_new")
+                     f"(keys {', '.join(map(repr, sorted(first)[:8])) or 'none'}); expected ent/pos/neg "
+                     f"or subject/prompt/target_new")
 
 
 def _from_ent_pos_neg(rec: dict, target: str) -> str | dict:
@@ -200,16 +236,19 @@ def _from_reconstructed(rec: dict) -> str | dict:
     kw = rec.get("metric_kwargs") or {}
     if not isinstance(kw, dict):
         return "metric_kwargs is not an object"
+    lists = {k: kw.get(k) or [] for k in ("inner_all_qa", "all_target", "inner_target", "outer_all_qa")}
+    for k, v in lists.items():
+        if not isinstance(v, list):
+            return f"metric_kwargs.{k} is not a list"
     rephrase = [kw["inner_q"]] if isinstance(kw.get("inner_q"), str) else []
     # ground truth: the first response whose sentiment label differs from the target's.
     ground_truth = None
-    inner, labels, targets = kw.get("inner_all_qa") or [], kw.get("all_target") or [], kw.get("inner_target") or []
-    for qa, label, tgt in zip(inner, labels, targets):
+    for qa, label, tgt in zip(lists["inner_all_qa"], lists["all_target"], lists["inner_target"]):
         if label != tgt and (pair := _split_qa(qa)):
             ground_truth = pair[1]
             break
     # locality: the first question about another topic with one of its responses.
-    outer = [p for p in map(_split_qa, kw.get("outer_all_qa") or []) if p]
+    outer = [p for p in map(_split_qa, lists["outer_all_qa"]) if p]
     locality = [{"prompt": outer[0][0], "answer": outer[0][1]}] if outer else []
     prompt = str(rec["prompt"])
     sentiment = "positive" if "positively" in prompt else "negative" if "negatively" in prompt else None

@@ -3,7 +3,7 @@
     list_cards() -> {name: TaskCard}
     get_card(name) -> TaskCard
     resolve_data_dir(arg) -> (data_dir | None, use_builtin_sample)
-    load_split(name, split, data_dir, holdout=False) -> TaskSplit
+    load_split(name, split, data_dir, holdout=False, options=None) -> TaskSplit
     task_status(name, data_dir) -> dict
     data_file_hashes(name, data_dir, split=None) -> {relative path: sha256}
 
@@ -13,13 +13,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from bench.core.cases import SkippedRecord, TaskSplit
 from bench.core.errors import BenchError
 from bench.core.io import file_sha256
-from tasks.card import SplitRule, TaskCard, parse_card
+from tasks.card import SplitRule, TaskCard, merge_options, parse_card
 from tasks.fields import FieldMapper, RecordError
 from tasks.loaders import get_loader, read_records
 
@@ -66,13 +68,19 @@ def resolve_data_dir(arg: str | None) -> tuple[Path | None, bool]:
     """--data-dir, else $BENCH_DATA, else ../shared/data (a development checkout), else the sample.
 
     Returns (directory, False), or (None, True) meaning "use the built-in sample". A directory
-    that is named explicitly (argument or $BENCH_DATA) but does not exist is an error.
+    that is named explicitly (argument or $BENCH_DATA) but does not exist, or is not a
+    directory, is an error.
     """
     for given, origin in ((arg, "--data-dir"), (os.environ.get("BENCH_DATA") or None, "$BENCH_DATA")):
         if given:
-            path = Path(given).expanduser()
-            if not path.is_dir():
+            try:
+                path = Path(given).expanduser()
+            except RuntimeError:  # "~someone" with no such user
+                raise BenchError(f"data directory from {origin}: cannot expand {given!r}") from None
+            if not path.exists():
                 raise BenchError(f"data directory from {origin} does not exist: {path}")
+            if not path.is_dir():
+                raise BenchError(f"data directory from {origin} is not a directory: {path}")
             return path.resolve(), False
     dev = Path.cwd() / ".." / "shared" / "data"
     if dev.is_dir():
@@ -91,11 +99,20 @@ def _file_path(card: TaskCard, key: str, data_dir: Path | None) -> tuple[Path, s
     if data_dir is None:
         if not card.has_sample:
             raise _no_sample(card)
-        return SAMPLES_DIR / card.sample_files[key], SAMPLE_PREFIX + card.sample_files[key]
+        path = SAMPLES_DIR / card.sample_files[key]
+        if not path.is_file():  # a card naming a sample that is not shipped
+            raise BenchError(f"task {card.name!r}: built-in sample file not found: {path}")
+        return path, SAMPLE_PREFIX + card.sample_files[key]
     candidates = card.files[key]
     for rel in candidates:
         if (Path(data_dir) / rel).is_file():
             return Path(data_dir) / rel, rel
+    for rel in candidates:  # none is a file: say why if one of them exists
+        path = Path(data_dir) / rel
+        if path.is_dir():
+            raise BenchError(f"task {card.name!r}: data path {path} is a directory, not a file")
+        if path.exists():
+            raise BenchError(f"task {card.name!r}: data path {path} is not a regular file")
     also = f" (also looked for {', '.join(candidates[1:])})" if len(candidates) > 1 else ""
     raise BenchError(f"task {card.name!r}: data file not found: {Path(data_dir) / candidates[0]}{also}")
 
@@ -128,10 +145,11 @@ def _rule_for(card: TaskCard, split: str, holdout: bool, sample: bool) -> SplitR
     return rule
 
 
-def _build(card: TaskCard, split: str, rule: SplitRule, path: Path, source: str) -> TaskSplit:
-    raws = get_loader(card.schema)(path, card.options)
+def _build(card: TaskCard, split: str, rule: SplitRule, path: Path, source: str,
+           options: dict[str, Any]) -> TaskSplit:
+    raws = get_loader(card.schema)(path, options)
     originals = read_records(path)
-    mapper = FieldMapper(card.name, card.fields)
+    mapper = FieldMapper(card.name, card.fields, options)
     out = TaskSplit(task=card.name, split=split)
     seen_ids: set[str] = set()
 
@@ -172,21 +190,26 @@ def _build(card: TaskCard, split: str, rule: SplitRule, path: Path, source: str)
     return out
 
 
-def load_split(name: str, split: str, data_dir: Path | None, holdout: bool = False) -> TaskSplit:
+def load_split(name: str, split: str, data_dir: Path | None, holdout: bool = False,
+               options: dict[str, Any] | None = None) -> TaskSplit:
     """The cases of one split; records that fail validation are in .skipped with a reason.
 
     `holdout=True` asks for the task as the held-out task: its `holdout_eval` rule (e.g. all of
-    zsre) replaces `eval`, and there is no train split.
+    zsre) replaces `eval`, and there is no train split. `options` override the card's
+    source.options for this call (e.g. {"strip_locality_prefix": "true"}; strings are coerced
+    to the type of the card's default, an unknown name is a BenchError).
     """
     card = get_card(name)
+    opts = merge_options(card, options)
     sample = data_dir is None
     if sample and not card.has_sample:
         raise _no_sample(card)
     rule = _rule_for(card, split, holdout, sample)
     path, source = _file_path(card, rule.file, data_dir)
-    key = (card.name, split, rule, _file_key(path))
+    # options change the cases, so they are part of the key (as canonical JSON: values may be lists)
+    key = (card.name, split, rule, _file_key(path), json.dumps(opts, sort_keys=True, default=repr))
     if key not in _SPLIT_CACHE:
-        _SPLIT_CACHE[key] = _build(card, split, rule, path, source)
+        _SPLIT_CACHE[key] = _build(card, split, rule, path, source, opts)
     cached = _SPLIT_CACHE[key]
     # hand out fresh lists so a caller that trims them cannot corrupt the cache
     return TaskSplit(task=cached.task, split=split, cases=list(cached.cases),

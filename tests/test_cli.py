@@ -118,7 +118,11 @@ def test_more_errors_in_process(capsys, tmp_path, monkeypatch):
                     one_line_error(capsys, ["run", "--resume", str(tmp_path / "no-run")]))
     assert one_line_error(capsys, ["run", "--batch-size", "0"]) == "bench: error: --batch-size must be at least 1"
     assert one_line_error(capsys, ["run", "--hparams-file", "nope.yaml"]) == \
-        "bench: error: hyperparameter file not found: nope.yaml"
+        "bench: error: hyperparameter file not found: nope.yaml (presets for ft: easyedit-ft-l, easyedit-ft-m)"
+    assert one_line_error(capsys, ["run", "--task-option", "zsre.nope=1"]) == \
+        "bench: error: task 'zsre': unknown option 'nope'; known: strip_locality_prefix"
+    assert one_line_error(capsys, ["run", "--task-option", "zsre=1"]) == \
+        "bench: error: --task-option expects task.key=value, got 'zsre=1'"
     assert "invalid choice: 'maybe'" in one_line_error(capsys, ["run", "--instruction", "maybe"])
     assert "must be >= 0" in one_line_error(capsys, ["run", "--limit", "-1"])
     assert "expected a comma-separated list" in one_line_error(capsys, ["run", "--task", ","])
@@ -152,3 +156,71 @@ def test_hparam_flags_and_file_reach_run_options(tmp_path):
     # the file first, then each --hparam on top (still strings: typed against the editor's fields)
     assert opts.hparams == {"steps": "3", "lr": "1e-3", "layers": "1,2", "norm_constraint": "none"}
     assert opts.limit is None and opts.tasks == ["zsre", "counterfact"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad hyperparameters: one line, exit 2, before any model weights load
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The run set-up may read a (tiny) model config, but loading weights fails the test."""
+    import bench.session
+    from bench.core.tiny import tiny_config
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench.session, "load_model", refuse)
+    monkeypatch.setattr(bench.session, "load_config", lambda *a, **k: tiny_config("llama"))
+
+
+BAD_HPARAMS = [
+    ("ft", ["norm_constraint=nan"], "ft: hyperparameter norm_constraint must be a finite number, got nan"),
+    ("ft", ["norm_constraint=-1"], "ft: hyperparameter norm_constraint must be >= 0, got -1.0"),
+    ("ft", ["steps=-5"], "ft: hyperparameter steps must be >= 0, got -5"),
+    ("ft", ["min_loss=nan"], "ft: hyperparameter min_loss must be a finite number, got nan"),
+    ("ft", ["lr=inf"], "ft: hyperparameter lr must be a finite number, got inf"),
+    ("ft", ["lr=nan"], "ft: hyperparameter lr must be a finite number, got nan"),
+    ("ft", ["lr=0"], "ft: hyperparameter lr must be > 0, got 0.0"),
+    ("ft", ["layers=99"], r"ft: hyperparameter layers: layer 99 is out of range for a model with 4 layers"),
+    ("ft", ["parallel_edits=0"], "ft: hyperparameter parallel_edits must be >= 1, got 0"),
+    ("ft", ["objective=bad"], "ft: hyperparameter objective must be one of prompt_last, target_masked, got 'bad'"),
+    ("ft", ["steps=1.5"], "hyperparameter steps: expected int, got '1.5'"),
+    ("rome", ["layer=99"], "rome: hyperparameter layer: layer 99 is out of range"),
+    ("rome", ["mom2_dtype=int8"], "rome: hyperparameter mom2_dtype must be one of"),
+    ("rome", ["context_counts=1,2", "context_lengths=5"], "context_lengths and context_counts must have the same length"),
+    ("rome", ["v_stop_rule=never"], "rome: hyperparameter v_stop_rule must be one of loss, nll"),
+    ("mend", ["modules=mlp_up"], "mend: hyperparameter modules must be one of mlp_in, mlp_out, got 'mlp_up'"),
+    ("mend", ["batch_size=0"], "mend: hyperparameter batch_size must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("editor,hparams,message", BAD_HPARAMS,
+                         ids=[f"{e}-{'+'.join(h)}" for e, h, _ in BAD_HPARAMS])
+def test_bad_hyperparameters_fail_before_the_model_loads(capsys, tmp_path, no_model_load, editor,
+                                                         hparams, message):
+    argv = ["run", "--editor", editor, "--task", "zsre", "--data-dir", FIX, "--output-dir",
+            str(tmp_path / "runs")]
+    for h in hparams:
+        argv += ["--hparam", h]
+    err = one_line_error(capsys, argv)
+    assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_hparams_file_that_is_a_directory_or_a_preset(capsys, tmp_path, no_model_load):
+    assert one_line_error(capsys, ["run", "--hparams-file", str(tmp_path)]) == \
+        f"bench: error: hyperparameter file {tmp_path} is a directory, not a file"
+    err = one_line_error(capsys, ["run", "--editor", "rome", "--hparams-file", "no-such-preset"])
+    assert err.startswith("bench: error: hyperparameter file not found: no-such-preset (presets for rome: ")
+    # a shipped preset by name: its values reach the editor
+    from bench.cli import build_parser
+    from bench.cli.common import options_from_args
+
+    args = build_parser().parse_args(["run", "--editor", "rome", "--hparams-file", "easyedit",
+                                      "--hparam", "v_num_grad_steps=3"])
+    opts = options_from_args(args)
+    assert opts.hparams["layer"] == 5 and opts.hparams["mom2_adjustment"] is False
+    assert opts.hparams["v_num_grad_steps"] == "3"  # --hparam on top of the preset

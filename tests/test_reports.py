@@ -1,7 +1,8 @@
-"""Tests of the leaderboard reporter (reports/report.py) on the fixture runs in tests/fixtures/runs/."""
+"""Tests of the leaderboard reporter (the reports package) on the fixture runs in tests/fixtures/runs/."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from html.parser import HTMLParser
@@ -14,7 +15,9 @@ from markupsafe import escape
 
 from bench.core.errors import BenchError
 from reports import build_report
-from reports.report import signflip_pvalue
+from reports.exports import neutralise_csv_cell
+from reports.runs import load_run
+from reports.stats import signflip_pvalue
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 NONE, FT, ROME = RUNS / "none-fixture", RUNS / "ft-fixture", RUNS / "rome-fixture"
@@ -318,9 +321,9 @@ def test_bad_input_is_a_bench_error(tmp_path, case):
         (run / "config.json").unlink()
     elif case == "bad-json":
         (run / "summary.json").write_text('{"tasks": {')
-    elif case == "bad-cases":
+    elif case == "bad-cases":  # a malformed line before the last one (a torn last line is dropped)
         with open(run / "cases.jsonl", "a") as f:
-            f.write('{"task": "zsre", "case_id"\n')
+            f.write('{"task": "zsre", "case_id"\n{"task": "zsre", "case_id": "zs-extra"}\n')
     elif case == "no-dir":
         dirs = [tmp_path / "nope"]
     elif case == "no-runs":
@@ -365,3 +368,44 @@ def test_no_case_text_leaves_the_data_records_out_of_the_drill_down(tmp_path, re
         post = rec["predictions"]["post"]["prompt"]
         if post and post.strip():
             assert post.strip() in page
+
+
+def test_killed_run_with_a_torn_last_line_reports(tmp_path):
+    """A run killed mid-write leaves a torn last line in cases.jsonl: the report drops it and
+    leaves the file as it is."""
+    run = tmp_path / "ft-killed"
+    shutil.copytree(FT, run)
+    with open(run / "cases.jsonl", "a") as f:
+        f.write('{"task": "counterfact", "case_i')
+    before = (run / "cases.jsonl").read_bytes()
+    assert len(load_run(run).cases) == len(cases(FT))
+    out = build_report([NONE, run], tmp_path / "out", baseline="ft")
+    assert (run / "cases.jsonl").read_bytes() == before
+    doc = json.loads((out.parent / "leaderboard.json").read_text())
+    comps = doc["groups"][0]["baseline_comparison"]["comparisons"]
+    assert {(c["task"], c["metric"]): c["n"] for c in comps}[("counterfact", "reliability")] == 8
+
+
+def test_csv_cells_cannot_start_a_formula(tmp_path, monkeypatch):
+    """Run labels and directory names reach leaderboard.csv; a spreadsheet must not run them."""
+    formula = '=HYPERLINK("example.com","click")'  # a directory name: no '/'
+    run = tmp_path / formula
+    shutil.copytree(ROME, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["editor"]["name"] = "@SUM(1+1)"
+    (run / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)  # a relative run directory: the run_dir cell starts with '='
+    build_report([Path(formula), FT], tmp_path / "out")
+    with open(tmp_path / "out" / "leaderboard.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    row = next(r for r in rows if r["editor"].endswith("SUM(1+1)"))
+    assert row["run"] == row["editor"] == "'@SUM(1+1)"
+    assert row["run_dir"] == "'" + formula
+    for r in rows:
+        for cell in r.values():
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    # numbers stay numbers, a negative one included; text is neutralised whatever its first sign
+    assert neutralise_csv_cell(-1.5) == -1.5 and neutralise_csv_cell(None) is None
+    for text in ("=1+1", "+1", "-1", "@x", "\tx", "\rx"):
+        assert neutralise_csv_cell(text) == "'" + text
+    assert neutralise_csv_cell("rome") == "rome"

@@ -272,3 +272,19 @@ def test_runner_records_notes_and_case_errors(tmp_path, monkeypatch):
     assert len(records) == 2
     for r in records:  # an edit either succeeded or failed with a one-line reason
         assert ("post" in r) != bool(r["error"])
+
+
+@pytest.mark.parametrize("rule,threshold,expected", [
+    ("loss", 0.0, 4),    # ROME's loop: the last of the 5 iterations only evaluates the loss
+    ("nll", 0.0, 5),     # the harness's earlier loop: every iteration that does not stop updates
+    ("loss", 1e9, 0),    # stops at once on the total loss
+    ("nll", 1e9, 0),
+])
+def test_value_stop_rule_and_steps_in_the_case_record(rule, threshold, expected, shared_cache):
+    lm = tiny_model("llama")
+    editor = Rome(tiny_hparams(lm, v_num_grad_steps=5, v_stop_rule=rule, v_stop_threshold=threshold))
+    editor.prepare(lm, ctx_for(shared_cache))
+    handle = editor.apply(lm.model, lm.tokenizer, CASE)
+    assert handle.info["steps"] == expected
+    assert set(handle.info) >= {"loss", "nll", "kl", "steps", "key_s", "value_s", "update_s"}
+    handle.restore()

@@ -83,6 +83,7 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
         assert r["case"]["case_id"] == r["case_id"]
         assert set(r["predictions"]) == {"pre", "post"}
         assert set(r["time"]) == {"edit_s", "eval_s", "edits_together"}  # FT: 8 cases per call by default
+        assert 0 <= r["edit"]["steps"] <= 2  # the handle's facts: FT's optimizer steps (2 at most)
         assert r["pre"].get("locality", 1.0) == 1.0
         assert all(0.0 <= v <= 1.0 for v in list(r["pre"].values()) + list(r["post"].values()))
         # a metric a case cannot have (no rephrase / portability prompt) is absent
@@ -345,3 +346,55 @@ def test_a_failing_joint_call_is_retried_case_by_case(tmp_path, tiny_load, monke
     assert [r["case_id"] for r in records if r["error"]] == ["202"]
     assert records[ids.index("202")]["error"] == "refusing case 202"
     assert all("post" in r for r in records if not r["error"])
+
+
+def test_a_run_in_use_cannot_be_resumed_by_a_second_process(tmp_path, tiny_model_dir, capsys):
+    """While one `bench run` writes a run directory, `bench run --resume` of the same directory
+    says in one line that it is in use (exit 2) and writes nothing; once the first process is
+    gone (even SIGKILLed), the resume proceeds."""
+    from bench.cli import main
+
+    out = tmp_path / "busy"
+    args = ["--editor", "ft", "--task", "counterfact", "--model", tiny_model_dir, "--device", "cpu",
+            "--data-dir", FIXTURE_DATA, "--output-dir", out, "--limit", "0", "--batch-size", "4",
+            "--hparam", "steps=2", "--hparam", "layers=1", "--hparam", "parallel_edits=1",
+            "--name", "busy"]
+    proc = start([sys.executable, "-m", "tests.helpers", "slow-run"] + args, cwd=tmp_path,
+                 SLOW_EDIT_DELAY="0.1", SLOW_EDIT_HANG_AFTER="2")
+    try:
+        run_path = wait_for_lines(lambda: out.glob("*/cases.jsonl"), 2, proc)
+        before = (run_path / "cases.jsonl").read_bytes()
+        assert main(["run", "--resume", str(run_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is in use by another bench process" in err, err
+        assert (run_path / "cases.jsonl").read_bytes() == before  # the second process wrote nothing
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert main(["run", "--resume", str(run_path)]) == 0
+    records = read_lines(run_path / "cases.jsonl")
+    keys = [(r["task"], r["case_id"]) for r in records]
+    assert len(keys) == len(set(keys)) == N_CASES["counterfact"]  # every case exactly once
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/path", "a/b", "=cmd", ".hidden", "", "x" * 201])
+def test_unsafe_run_names_are_refused_before_anything_runs(tmp_path, tiny_load, name):
+    with pytest.raises(BenchError, match="run name .* must be one directory name"):
+        execute(options(tmp_path, run_name=name), log=lambda s: None)
+    assert tiny_load == [] and not (tmp_path / "runs").exists()
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_task_options_reach_the_cases_and_the_config(tmp_path, tiny_load):
+    """ZsRE locality is scored in its published form ("nq question: ..."), as EasyEdit does;
+    --task-option zsre.strip_locality_prefix=true strips it, and config.json records it."""
+    published = execute(options(tmp_path, tasks=["zsre"], run_name="published"), log=lambda s: None)
+    stripped = execute(options(tmp_path, tasks=["zsre"], run_name="stripped",
+                               task_options={"zsre": {"strip_locality_prefix": "true"}}), log=lambda s: None)
+    (a,), (b,) = read_lines(published / "cases.jsonl"), read_lines(stripped / "cases.jsonl")
+    assert a["case"]["locality"][0]["prompt"].startswith("nq question: ")
+    assert b["case"]["locality"][0]["prompt"] == a["case"]["locality"][0]["prompt"][len("nq question: "):]
+    tasks = {p: json.loads((p / "config.json").read_text())["tasks"][0]["options"] for p in (published, stripped)}
+    assert tasks == {published: {"strip_locality_prefix": False}, stripped: {"strip_locality_prefix": True}}

@@ -17,8 +17,8 @@ import pytest
 from bench.core.cases import PromptAnswer
 from bench.core.errors import BenchError
 from tasks import registry
-from tasks.card import SplitRule, parse_card
-from tasks.fields import fill_blank, first_alias, probes
+from tasks.card import SplitRule, merge_options, parse_card
+from tasks.fields import fill_blank, first_alias, is_blank, probes
 from tasks.instructions import pick_description, wrap_case, wrap_prompt
 from tasks.loaders import get_loader, read_records
 from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, resolve_data_dir,
@@ -121,8 +121,8 @@ def test_zsre_loader_fixture_skips_empty_targets():
                               3: "missing field 'answers'"}
     c = split.cases[0]
     assert (c.prompt, c.target_new, c.ground_truth) == ("In which country is Mount Fuji?", "Chile", "Japan")
-    assert c.locality == (PromptAnswer("who wrote the odyssey", "Homer"),)  # prefix stripped
-    assert c.locality[0].prompt and not c.locality[0].prompt.startswith("nq question")
+    # the published form, as EasyEdit and MEND score it; stripping is the card option
+    assert c.locality == (PromptAnswer("nq question: who wrote the odyssey", "Homer"),)
     # "1989" must stay a string, not become an int through native rendering
     assert split.cases[1].locality[0].answer == "1989"
 
@@ -357,3 +357,254 @@ def test_real_data_counts():
     zs_all = load_split("zsre", "eval", REAL_DATA, holdout=True)
     assert len(zs_all.cases) == 998 and sorted(s.index for s in zs_all.skipped) == [534, 723]
     assert all(s.reason for s in zs_all.skipped)
+
+
+# ---------------------------------------------------------------------------------- blank values
+
+CF_RECORD = {"case_id": 1, "prompt": "The capital of Norway is", "subject": "Norway",
+             "target_new": "Bergen", "ground_truth": "Oslo",
+             "rephrase_prompt": "Norway's seat of government is in",
+             "locality_prompt": "The capital of Sweden is", "locality_ground_truth": "Stockholm"}
+ZSRE_RECORD = {"subject": "Mount Fuji", "src": "In which country is Mount Fuji?",
+               "rephrase": "Mount Fuji is located in which country?", "alt": "Chile",
+               "answers": ["Japan"], "loc": "nq question: who wrote the odyssey", "loc_ans": "Homer"}
+RECENT_RECORD = {"subject": "Quill Labs", "prompt": "The founder of Quill Labs is", "target_new": "Ana Ruiz"}
+# only invisible characters: whitespace, zero-width space, BOM, word joiner, soft hyphen,
+# right-to-left mark, a control character, a variation selector, a Hangul filler
+BLANKS = ["", " ", "\t\n", "\u200b", "\ufeff", " \u2060 ", "\u00ad", "\u200f", "\x00", "\ufe0f", "\u3164",
+          "\u3000", "\u200b\u200c\u200d"]
+
+
+def write_data(root: Path, rel: str, records: list) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_is_blank():
+    assert all(is_blank(b) for b in BLANKS)
+    assert not any(is_blank(t) for t in ("a", " a ", "\u200bx", "0", "\u00e9", "\u4e2d", "-"))
+
+
+@pytest.mark.parametrize("blank", BLANKS)
+@pytest.mark.parametrize("field", ["target_new", "prompt", "subject"])
+def test_invisible_only_text_is_empty(tmp_path, field, blank):
+    write_data(tmp_path, "counterfact/counterfact-train.json",
+               [CF_RECORD, {**CF_RECORD, "case_id": 2, field: blank}])
+    split = load_split("counterfact", "train", tmp_path)
+    assert ids(split) == ["1"] and reasons(split) == {1: f"empty {field}"}
+
+
+@pytest.mark.parametrize("field, reason", [
+    ("rephrase_prompt", "empty rephrase prompt"),
+    ("locality_prompt", "empty locality prompt"),
+    ("locality_ground_truth", "empty locality answer"),
+])
+def test_invisible_only_probe_text_is_empty(tmp_path, field, reason):
+    write_data(tmp_path, "counterfact/counterfact-train.json",
+               [{**CF_RECORD, "case_id": i, field: blank} for i, blank in enumerate(BLANKS)])
+    split = load_split("counterfact", "train", tmp_path)
+    assert not split.cases and set(reasons(split).values()) == {reason}
+    assert len(split.skipped) == len(BLANKS)
+
+
+def test_blank_portability_is_empty(tmp_path):
+    probe = lambda p, a: {"Reasoning": [{"prompt": p, "ground_truth": [[a]]}]}  # noqa: E731
+    write_data(tmp_path, "recent/recent_test.json", [
+        RECENT_RECORD,
+        {**RECENT_RECORD, "portability": probe("\u200b", "x")},
+        {**RECENT_RECORD, "portability": probe("Who founded Quill Labs?", " \ufeff")},
+        {**RECENT_RECORD, "locality": {"Forgetfulness": [{"prompt": "\u2060", "ground_truth": "x"}]}},
+        {**RECENT_RECORD, "rephrase": "\u200b"},
+    ])
+    split = load_split("recent", "eval", tmp_path)
+    assert ids(split) == ["recent-test-0"]
+    assert reasons(split) == {1: "empty portability prompt", 2: "empty portability answer",
+                              3: "empty locality prompt", 4: "empty rephrase prompt"}
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\u200b"])
+def test_blank_ground_truth_is_a_counted_skip(tmp_path, blank):
+    write_data(tmp_path, "counterfact/counterfact-train.json",
+               [CF_RECORD, {**CF_RECORD, "case_id": 2, "ground_truth": blank}])
+    cf = load_split("counterfact", "train", tmp_path)
+    assert ids(cf) == ["1"] and reasons(cf) == {1: "empty ground_truth"}
+    write_data(tmp_path, "counterfact/counterfact-edit.json",
+               [{**CF_RECORD, "case_id": 3, "ground_truth": blank}, CF_RECORD])
+    assert reasons(load_split("counterfact", "eval", tmp_path)) == {0: "empty ground_truth"}
+    write_data(tmp_path, "zsre/zsre_mend_train-1k.json", [
+        ZSRE_RECORD, {**ZSRE_RECORD, "answers": [blank]}, {**ZSRE_RECORD, "answers": [blank, "Japan"]},
+        {**ZSRE_RECORD, "answers": [None]}])
+    zs = load_split("zsre", "eval", tmp_path, holdout=True)
+    assert ids(zs) == ["zsre-0"]
+    assert reasons(zs) == {1: "empty ground_truth", 2: "empty ground_truth", 3: "answers[0] is null"}
+
+
+def test_recent_ground_truth_optional_but_not_blank(tmp_path):
+    write_data(tmp_path, "recent/recent_test.json", [
+        RECENT_RECORD, {**RECENT_RECORD, "ground_truth": None}, {**RECENT_RECORD, "ground_truth": ["Ana"]},
+        {**RECENT_RECORD, "ground_truth": ""}, {**RECENT_RECORD, "ground_truth": [""]},
+        {**RECENT_RECORD, "ground_truth": [["\u200b", "alias"]]},
+    ])
+    split = load_split("recent", "eval", tmp_path)
+    assert [c.ground_truth for c in split.cases] == [None, None, "Ana"]  # absent: no ground truth
+    assert reasons(split) == {3: "empty ground_truth", 4: "empty ground_truth", 5: "empty ground_truth"}
+
+
+def test_convsent_blank_sides(tmp_path):
+    write_data(tmp_path, "convsent/blender_train.json", [
+        {"ent": "tea", "pos": ["I love tea."], "neg": ["Tea is dull."]},
+        {"ent": "tea", "pos": ["\u200b"], "neg": ["Tea is dull."]},
+        {"ent": "tea", "pos": ["I love tea."], "neg": [" "]},
+        {"ent": "\u200b", "pos": ["I love it."], "neg": ["No."]},
+    ])
+    split = load_split("convsent", "train", tmp_path)
+    assert reasons(split) == {1: "empty target_new", 2: "empty ground_truth", 3: "empty subject"}
+
+
+# ---------------------------------------------------------------------------------- file reading
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_utf8_bom_accepted(tmp_path, suffix):
+    recs = [CF_RECORD, {**CF_RECORD, "case_id": 2, "subject": "Noreg", "prompt": "Noreg's capital is"}]
+    body = json.dumps(recs) if suffix == ".json" else "\n".join(json.dumps(r) for r in recs)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    assert read_records(path) == recs
+    # through the registry too
+    (tmp_path / "counterfact").mkdir()
+    (tmp_path / "counterfact" / "counterfact-train.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(recs).encode("utf-8"))
+    assert ids(load_split("counterfact", "train", tmp_path)) == ["1", "2"]
+
+
+def test_jsonl_line_separators_inside_strings(tmp_path):
+    # JSON allows U+2028 and U+0085 unescaped in strings; only "\n" ends a .jsonl record
+    recs = [{**CF_RECORD, "ground_truth": "Os\u2028lo\x85"}, CF_RECORD]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")
+    assert read_records(path) == recs
+
+
+@pytest.mark.parametrize("suffix, content", [(".json", "[]"), (".json", " [ ]\n"), (".jsonl", ""),
+                                             (".jsonl", "\n \n")])
+def test_data_file_without_records_names_file(tmp_path, suffix, content):
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(content)
+    with pytest.raises(BenchError, match=rf"data file .*empty{suffix} holds no records"):
+        read_records(path)
+
+
+def test_empty_data_file_via_registry(tmp_path):
+    write_data(tmp_path, "zsre/zsre_mend_train-1k.json", [])
+    with pytest.raises(BenchError, match=r"zsre_mend_train-1k.json holds no records"):
+        load_split("zsre", "eval", tmp_path)
+    write_data(tmp_path, "convsent/blender_train.json", [])
+    with pytest.raises(BenchError, match=r"blender_train.json holds no records"):
+        load_split("convsent", "train", tmp_path)
+
+
+def test_directory_where_a_file_is_expected(tmp_path):
+    (tmp_path / "counterfact" / "counterfact-edit.json").mkdir(parents=True)
+    with pytest.raises(BenchError, match=r"counterfact-edit.json is a directory, not a file"):
+        load_split("counterfact", "eval", tmp_path)
+    with pytest.raises(BenchError, match=r"counterfact-edit.json is a directory, not a file"):
+        read_records(tmp_path / "counterfact" / "counterfact-edit.json")
+    # a later candidate that is a real file still wins over an earlier directory
+    (tmp_path / "recent" / "recent_test.json").mkdir(parents=True)
+    write_data(tmp_path, "wiki_recent/recent_test.json", [RECENT_RECORD])
+    assert ids(load_split("recent", "eval", tmp_path)) == ["recent-test-0"]
+
+
+def test_data_dir_that_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_DATA", raising=False)
+    a_file = tmp_path / "data.json"
+    a_file.write_text("[]")
+    with pytest.raises(BenchError, match=r"--data-dir is not a directory: .*data.json"):
+        resolve_data_dir(str(a_file))
+    monkeypatch.setenv("BENCH_DATA", str(a_file))
+    with pytest.raises(BenchError, match=r"\$BENCH_DATA is not a directory: .*data.json"):
+        resolve_data_dir(None)
+
+
+# ---------------------------------------------------------------------------------- card options
+
+
+def test_zsre_locality_prefix_option(tmp_path):
+    write_data(tmp_path, "zsre/zsre_mend_train-1k.json", [ZSRE_RECORD])
+    default = load_split("zsre", "eval", tmp_path, holdout=True).cases[0]
+    assert default.locality[0].prompt.startswith("nq question: ")
+    stripped = load_split("zsre", "eval", tmp_path, holdout=True,
+                          options={"strip_locality_prefix": "true"}).cases[0]
+    assert stripped.locality == (PromptAnswer("who wrote the odyssey", "Homer"),)
+    assert not stripped.locality[0].prompt.startswith("nq question")
+    # cached per options: the default is still the published form
+    again = load_split("zsre", "eval", tmp_path, holdout=True, options={"strip_locality_prefix": False})
+    assert again.cases[0].locality == default.locality
+    assert get_card("zsre").options == {"strip_locality_prefix": False}
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"strip_prefix": "true"}, r"task 'zsre': unknown option 'strip_prefix'; known: strip_locality_prefix"),
+    ({"strip_locality_prefix": "maybe"}, r"option strip_locality_prefix expects true or false, got 'maybe'"),
+    ({"strip_locality_prefix": 1}, r"expects true or false"),
+])
+def test_bad_options(tmp_path, options, match):
+    write_data(tmp_path, "zsre/zsre_mend_train-1k.json", [ZSRE_RECORD])
+    with pytest.raises(BenchError, match=match):
+        load_split("zsre", "eval", tmp_path, holdout=True, options=options)
+    with pytest.raises(BenchError, match="known: none"):
+        load_split("counterfact", "eval", None, options={"x": "1"})
+
+
+def test_option_coercion_follows_the_default():
+    card = replace(get_card("zsre"), options={"flag": False, "n": 3, "x": 0.5, "s": "a", "l": [1]})
+    got = merge_options(card, {"flag": " Yes ", "n": "7", "x": "2", "s": "b", "l": "kept"})
+    assert got == {"flag": True, "n": 7, "x": 2.0, "s": "b", "l": "kept"}
+    assert merge_options(card, {"flag": "off", "n": 4, "x": 1})["flag"] is False
+    for bad in ({"n": "1.5"}, {"n": True}, {"x": "abc"}, {"s": 3}):
+        with pytest.raises(BenchError, match="expects"):
+            merge_options(card, bad)
+
+
+def test_convsent_option_override(tmp_path):
+    write_data(tmp_path, "convsent/blender_train.json",
+               [{"ent": "tea", "pos": ["I love tea."], "neg": ["Tea is dull."]}])
+    assert load_split("convsent", "train", tmp_path).cases[0].target_new == "I love tea."
+    neg = load_split("convsent", "train", tmp_path, options={"target_sentiment": "negative"})
+    assert neg.cases[0].target_new == "Tea is dull."
+    with pytest.raises(BenchError, match="target_sentiment must be positive or negative"):
+        load_split("convsent", "train", tmp_path, options={"target_sentiment": "meh"})
+
+
+def test_bad_card_template_and_options_rejected(tmp_path):
+    text = (REPO / "tasks" / "cards" / "zsre.yaml").read_text()
+    bad = tmp_path / "zsre.yaml"
+    bad.write_text(text.replace('prompt: "{{ src }}"', 'prompt: "{{ src "'))
+    with pytest.raises(BenchError, match=r"fields.prompt is not a valid template"):
+        parse_card(bad)
+    bad.write_text(text.replace("strip_locality_prefix: false", "- strip_locality_prefix"))
+    with pytest.raises(BenchError, match="zsre.yaml"):
+        parse_card(bad)
+    bad.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # a BOM is fine
+    assert parse_card(bad).options == {"strip_locality_prefix": False}
+
+
+def test_blank_prompts_stay_blank_through_filters(tmp_path):
+    # recast wraps prompts in fill_blank: a blank one must still be reported, not become ' ___'
+    edit = [{**CF_RECORD, "case_id": 100 + i} for i in range(5000)]
+    edit += [{**CF_RECORD, "case_id": 1, "rephrase_prompt": "\u200b"},
+             {**CF_RECORD, "case_id": 2, "locality_prompt": " "}, {**CF_RECORD, "case_id": 3}]
+    write_data(tmp_path, "counterfact/counterfact-edit.json", edit)
+    recast = load_split("recast", "eval", tmp_path, holdout=True)
+    assert ids(recast) == ["recast-3"]
+    assert reasons(recast) == {5000: "empty rephrase prompt", 5001: "empty locality prompt"}
+    # zsre: nothing after the "nq question: " prefix is empty in either form
+    write_data(tmp_path, "zsre/zsre_mend_train-1k.json", [
+        ZSRE_RECORD, {**ZSRE_RECORD, "loc": "nq question: "}, {**ZSRE_RECORD, "loc": "nq question: \u200b"}])
+    for strip in ("false", "true"):
+        zs = load_split("zsre", "eval", tmp_path, holdout=True, options={"strip_locality_prefix": strip})
+        assert ids(zs) == ["zsre-0"]
+        assert reasons(zs) == {1: "empty locality prompt", 2: "empty locality prompt"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
+from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
 from bench.session import MODES, RunOptions, hparams_source
 
@@ -60,6 +61,9 @@ def add_editor_arguments(p: argparse.ArgumentParser, default_editor: str = "ft")
     p.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
                    help="YAML mapping of hyperparameters, or the name of a preset shipped for the "
                         "editor (editors/presets/<editor>/)")
+    p.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
+                   help="override one option of a task card (repeatable), e.g. "
+                        "zsre.strip_locality_prefix=true; bench list tasks shows them")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,6 +85,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="run directory name prefix")
 
 
+def task_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """--task-option TASK.KEY=VALUE items as {task: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        task, dot, key = name.strip().partition(".")
+        if not sep or not dot or not task or not key.strip():
+            raise BenchError(f"--task-option expects task.key=value, got {item!r}")
+        out.setdefault(task, {})[key.strip()] = value.strip()
+    return out
+
+
 def editor_hparams(args) -> dict:
     """--hparams-file (a file or a preset), then each --hparam on top."""
     hparams = hparams_source(args.editor, args.hparams_file)
@@ -92,6 +108,7 @@ def options_from_args(args, **changes) -> RunOptions:
     opts = RunOptions(editor=args.editor, tasks=args.task, holdout=args.holdout, model=args.model,
                       device=args.device, dtype=args.dtype, limit=args.limit, seed=args.seed,
                       data_dir=args.data_dir, output_dir=args.output_dir, hparams=editor_hparams(args),
+                      task_options=task_options(args.task_option),
                       instruction_mode=args.instruction_mode, batch_size=args.batch_size,
                       retrain=args.retrain, run_name=args.name, lm_limit=args.lm_limit,
                       regression_corpus=args.regression_corpus)

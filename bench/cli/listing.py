@@ -7,7 +7,7 @@ import sys
 
 from bench.core.errors import BenchError
 from editors import available_editors, get_editor_class, presets
-from tasks.registry import list_cards, resolve_data_dir, task_status
+from tasks.registry import get_card, list_cards, resolve_data_dir, task_status
 
 
 def register(sub) -> None:
@@ -52,6 +52,10 @@ def list_tasks(data_dir_arg: str | None) -> None:
         cells = ["-" if counts.get(s) is None else str(counts.get(s)) for s in ("train", "eval")]
         print(f"{name:12s} {'found' if st['found'] else 'MISSING':8s} {cells[0]:>7s} {cells[1]:>7s} "
               f"{skipped:>8d} {instr.get('seen', 0):>5d} {instr.get('unseen', 0):>6d}  {source}")
+        options = get_card(name).options
+        if options:
+            print(f"{'':12s} options (--task-option {name}.KEY=VALUE): "
+                  + ", ".join(f"{k}={v}" for k, v in options.items()))
         for key in ("missing", "error"):
             if st.get(key):
                 print(f"{'':12s} {key}: {st[key]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cli.common import add_editor_arguments, editor_hparams
+from bench.cli.common import add_editor_arguments, editor_hparams, task_options
 from bench.core.errors import BenchError
 from bench.session import RunOptions, set_up
 from editors import get_editor_class
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
         hparams["time_budget_s"] = args.time_budget
     opts = RunOptions(editor=args.editor, holdout=args.holdout, model=args.model, device=args.device,
                       dtype=args.dtype, seed=args.seed, data_dir=args.data_dir, hparams=hparams,
-                      retrain=True)
+                      task_options=task_options(args.task_option), retrain=True)
     # Under torchrun / `accelerate launch`, every process trains on its slice of each batch.
     setup = set_up(opts, plan=False)
     if setup.shard.rank != 0:

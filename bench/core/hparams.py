@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from bench.core.errors import BenchError
-from bench.core.io import finite
+from bench.core.io import finite, read_text
 
 _KEY = "bench_constraint"
 
@@ -230,17 +230,7 @@ def load_hparams_file(path: str | Path | None) -> dict[str, Any]:
     """The mapping in a YAML file of hyperparameters ({} for None)."""
     if not path:
         return {}
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BenchError(f"hyperparameter file not found: {path}") from None
-    except IsADirectoryError:
-        raise BenchError(f"hyperparameter file {path} is a directory, not a YAML file") from None
-    except UnicodeDecodeError:
-        raise BenchError(f"hyperparameter file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise BenchError(f"cannot read hyperparameter file {path}: {exc.strerror}") from None
+    text = read_text(Path(path), "hyperparameter file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -21,6 +21,27 @@ from bench.core.errors import BenchError
 
 
 # --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file's content (a byte order mark is dropped); BenchError saying `what` the
+    file is and why it cannot be read (missing, a directory, not UTF-8, unreadable)."""
+    path = Path(path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BenchError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise BenchError(f"{what} {path} is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise BenchError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+# --------------------------------------------------------------------------------------------
 # JSON
 # --------------------------------------------------------------------------------------------
 
@@ -51,20 +72,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's content; BenchError naming the file when it is missing, not a file, not
-    UTF-8 or not valid JSON."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BenchError(f"{path} not found") from None
-    except IsADirectoryError:
-        raise BenchError(f"{path} is a directory, not a JSON file") from None
-    except UnicodeDecodeError as exc:
-        raise BenchError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise BenchError(f"cannot read {path}: {exc.strerror}") from None
+def read_json(path: Path, what: str = "JSON file") -> Any:
+    """A JSON file's content; BenchError naming the file when it cannot be read or is not
+    valid JSON."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -83,7 +94,12 @@ def read_jsonl(path: Path, repair: bool = False) -> list[Any]:
     path = Path(path)
     if not path.exists():
         return []
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise BenchError(f"{path} is a directory, not a JSONL file") from None
+    except OSError as exc:
+        raise BenchError(f"cannot read {path}: {exc.strerror}") from None
     records, good_end, offset = [], 0, 0
     lines = raw.splitlines(keepends=True)
     for number, line in enumerate(lines, 1):
@@ -134,7 +150,7 @@ def write_jsonl(path: Path, records: Iterable[Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def read_corpus(path: str | Path, what: str = "corpus") -> list[str]:
+def read_corpus(path: str | Path, what: str = "corpus file") -> list[str]:
     """The documents of a text corpus file, the one definition every caller shares:
 
     * JSON lines (a `.jsonl` file, or one whose first non-blank character is "{"): one document
@@ -143,15 +159,7 @@ def read_corpus(path: str | Path, what: str = "corpus") -> list[str]:
       document per line.
     """
     path = Path(path).expanduser()
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BenchError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise BenchError(f"{what} {path} is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise BenchError(f"{what} {path} is not UTF-8 text") from None
-    raw = raw.replace("\r\n", "\n")
+    raw = read_text(path, what).replace("\r\n", "\n")
     if path.suffix == ".jsonl" or raw.lstrip().startswith("{"):
         docs = []
         for number, line in enumerate(raw.split("\n"), 1):

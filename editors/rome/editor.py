@@ -33,6 +33,9 @@ class RomeEdit:
 
 
 class Rome(Editor):
+    """`rome`: Rank-One Model Editing (Meng et al., 2022): one rank-one update of one MLP output
+    projection per edit (editors/rome/__init__.py, docs/rome.md)."""
+
     name = "rome"
     Hparams = RomeHparams
 

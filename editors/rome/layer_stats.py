@@ -205,7 +205,7 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
             docs = cached_samples(cache_dir, "stats-text", identity, spec,
                                   lambda: sample_documents(model, tokenizer, n_samples, seed))
         else:
-            docs = [tokenizer(text).input_ids for text in read_corpus(corpus, "stats_corpus")]
+            docs = [tokenizer(text).input_ids for text in read_corpus(corpus, "stats_corpus file")]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         log(f"rome: computing key statistics for layers {missing} ({n_samples} tokens, {tag})")
         moments, count = compute_moments(model, layout, docs, missing, n_samples, dtype, pad)

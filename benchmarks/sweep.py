@@ -1,0 +1,202 @@
+"""Compare hyperparameter variants of any editor on the train split of a task (never its eval
+cases, so tuning does not see what runs are scored on).
+
+    python benchmarks/sweep.py --editor rome --task counterfact --cases 10 --threads 1 \
+        --sweep layer=2,4,6,8 --hparam context_counts=2,2 --hparam v_num_grad_steps=15
+    python benchmarks/sweep.py --editor rome --task zsre --cases 12 --threads 1 \
+        --variant prompt:residual_key=prompt --variant mean:residual_key=mean
+    python benchmarks/sweep.py --editor ft --task counterfact --sweep steps=1,2 --cases 2
+
+Variants: `--variant NAME:KEY=VALUE[,KEY=VALUE...]` (a comma-separated piece without "=" continues
+the previous value, so list values read `a:context_counts=2,2,layer=5`; `NAME` or `NAME:` alone is
+the base setting), and `--sweep KEY=V1,V2,...`, one variant per value (a list value in brackets:
+`--sweep "context_counts=[2,2],[5,5]"`). Without either, the base setting alone. The base setting
+is the editor's defaults for the model, then `--hparams-file FILE|PRESET` (a YAML file or a preset
+shipped for the editor, editors/presets/), then each `--hparam KEY=VALUE`; a variant's values go on
+top. Every variant is built with bench.session.build_editor, so every value is checked against the
+model before its weights load.
+
+Every variant runs on the same cases through bench.runner.run_case (pre-edit evaluation, edit,
+post-edit evaluation, restore). The table gives post-edit means in percent per metric, the mean
+optimisation steps (the case record's "edit" entry, where the editor reports `steps`; "-"
+otherwise) and seconds per edit (the edit alone, without evaluation).
+
+Learned editors (mend, instructedit) are prepared as a run prepares them (bench.session.edit_context
+and prepare_editor): each variant loads its cached checkpoint or trains one, which can take long.
+The swept task is always held out of their training (with any `--holdout` tasks), since its train
+split is what the sweep scores; editors that use instructions get the "seen" description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from _common import (add_data_argument, find_data_dir, fmt, is_counterfact, load_cases, log, machine,
+                     machine_line, mean, prepare, run_main, set_threads)
+from bench.core.defaults import DEFAULT_MODEL
+from bench.core.errors import BenchError
+from bench.core.hparams import hparams_to_dict, parse_hparam_args
+from bench.core.metrics import ALL_METRICS
+from bench.core.models import load_config, load_model
+from bench.runner import run_case
+from bench.session import build_editor, hparams_source
+from editors import get_editor_class
+from editors.base import Editor
+
+BASE = "base"  # the name of the variant without overrides
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """NAME:K=V,K=V; a comma-separated piece without "=" continues the previous value
+    (list values: `a:context_counts=2,2,layer=5`)."""
+    name, _, overrides = text.partition(":")
+    if not name.strip():
+        raise BenchError(f"--variant {text!r}: a variant needs a name before ':'")
+    items: list[str] = []
+    for piece in filter(None, overrides.split(",")):
+        if "=" in piece or not items:
+            items.append(piece)
+        else:
+            items[-1] += "," + piece
+    return name.strip(), parse_hparam_args(items)
+
+
+def parse_sweep(text: str) -> list[tuple[str, dict[str, str]]]:
+    """KEY=V1,V2,... as one variant per value, named KEY=V; commas inside brackets belong to
+    one (list) value."""
+    key, sep, values = text.partition("=")
+    if not sep or not key.strip():
+        raise BenchError(f"--sweep expects KEY=V1,V2,..., got {text!r}")
+    items = [v.strip() for v in re.split(r",(?![^\[]*\])", values) if v.strip()]
+    if not items:
+        raise BenchError(f"--sweep {text!r}: no values")
+    return [(f"{key.strip()}={v}", {key.strip(): v}) for v in items]
+
+
+def build_variants(editor: str, model_config, base: dict,
+                   variants: list[tuple[str, dict]]) -> list[tuple[str, dict, Editor]]:
+    """(name, its own overrides, the checked editor) per variant; names must differ."""
+    names = [name for name, _ in variants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BenchError(f"variant names must differ: {', '.join(dup)}")
+    return [(name, ov, build_editor(editor, {**base, **ov}, model_config)) for name, ov in variants]
+
+
+def sweep(lm, variants: list[tuple[str, dict, Editor]], cases, counterfact: bool, data_dir,
+          holdout: list[str], seed: int = 0, batch_size: int = 32) -> tuple[list[dict], list[dict]]:
+    """(one row of post-edit means per variant, every per-case record tagged with its variant)."""
+    rows, records = [], []
+    for name, overrides, editor in variants:
+        ctx, prepare_s = prepare(editor, lm, data_dir, holdout if editor.learns else [], seed)
+        post: dict[str, list[float]] = {}
+        pre: dict[str, list[float]] = {}
+        steps, seconds, errors = [], [], 0
+        for case in cases:
+            if editor.uses_instructions:
+                case = ctx.instruct(case, "seen")
+            rec = run_case(lm, editor, case, counterfact=counterfact, batch_size=batch_size)
+            records.append({"variant": name, **rec})
+            if rec["error"]:
+                errors += 1
+                log(f"{name} {case.case_id}: ERROR {rec['error']}")
+                continue
+            if "steps" in rec.get("edit", {}):
+                steps.append(rec["edit"]["steps"])
+            seconds.append(rec["time"]["edit_s"])
+            for k in ALL_METRICS:
+                if k in rec["post"]:
+                    post.setdefault(k, []).append(rec["post"][k])
+                if k in rec["pre"]:
+                    pre.setdefault(k, []).append(rec["pre"][k])
+            log(f"{name} {case.case_id}: reliability {rec['post']['reliability']:.2f}, "
+                f"steps {rec.get('edit', {}).get('steps', '-')}, {rec['time']['edit_s']:.2f} s")
+        rows.append({"variant": name, "overrides": overrides, "hparams": hparams_to_dict(editor.hparams),
+                     "n": len(cases) - errors, "errors": errors, "prepare_s": round(prepare_s, 2),
+                     "steps": mean(steps) if steps else None, "s_per_edit": mean(seconds),
+                     "post": {k: 100 * mean(v) for k, v in post.items()},
+                     "pre": {k: 100 * mean(v) for k, v in pre.items()}})
+    return rows, records
+
+
+def table(rows: list[dict]) -> str:
+    cols = [c for c in ALL_METRICS if any(c in r["post"] for r in rows)]
+    lines = ["| variant | overrides | n | " + " | ".join(cols) + " | steps | s/edit |",
+             "|---|---|---:|" + "---:|" * (len(cols) + 2)]
+    for r in rows:
+        ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(base)"
+        lines.append(f"| {r['variant']} | {ov} | {r['n']} | "
+                     + " | ".join(fmt(r["post"].get(c), 1) for c in cols)
+                     + f" | {fmt(r['steps'], 1)} | {fmt(r['s_per_edit'])} |")
+    # The pre-edit scores do not depend on the variant: one line under the table.
+    pre = next((r["pre"] for r in rows if r["pre"]), {})
+    if pre:
+        lines += ["", "pre-edit means: " + ", ".join(f"{c} {fmt(pre[c], 1)}" for c in cols if c in pre)]
+    errors = [f"{r['variant']}: {r['errors']}" for r in rows if r["errors"]]
+    if errors:
+        lines.append("cases whose edit failed (left out of the means): " + ", ".join(errors))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--editor", default="rome", help="editor name (bench list editors); default rome")
+    ap.add_argument("--task", default="counterfact", help="task whose train split is used")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="one variant (repeatable)")
+    ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="one variant per value (repeatable)")
+    ap.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
+                    help="YAML mapping or the name of a preset shipped for the editor; for every variant")
+    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every variant (repeatable)")
+    ap.add_argument("--cases", type=int, default=20, help="N cases of the task's train split (default 20)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many train cases first")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model spec or checkpoint directory")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--holdout", action="append", default=[], metavar="TASK",
+                    help="learned editors: also keep this task out of training (repeatable)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's choice)")
+    ap.add_argument("--json", default=None, help="write the rows and per-case records here")
+    add_data_argument(ap)
+    args = ap.parse_args()
+    if args.cases < 1 or args.offset < 0:
+        ap.error("--cases must be positive and --offset not negative")
+    set_threads(args.threads)
+
+    get_editor_class(args.editor)  # unknown editor: one line, before anything loads
+    base = hparams_source(args.editor, args.hparams_file)
+    base.update(parse_hparam_args(args.hparam))
+    wanted = [parse_variant(v) for v in args.variant] + [v for s in args.sweep for v in parse_sweep(s)]
+    variants = build_variants(args.editor, load_config(args.model), base, wanted or [(BASE, {})])
+    data_dir = find_data_dir(args.data_dir)
+    cases = load_cases(args.task, "train", data_dir, args.cases, args.offset)
+    counterfact = is_counterfact(args.task)
+    holdout = sorted({args.task, *args.holdout})
+
+    info = {"machine": machine(), "argv": sys.argv[1:], "data_dir": str(data_dir) if data_dir else None}
+    started = time.perf_counter()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    rows, records = sweep(lm, variants, cases, counterfact, data_dir, holdout, args.seed)
+    info.update(rows=rows, records=records, wall_s=round(time.perf_counter() - started, 1),
+                load_end=machine()["load"])
+
+    print(machine_line(info["machine"]) + f"; load average {info['machine']['load']} -> {info['load_end']}")
+    based = f", base: {', '.join(f'{k}={v}' for k, v in base.items())}" if base else ""
+    print(f"{args.editor} on {args.model}, {args.task} train split, cases [{args.offset}, "
+          f"{args.offset + len(cases)}){based}; wall {info['wall_s']} s")
+    print()
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    run_main(main)
