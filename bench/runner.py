@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from bench.core.cases import EditCase
+from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.layout import find_layout
 from bench.core.metrics import case_scores, summarize_task
@@ -190,31 +191,30 @@ def format_summary(summary: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_run(setup: Setup, resume_dir: Path | None, label: str) -> RunDir:
-    shard = setup.shard
-    if resume_dir is None:
-        path = new_run_dir(Path(setup.opts.output_dir), label) if shard.rank == 0 else None
-        run = RunDir(shard.broadcast(path))
-    else:
-        run = RunDir(resume_dir)
-    run.lock(rank=shard.rank if shard.world > 1 else None)
-    return run
-
-
 def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | None = None,
             log: Callable[[str], None] = print, rewrite_config: bool = False,
             label: str | None = None) -> Path:
-    """Run (or resume) a benchmark run; returns the run directory."""
+    """Run (or resume) a benchmark run; returns the run directory. The run directory is locked
+    while this process writes it (a resumed one before anything loads)."""
     if opts.run_name is not None:
         check_run_name(opts.run_name)
-    setup = set_up(opts, log)
-    planned, shard, editor, lm = setup.planned, setup.shard, setup.editor, setup.lm
-    label = opts.run_name or label or f"{opts.editor}-{'+'.join(t.name for t in planned)}"
-    run = _open_run(setup, resume_dir, label)
+    shard = Shard.current(opts.device)
+    rank = shard.rank if shard.world > 1 else None
+    run = None
     try:
+        if resume_dir is not None:
+            run = RunDir(resume_dir)
+            run.lock(rank)
+        setup = set_up(opts, log, shard=shard)
+        if run is None:
+            label = opts.run_name or label or f"{opts.editor}-{'+'.join(t.name for t in setup.planned)}"
+            path = new_run_dir(Path(opts.output_dir), label) if shard.rank == 0 else None
+            run = RunDir(shard.broadcast(path))
+            run.lock(rank)
         return _execute(setup, run, resume_dir, argv, log, rewrite_config)
     finally:
-        run.release()
+        if run is not None:
+            run.release()
 
 
 def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewrite_config: bool) -> Path:

@@ -20,7 +20,7 @@ import transformers
 
 from bench import __version__
 from bench.core.cases import EditCase, SkippedRecord
-from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
+from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL, RUN_MODES
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams
@@ -35,9 +35,6 @@ from tasks.card import merge_options
 from tasks.instructions import instruct
 from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, resolve_data_dir,
                             task_status, trainable)
-
-MODES = ("single", "sequential")
-
 
 @dataclass
 class RunOptions:
@@ -77,7 +74,7 @@ class RunOptions:
             raise BenchError(f"--limit must be positive, got {self.limit}")
         if self.batch_size < 1:
             raise BenchError("--batch-size must be at least 1")
-        if self.mode not in MODES:
+        if self.mode not in RUN_MODES:
             raise BenchError(f"mode must be single or sequential, got {self.mode!r}")
         get_editor_class(self.editor)  # unknown editor
         for name in list(self.tasks) + list(self.holdout):
@@ -244,12 +241,13 @@ class Setup:
     shard: Shard
 
 
-def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = True) -> Setup:
+def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = True,
+           shard: Shard | None = None) -> Setup:
     """Everything before the first case: every input is checked before the model loads."""
     opts.check()
     data_dir = find_data(opts.data_dir, log)
     planned = plan_tasks(opts, data_dir) if plan else []
-    shard = Shard.current(opts.device)
+    shard = shard or Shard.current(opts.device)
     if shard.world > 1 and opts.regression:
         raise BenchError("lm-eval regression runs in one process; drop --regression or the launcher")
     device = shard.device_for(opts.device)

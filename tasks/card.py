@@ -40,6 +40,8 @@ import yaml
 from jinja2 import Environment, TemplateSyntaxError
 
 from bench.core.errors import BenchError
+from bench.core.hparams import coerce
+from bench.core.io import read_text
 from tasks.fields import FieldMapper
 
 KNOWN_METRICS = ("reliability", "generality", "locality", "portability", "counterfact")
@@ -172,17 +174,7 @@ def _check_options(where: str, options: Any) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> Any:
-    try:
-        # utf-8-sig: accept a card saved with a byte order mark
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise BenchError(f"task card not found: {path}") from None
-    except IsADirectoryError:
-        raise BenchError(f"task card {path} is a directory, not a file") from None
-    except UnicodeDecodeError as exc:
-        raise BenchError(f"task card {path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise BenchError(f"cannot read task card {path}: {exc.strerror or exc}") from None
+    text = read_text(path, "task card")  # a byte order mark is accepted
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -272,43 +264,12 @@ def parse_card(path: Path) -> TaskCard:
 # Per-run options
 # --------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def _coerce_option(task: str, key: str, value: Any, default: Any) -> Any:
-    """`value` in the type of the card's default (command-line values arrive as strings)."""
-    def bad(expected: str) -> BenchError:
-        return BenchError(f"task {task!r}: option {key} expects {expected}, got {value!r}")
-
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad("true or false")
-    if isinstance(default, int):
-        if _is_int(value):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise bad("an integer")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise bad("a number")
-    if isinstance(default, str):
-        if isinstance(value, str):
-            return value
-        raise bad("text")
-    return value  # a default of another type (list, null): taken as given
+    """`value` in the type of the card's default (command-line values arrive as strings); a
+    default of another type (list, null) takes the value as given."""
+    if isinstance(default, (bool, int, float, str)):
+        return coerce(value, type(default), key, label=f"task {task!r}: option {key}")
+    return value
 
 
 def merge_options(card: TaskCard, overrides: dict[str, Any] | None) -> dict[str, Any]:

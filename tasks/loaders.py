@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.core.errors import BenchError
+from bench.core.io import read_text
 from tasks.fields import is_blank, strip_prefix
 
 
@@ -78,13 +79,7 @@ def _json(text: str) -> Any:
 
 
 def _parse(path: Path) -> list[dict]:
-    try:
-        # utf-8-sig: files saved by some Windows editors start with a byte order mark
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise BenchError(f"data file {path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise BenchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    text = read_text(path, "data file")  # files saved by some Windows editors start with a BOM
     if path.suffix == ".jsonl":
         records = []
         # only "\n" ends a record: str.splitlines() would also split at U+2028 or U+0085,

@@ -8,7 +8,7 @@ import argparse
 from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
 from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
-from bench.session import MODES, RunOptions, hparams_source
+from bench.session import RunOptions, hparams_source
 
 
 class Parser(argparse.ArgumentParser):
@@ -119,4 +119,4 @@ def options_from_args(args, **changes) -> RunOptions:
 
 
 __all__ = ["Parser", "MarkGiven", "csv_list", "limit", "add_model_arguments", "add_editor_arguments",
-           "add_run_arguments", "options_from_args", "editor_hparams", "MODES"]
+           "add_run_arguments", "options_from_args", "editor_hparams", "task_options"]

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from bench.cli.common import add_run_arguments, csv_list, options_from_args
+from bench.core.defaults import RUN_MODES
 from bench.regression import DEFAULT_SAMPLE, DEFAULT_SUITE, set_offline_defaults
 from bench.runner import execute
 
@@ -16,7 +17,7 @@ def register(sub) -> None:
     add_run_arguments(p)
     p.add_argument("--lm-tasks", type=csv_list, default=list(DEFAULT_SUITE), metavar="T[,T]",
                    help=f"lm-eval tasks (default {','.join(DEFAULT_SUITE)})")
-    p.add_argument("--mode", choices=["single", "sequential"], default="single",
+    p.add_argument("--mode", choices=RUN_MODES, default="single",
                    help="single (default): each edit alone, suite after --sample of them; "
                         "sequential: suite once on the model holding all edits")
     p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.cli.common import add_run_arguments, csv_list, options_from_args
+from bench.core.defaults import RUN_MODES
 from bench.runner import execute, resume
 
 
@@ -17,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--regression", type=csv_list, default=[], metavar="TASKS",
                    help="lm-eval regression on these tasks (e.g. fact_retention,bench_perplexity,"
                         "hellaswag; docs/regression.md)")
-    p.add_argument("--regression-mode", choices=["single", "sequential"], default="single",
+    p.add_argument("--regression-mode", choices=RUN_MODES, default="single",
                    help="single: each edit alone, the suite after a sample of them; sequential: "
                         "every edit applied and kept, cases and suite measured on all of them")
     p.set_defaults(func=main)

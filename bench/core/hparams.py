@@ -69,16 +69,17 @@ def _is_union(typ) -> bool:
     return typing.get_origin(typ) in (typing.Union, types.UnionType)
 
 
-def coerce(value: Any, typ, name: str) -> Any:
+def coerce(value: Any, typ, name: str, label: str | None = None) -> Any:
     """`value` (a string from the command line, or a YAML value) as type `typ`; BenchError
-    saying what was expected otherwise."""
+    saying what was expected otherwise, about `label` (default "hyperparameter <name>")."""
+    label = label or f"hyperparameter {name}"
     if _is_union(typ):
         options = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
             if len(options) < len(typing.get_args(typ)):
                 return None
-            raise BenchError(f"hyperparameter {name}: a value is required, got {value!r}")
-        return coerce(value, options[0], name)
+            raise BenchError(f"{label}: a value is required, got {value!r}")
+        return coerce(value, options[0], name, label)
     origin = typing.get_origin(typ)
     if origin in (list, tuple):
         inner = (typing.get_args(typ) or (str,))[0]
@@ -88,7 +89,7 @@ def coerce(value: Any, typ, name: str) -> Any:
             items = list(value)
         else:
             items = [value]  # a single number from YAML
-        out = [coerce(v, inner, name) for v in items]
+        out = [coerce(v, inner, name, label) for v in items]
         return out if origin is list else tuple(out)
     if typ is bool:
         if isinstance(value, bool):
@@ -97,10 +98,10 @@ def coerce(value: Any, typ, name: str) -> Any:
             return True
         if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
             return False
-        raise BenchError(f"hyperparameter {name}: expected true/false, got {value!r}")
+        raise BenchError(f"{label}: expected true/false, got {value!r}")
     if typ is int:
         if isinstance(value, bool):
-            raise BenchError(f"hyperparameter {name}: expected int, got {value!r}")
+            raise BenchError(f"{label}: expected int, got {value!r}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -117,10 +118,10 @@ def coerce(value: Any, typ, name: str) -> Any:
                 number = None
             if number is not None and math.isfinite(number) and number.is_integer():
                 return int(number)
-        raise BenchError(f"hyperparameter {name}: expected int, got {value!r}")
+        raise BenchError(f"{label}: expected int, got {value!r}")
     if typ is float:
         if isinstance(value, bool):
-            raise BenchError(f"hyperparameter {name}: expected float, got {value!r}")
+            raise BenchError(f"{label}: expected float, got {value!r}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -128,10 +129,10 @@ def coerce(value: Any, typ, name: str) -> Any:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise BenchError(f"hyperparameter {name}: expected float, got {value!r}")
+        raise BenchError(f"{label}: expected float, got {value!r}")
     if typ is str:
         if isinstance(value, (dict, list, tuple)) or value is None:
-            raise BenchError(f"hyperparameter {name}: expected text, got {value!r}")
+            raise BenchError(f"{label}: expected text, got {value!r}")
         return str(value)
     return value
 

@@ -1,4 +1,5 @@
-"""Tiny models and a tiny tokenizer for unit tests: random weights, built from a config."""
+"""Tiny models and a tiny tokenizer for unit tests and benchmarks: random weights, built from a
+config (Llama, GPT-2 Conv1D and GPT-NeoX layouts), no download."""
 
 from __future__ import annotations
 

@@ -17,8 +17,7 @@ See docs/regression.md for the statistics and the files written.
 
 from __future__ import annotations
 
-from bench.core.errors import BenchError
-from bench.regression.options import DEFAULT_SAMPLE, DEFAULT_SUITE, MODES, RegressionOptions
+from bench.regression.options import DEFAULT_SAMPLE, DEFAULT_SUITE, RegressionOptions
 from bench.regression.suite import check_lm_tasks, lm_eval_version, set_offline_defaults
 
 
@@ -28,5 +27,5 @@ def check_regression(reg: RegressionOptions) -> None:
     check_lm_tasks(list(reg.lm_tasks))
 
 
-__all__ = ["RegressionOptions", "DEFAULT_SUITE", "DEFAULT_SAMPLE", "MODES", "check_regression",
-           "lm_eval_version", "set_offline_defaults", "BenchError"]
+__all__ = ["RegressionOptions", "DEFAULT_SUITE", "DEFAULT_SAMPLE", "check_regression",
+           "lm_eval_version", "set_offline_defaults"]

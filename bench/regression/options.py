@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.core.defaults import DEFAULT_LM_LIMIT
+from bench.core.defaults import DEFAULT_LM_LIMIT, RUN_MODES
 from bench.core.errors import BenchError
 from bench.regression.lm_tasks import OFFLINE_TASKS
 
 DEFAULT_SUITE = list(OFFLINE_TASKS)
-MODES = ("single", "sequential")
 DEFAULT_SAMPLE = 3  # edits evaluated in single mode
 
 
@@ -25,7 +24,7 @@ class RegressionOptions:
     seed: int = 0
 
     def check(self) -> None:
-        if self.mode not in MODES:
+        if self.mode not in RUN_MODES:
             raise BenchError(f"--mode must be single or sequential, got {self.mode!r}")
         if not self.lm_tasks:
             raise BenchError("no lm-eval tasks given")
