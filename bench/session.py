@@ -1,7 +1,8 @@
 """Run set-up, shared by `bench run`, `bench regress` and `bench train`: check the options, find
-the data (one banner when there is none), plan the tasks, build and check the editor against the
-model's config before any weights load, load the model, hand the editor its context (training
-data, instruction wrapper, cache) and describe the run in its config.json.
+the data (fetched on first use; one line when there is no data directory), plan the tasks, build
+and check the editor against the model's config before any weights load, load the model, hand the
+editor its context (training data, instruction wrapper, cache) and describe the run in its
+config.json.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ import transformers
 
 from bench import __version__
 from bench.core.cases import EditCase, SkippedRecord
-from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL, RUN_MODES
+from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL, PROTOCOLS, RUN_MODES
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams
 from bench.core.io import cache_dir
 from bench.core.metrics import METRIC_DEFINITIONS
+from bench.core.generation import StopRules
+from bench.core.judge import JUDGE_PROMPT_VERSION, HTTPJudge, LocalJudge
+from bench.core.prompts import PROMPT_FORMATS, check_prompt_format
+from bench.core.scorers import SCORERS, get_scorer
+from bench.core.wild import WildSettings, default_max_new_tokens
 from bench.core.models import LoadedModel, load_config, load_model, resolve_device, resolve_dtype
 from bench.regression import RegressionOptions, check_regression, lm_eval_version
 from editors import get_editor_class, presets
@@ -33,8 +39,9 @@ from editors.base import EditContext, Editor, TrainingData
 from tasks.instructions import MODES as INSTRUCTION_MODES
 from tasks.card import merge_options
 from tasks.instructions import instruct
-from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, resolve_data_dir,
-                            task_status, trainable)
+from tasks import sources
+from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, provide,
+                            resolve_data_dir, trainable)
 
 @dataclass
 class RunOptions:
@@ -65,6 +72,16 @@ class RunOptions:
     lm_limit: int | None = DEFAULT_LM_LIMIT  # docs per lm-eval task; None = all
     regression_corpus: str | None = None
     regression_sample: int = 3  # single mode: edits the suite is evaluated after
+    # evaluation protocols: teacher_forced (the answer fed, token accuracy) and wild (generated
+    # answers, natural stopping, bench.core.wild)
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    prompt_format: str = "plain"  # plain or chat (the model's chat template) at evaluation
+    max_new_tokens: int | None = None  # wild: cap of a generated answer; None: per task, derived
+    wild_scorer: str | None = None  # wild: primary scorer; None: the judge if any, else answer_first
+    judge: str | None = None  # wild: a local causal LM (a --model spec) as judge
+    judge_url: str | None = None  # wild: an OpenAI-compatible endpoint as judge ...
+    judge_model: str | None = None  # ... and the model name it serves
+    fluency_tokens: int = 0  # wild: > 0 also measures fluency on this many generated tokens
 
     def check(self) -> None:
         """Option errors that need no data, model or editor."""
@@ -83,6 +100,23 @@ class RunOptions:
             merge_options(get_card(name), options)  # unknown task or option, a bad value
         if self.regression:
             check_regression(self.regression_options())
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise BenchError(f"--protocol must name teacher_forced and/or wild, got {','.join(self.protocols)!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise BenchError(f"--prompt-format must be plain or chat, got {self.prompt_format!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise BenchError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.fluency_tokens < 0:
+            raise BenchError(f"--fluency must be >= 0, got {self.fluency_tokens}")
+        if self.judge and self.judge_url:
+            raise BenchError("give --judge (a local model) or --judge-url (an endpoint), not both")
+        if self.judge_url and not self.judge_model:
+            raise BenchError("--judge-url needs --judge-model (the model name the endpoint serves)")
+        if self.wild_scorer is not None and self.wild_scorer != "judge":
+            get_scorer(self.wild_scorer)
+        if self.wild_scorer == "judge" and not (self.judge or self.judge_url):
+            raise BenchError("--wild-scorer judge needs --judge MODEL or --judge-url URL")
 
     def regression_options(self) -> RegressionOptions:
         return RegressionOptions(lm_tasks=list(self.regression), mode=self.mode,
@@ -93,8 +127,10 @@ class RunOptions:
 
 def options_from_config(config: dict) -> RunOptions:
     """The RunOptions stored in a run's config.json; a run written by an incompatible version is
-    one clear error, not a traceback."""
+    one clear error, not a traceback. A run from before the wild protocol was teacher forced."""
     stored = config.get("options")
+    if isinstance(stored, dict):
+        stored = {"protocols": ["teacher_forced"], **stored}
     known = {f.name for f in dataclasses.fields(RunOptions)}
     if not isinstance(stored, dict) or set(stored) - known:
         unknown = sorted(set(stored) - known) if isinstance(stored, dict) else ["options"]
@@ -109,15 +145,57 @@ def options_from_config(config: dict) -> RunOptions:
 
 
 def find_data(arg: str | None, log: Callable[[str], None]) -> Path | None:
-    """The data directory (--data-dir, $BENCH_DATA, ../shared/data), or None for the built-in
-    sample, announced by the one banner every command shows."""
-    data_dir, builtin = resolve_data_dir(arg)
-    if builtin:
-        log("=" * 72)
-        log("NOTE: no data directory found (--data-dir, $BENCH_DATA, ../shared/data);")
-        log("      using the small built-in sample records. Numbers are not comparable.")
-        log("=" * 72)
+    """The data directory (--data-dir, $BENCH_DATA, ../shared/data), or None: each task then
+    comes from the cache of its published copy, else the built-in sample (`gather_tasks` says
+    which in one line)."""
+    data_dir, _ = resolve_data_dir(arg)
     return data_dir
+
+
+def _without_data_dir(found: dict[str, dict], left_out: dict[str, str]) -> str:
+    """The one line that says what a run without a data directory uses instead."""
+    sample = [n for n, s in found.items() if s["data"] == "built-in sample"]
+    real = [n for n, s in found.items() if s["data"] == "real"]
+    notes = list(dict.fromkeys(s["note"] for s in found.values() if s.get("note")))
+    offline = sources.offline()
+    why = (f" and the hub is offline ({offline} is set)" if offline
+           else f" and nothing could be fetched ({notes[0]})" if notes else "")
+    parts = [f"no data directory (--data-dir, $BENCH_DATA, ../shared/data){why}"]
+    if sample:
+        parts.append(f"using the built-in sample records for {', '.join(sample)} "
+                     f"(numbers are not comparable)")
+    if real:
+        parts.append(f"published data from the cache for {', '.join(real)}")
+    if left_out:
+        parts.append(f"left out for want of data: {', '.join(left_out)}")
+    return "; ".join(parts) + ("; `bench data fetch` gets the published data" if sample or left_out else "")
+
+
+def gather_tasks(opts: RunOptions, data_dir: Path | None,
+                 log: Callable[[str], None]) -> dict[str, dict]:
+    """The run's tasks (those named with --task and --holdout, else every task) with where their
+    data comes from (tasks.registry.task_source), each fetched on first use when the hub is
+    reachable. A named task whose data cannot be had is an error; any other is left out with one
+    line saying why and how to supply it; without a data directory a single line says what the
+    run uses instead. A file whose sha256 differs from its card's pin is always an error."""
+    explicit = list(dict.fromkeys(list(opts.tasks) + list(opts.holdout)))
+    names = explicit if opts.tasks else list(dict.fromkeys(list(list_cards()) + explicit))
+    found, left_out = {}, {}
+    for name in names:
+        try:
+            found[name] = provide(name, data_dir)
+        except sources.DigestMismatch:
+            raise
+        except BenchError as exc:
+            if name in explicit:
+                raise
+            left_out[name] = str(exc)
+    if data_dir is None:
+        log(_without_data_dir(found, left_out))
+    else:
+        for reason in left_out.values():
+            log(f"left out: {reason}")
+    return found
 
 
 @dataclass
@@ -128,6 +206,8 @@ class PlannedTask:
     cases: list[EditCase]
     skipped: list[SkippedRecord]
     data_files: dict[str, str]
+    split_cases: list[EditCase] = field(default_factory=list)  # the whole eval split (before --limit)
+    source: dict = field(default_factory=dict)  # where its data comes from (registry.task_source)
 
     @property
     def counterfact(self) -> bool:
@@ -135,13 +215,13 @@ class PlannedTask:
         return "counterfact" in self.metrics
 
 
-def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
-    """Resolve task names, load their eval splits and apply --limit."""
-    names = list(opts.tasks)
-    explicit = set(names) | set(opts.holdout)
-    if not names:
-        names = [n for n in list_cards() if task_status(n, data_dir)["found"]]
-    names += [n for n in opts.holdout if n not in names]
+def plan_tasks(opts: RunOptions, data_dir: Path | None,
+               log: Callable[[str], None] = lambda line: None) -> list[PlannedTask]:
+    """Resolve task names (their data fetched on first use: gather_tasks), load their eval
+    splits and apply --limit."""
+    found = gather_tasks(opts, data_dir, log)
+    names = list(found)
+    explicit = set(opts.tasks) | set(opts.holdout)
     planned = []
     for name in names:
         card = get_card(name)
@@ -154,7 +234,8 @@ def plan_tasks(opts: RunOptions, data_dir: Path | None) -> list[PlannedTask]:
             continue  # chosen by default because its files exist, but they hold no eval case
         planned.append(PlannedTask(name=name, holdout=holdout, metrics=list(card.metrics),
                                    cases=cases, skipped=split.skipped,
-                                   data_files=data_file_hashes(name, data_dir, split="eval")))
+                                   data_files=data_file_hashes(name, data_dir, split="eval"),
+                                   split_cases=split.cases, source=found[name]))
     if not planned:
         raise BenchError("no task with eval cases found; name one with --task (see bench list tasks)")
     return planned
@@ -239,6 +320,33 @@ class Setup:
     lm: LoadedModel
     ctx: EditContext
     shard: Shard
+    judge: object | None = None  # the wild protocol's judge (bench.core.judge), if any
+    wild: dict[str, WildSettings | None] = field(default_factory=dict)  # per task
+
+
+def make_judge(opts: RunOptions, device: str):
+    """The judge the options ask for: a local causal LM (its own unedited copy, even when it is
+    the edited model's spec) or an OpenAI-compatible endpoint; None without one."""
+    if opts.judge:
+        return LocalJudge(load_model(opts.judge, device=device, dtype=opts.dtype), opts.judge)
+    if opts.judge_url:
+        return HTTPJudge(opts.judge_url, opts.judge_model)
+    return None
+
+
+def wild_settings(setup: Setup, task: PlannedTask) -> WildSettings | None:
+    """How a task is evaluated in the wild (None when the run does not): the cap of a generated
+    answer (--max-new-tokens, else derived from the longest gold answer of the task's eval
+    split, so that it does not depend on --limit), the task card's stop strings, the primary
+    scorer, the prompt format, the judge, fluency."""
+    opts = setup.opts
+    if "wild" not in opts.protocols:
+        return None
+    cap = opts.max_new_tokens or default_max_new_tokens(setup.lm.tokenizer, task.split_cases or task.cases)
+    rules = StopRules(max_new_tokens=cap, stop_strings=get_card(task.name).stop_strings)
+    scorer = opts.wild_scorer or ("judge" if setup.judge is not None else "answer_first")
+    return WildSettings(rules=rules, scorer=scorer, prompt_format=opts.prompt_format,
+                        judge=setup.judge, fluency_tokens=opts.fluency_tokens)
 
 
 def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = True,
@@ -246,7 +354,9 @@ def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = Tr
     """Everything before the first case: every input is checked before the model loads."""
     opts.check()
     data_dir = find_data(opts.data_dir, log)
-    planned = plan_tasks(opts, data_dir) if plan else []
+    planned = plan_tasks(opts, data_dir, log) if plan else []
+    if not plan:  # training: its tasks' data is fetched on first use too
+        gather_tasks(opts, data_dir, log)
     shard = shard or Shard.current(opts.device)
     if shard.world > 1 and opts.regression:
         raise BenchError("lm-eval regression runs in one process; drop --regression or the launcher")
@@ -254,9 +364,14 @@ def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = Tr
     resolve_dtype(opts.dtype, resolve_device(device))  # bad --device / --dtype: fail before loading
     editor = build_editor(opts.editor, opts.hparams, load_config(opts.model))
     lm = load_model(opts.model, device=device, dtype=opts.dtype)
+    check_prompt_format(lm.tokenizer, opts.prompt_format)
     ctx = edit_context(opts, editor, data_dir, shard, log)
     prepare_editor(editor, lm, ctx)
-    return Setup(opts, data_dir, planned, editor, lm, ctx, shard)
+    setup = Setup(opts, data_dir, planned, editor, lm, ctx, shard)
+    if "wild" in opts.protocols:
+        setup.judge = make_judge(opts, device)
+        setup.wild = {t.name: wild_settings(setup, t) for t in planned}
+    return setup
 
 
 def evaluation_case(setup: Setup, case: EditCase) -> EditCase:
@@ -287,6 +402,32 @@ def _count_reasons(skipped: list[SkippedRecord]) -> dict[str, int]:
     return out
 
 
+def _describe_wild(settings: WildSettings) -> dict:
+    judge = settings.judge
+    return {"max_new_tokens": settings.rules.max_new_tokens, "stop_strings": list(settings.rules.stop_strings),
+            "stop_at_newline": settings.rules.at_newline, "scorer": settings.scorer,
+            "scorers": sorted(SCORERS) + (["judge"] if judge is not None else []),
+            "judge": None if judge is None else {"name": judge.name, "prompt": JUDGE_PROMPT_VERSION},
+            "fluency_tokens": settings.fluency_tokens}
+
+
+SOURCE_KEYS = ("origin", "location", "licence", "provenance", "verified", "note")
+
+
+def _source_entry(source: dict) -> dict:
+    """A task's `source` in config.json: where its data came from, licence, provenance."""
+    return {k: source[k] for k in SOURCE_KEYS if source.get(k) is not None or k == "verified"}
+
+
+def run_data(planned: list[PlannedTask]) -> str:
+    """config.json's `data`: "real" when every task read real data, "built-in sample" when every
+    task read the built-in sample (not benchmark numbers), "partly built-in sample" otherwise."""
+    kinds = {t.source.get("data") for t in planned}
+    if kinds == {"built-in sample"}:
+        return "built-in sample"
+    return "partly built-in sample" if "built-in sample" in kinds else "real"
+
+
 def run_config(setup: Setup, argv: list[str] | None) -> dict:
     """The config.json of a run: everything needed to reproduce and compare it."""
     opts, lm, editor = setup.opts, setup.lm, setup.editor
@@ -303,10 +444,14 @@ def run_config(setup: Setup, argv: list[str] | None) -> dict:
         "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
                    "options": merge_options(get_card(t.name), opts.task_options.get(t.name)),
                    "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
-                   "skipped_reasons": _count_reasons(t.skipped)} for t in setup.planned],
-        "data_dir": str(setup.data_dir) if setup.data_dir else "built-in sample",
+                   "skipped_reasons": _count_reasons(t.skipped), "data": t.source.get("data"),
+                   "source": _source_entry(t.source)} for t in setup.planned],
+        "data": run_data(setup.planned),
+        "data_dir": str(setup.data_dir) if setup.data_dir else None,
         "seed": opts.seed, "limit": opts.limit, "mode": opts.mode,
         "instruction_mode": opts.instruction_mode,
+        "protocols": list(opts.protocols), "prompt_format": opts.prompt_format,
+        "wild": {name: _describe_wild(w) for name, w in setup.wild.items() if w is not None},
         "metric_definitions": METRIC_DEFINITIONS,
         "versions": _versions(bool(opts.regression)),
         "notes": setup.ctx.notes,

@@ -64,11 +64,12 @@ def add_data_argument(ap: argparse.ArgumentParser) -> None:
 
 def find_data_dir(arg: str | None) -> Path | None:
     """The harness's own resolution (tasks.registry.resolve_data_dir), announced on stdout so the
-    printed tables say which data they measured; None is the built-in sample."""
+    printed tables say which data they measured; None: the cached published copies, else the
+    built-in sample."""
     data_dir, builtin = resolve_data_dir(arg)
     print(f"data: {data_dir}" if not builtin else
-          "data: the built-in sample records (no --data-dir, $BENCH_DATA or ../shared/data); "
-          "numbers are not comparable")
+          "data: no --data-dir, $BENCH_DATA or ../shared/data: each task's cached published copy, "
+          "else the built-in sample records (numbers are not comparable; bench data list)")
     return data_dir
 
 

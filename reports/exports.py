@@ -23,9 +23,9 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 
 def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
-                     cmp: dict) -> dict:
-    """The content of leaderboard.json. `ov`, `ho` and `cmp` map a group's gid to its overview,
-    held-out view and baseline comparison (reports.views)."""
+                     cmp: dict, pg: dict | None = None) -> dict:
+    """The content of leaderboard.json. `ov`, `ho`, `cmp` and `pg` map a group's gid to its
+    overview, held-out view, baseline comparison and teacher-forced vs wild gap (reports.views)."""
     doc: dict[str, Any] = {"title": title, "baseline": baseline, "alpha": ALPHA, "groups": []}
     for g in groups:
         gd: dict[str, Any] = {
@@ -66,6 +66,11 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
         gd["baseline_comparison"] = {"baseline_run": c["base"].label if c["base"] else None,
                                      "note": c["note"], "test": "paired sign-flip permutation (two-sided)",
                                      "comparisons": comps}
+        gap = (pg or {}).get(g.gid) or {"rows": []}
+        gd["protocol_gap"] = [
+            {"run": row["run"].label, "task": t, "metric": tf, "wild_metric": wild, "teacher_forced": _r(c["tf"]),
+             "wild": _r(c["wild"]), "gap": _r(c["gap"]), "n": c["n"]}
+            for row in gap["rows"] for (t, tf, wild), c in zip(gap["columns"], row["cells"]) if c is not None]
         doc["groups"].append(gd)
     return doc
 
@@ -126,7 +131,7 @@ def _md_num(x: float | None) -> str:
 
 
 def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
-                         cmp: dict) -> str:
+                         cmp: dict, pg: dict | None = None) -> str:
     """The content of leaderboard.md: the same tables as the HTML page, without the charts."""
     L = [f"# {_md_escape(title)}", "",
          "Post-edit means in percent with 95% bootstrap CI; ranked by the mean over metrics of the "
@@ -169,4 +174,14 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
             L.append("")
         elif c["note"]:
             L += [f"_{_md_escape(c['note'])}_", ""]
+        gap = (pg or {}).get(g.gid)
+        if gap and gap["rows"]:
+            L += ["**Teacher forced vs. in the wild** (post-edit %, teacher-forced / wild, and the gap "
+                  "teacher-forced − wild in points):", ""]
+            head = ["Run"] + [f"{_md_escape(t)} {gap['abbr'][tf]}" for t, tf, _ in gap["columns"]]
+            L += ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+            for row in gap["rows"]:
+                cells = ["–" if x is None else f"{x['tf']:.1f} / {x['wild']:.1f} ({x['gap']:+.1f})" for x in row["cells"]]
+                L.append("| " + " | ".join([_md_escape(row["run"].label)] + cells) + " |")
+            L.append("")
     return "\n".join(L).rstrip() + "\n"

@@ -25,7 +25,8 @@ from reports.exports import leaderboard_json, leaderboard_markdown, write_leader
 from reports.runs import Run, assign_labels, load_run, slugify
 from reports.stats import ALPHA
 from reports.svg import svg_bars, svg_scatter
-from reports.views import METRIC_ABBR, case_rows, comparison, holdout_view, make_groups, overview
+from reports.views import (METRIC_ABBR, case_rows, comparison, holdout_view, make_groups, overview,
+                           protocol_gap)
 
 FORMATS = ("html", "md", "all")
 DEFAULT_TITLE = "instructedit-bench leaderboard"
@@ -102,6 +103,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     ov = {g.gid: overview(g) for g in groups}
     ho = {g.gid: holdout_view(g) for g in groups}
     cmp = {g.gid: comparison(g, baseline) for g in groups}
+    pg = {g.gid: protocol_gap(g) for g in groups}
 
     out_dir = Path(out_dir)
     try:
@@ -109,19 +111,19 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     except OSError as e:
         raise BenchError(f"cannot create {out_dir}: {e.strerror}") from None
 
-    write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, ov, ho, cmp))
+    write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, ov, ho, cmp, pg))
     write_leaderboard_csv(out_dir / "leaderboard.csv", groups, ov)
 
     main: Path | None = None
     if fmt in ("md", "all"):
         main = out_dir / "leaderboard.md"
-        main.write_text(leaderboard_markdown(title, baseline, groups, ov, ho, cmp), encoding="utf-8")
+        main.write_text(leaderboard_markdown(title, baseline, groups, ov, ho, cmp, pg), encoding="utf-8")
     if fmt in ("html", "all"):
         env = _env()
         generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         page = env.get_template("index.html.j2").render(
             title=title, generated=generated, baseline=baseline, runs=runs,
-            groups=[{"g": g, "overview": ov[g.gid], "holdout": ho[g.gid], "cmp": cmp[g.gid],
+            groups=[{"g": g, "overview": ov[g.gid], "holdout": ho[g.gid], "cmp": cmp[g.gid], "gap": pg[g.gid],
                      "bars": svg_bars(g), "scatter": svg_scatter(g)} for g in groups],
             details={r.slug: _run_details(r) for r in runs}, task_file=_task_file)
         main = out_dir / "index.html"

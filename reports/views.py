@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.core.metrics import METRIC_BY_NAME, TOKEN_METRICS
+from bench.core.metrics import METRIC_BY_NAME, TOKEN_METRICS, WILD_COUNTERPART
 from reports.runs import Run, finite_or_none
 from reports.stats import paired_comparison
 
@@ -111,6 +111,26 @@ def holdout_view(g: Group) -> dict:
     return {"tasks": tasks, "metrics": metrics, "columns": cols, "rows": rows}
 
 
+def protocol_gap(g: Group) -> dict:
+    """Teacher-forced against in-the-wild post-edit means, per run, task and metric pair, with
+    the gap (teacher-forced minus wild, in points): how much feeding the answer overstates."""
+    pairs = [(tf, wild) for wild, tf in WILD_COUNTERPART.items()]
+    cols = [(t, tf, wild) for t in g.tasks for tf, wild in pairs
+            if any(r.stat(t, tf) is not None and r.stat(t, wild) is not None for r in g.runs)]
+    rows = []
+    for r in g.runs:
+        cells = []
+        for t, tf, wild in cols:
+            a, b = r.stat(t, tf), r.stat(t, wild)
+            if a is None or b is None or a["post"] is None or b["post"] is None:
+                cells.append(None)
+            else:
+                cells.append({"tf": a["post"], "wild": b["post"], "gap": a["post"] - b["post"], "n": b["n"]})
+        if any(c is not None for c in cells):
+            rows.append({"run": r, "cells": cells})
+    return {"columns": cols, "rows": rows, "abbr": {tf: METRIC_BY_NAME[tf].abbr for _, tf, _ in cols}}
+
+
 def comparison(g: Group, baseline: str | None) -> dict:
     """Every other run of the group against the most recent run of editor `baseline`, per
     (task, metric) over the cases both finished (see reports.stats.paired_comparison)."""
@@ -167,23 +187,31 @@ def _probes(rec: dict, case: dict) -> list[dict]:
     preds = rec.get("predictions") if isinstance(rec.get("predictions"), dict) else {}
     pre = preds.get("pre") if isinstance(preds.get("pre"), dict) else {}
     post = preds.get("post") if isinstance(preds.get("post"), dict) else {}
+    wild = rec.get("wild") if isinstance(rec.get("wild"), dict) else {}
+    gens = wild.get("generations") if isinstance(wild.get("generations"), dict) else {}
+    gen_pre = gens.get("pre") if isinstance(gens.get("pre"), dict) else {}
+    gen_post = gens.get("post") if isinstance(gens.get("post"), dict) else {}
 
     def pick(d, key, i):
         v = d.get(key)
         if isinstance(v, list):
-            return v[i] if i < len(v) else None
-        return v if i == 0 else None
+            v = v[i] if i < len(v) else None
+        elif i != 0:
+            v = None
+        return v.get("text") if isinstance(v, dict) else v  # a generation: its text
 
-    out = [{"kind": "prompt", "prompt": case.get("prompt"), "expected": case.get("target_new"),
-            "pre": pick(pre, "prompt", 0), "post": pick(post, "prompt", 0)}]
+    def row(kind, slot, i, prompt, expected):
+        return {"kind": kind, "prompt": prompt, "expected": expected, "pre": pick(pre, slot, i),
+                "post": pick(post, slot, i), "gen_pre": pick(gen_pre, slot, i),
+                "gen_post": pick(gen_post, slot, i)}
+
+    out = [row("prompt", "prompt", 0, case.get("prompt"), case.get("target_new"))]
     for i, q in enumerate(_as_list(case.get("rephrase_prompts"))):
-        out.append({"kind": "rephrase", "prompt": q, "expected": case.get("target_new"),
-                    "pre": pick(pre, "rephrase", i), "post": pick(post, "rephrase", i)})
+        out.append(row("rephrase", "rephrase", i, q, case.get("target_new")))
     for kind in ("locality", "portability"):
         for i, q in enumerate(_as_list(case.get(kind))):
             q = q if isinstance(q, dict) else {"prompt": q, "answer": None}
-            out.append({"kind": kind, "prompt": q.get("prompt"), "expected": q.get("answer"),
-                        "pre": pick(pre, kind, i), "post": pick(post, kind, i)})
+            out.append(row(kind, kind, i, q.get("prompt"), q.get("answer")))
     return out
 
 

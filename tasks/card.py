@@ -10,7 +10,16 @@ Card schema (all keys are checked; an unknown key is an error so typos don't go 
       files: {key: path | [path, ...]}   # relative to the data dir; a list = candidates, first found wins
       options: {name: value}       # optional: passed to the loader and, as `options`, to the
                                    # field templates; load_split(options=...) overrides them per run
-    sample:                        # optional: the built-in sample used when there is no data dir
+      remote:                      # optional: published copies, tried in order after the data dir
+        - hub: owner/name          # a Hugging Face dataset repository ...
+          revision: <commit sha>   # ... at a pinned commit (40 hex digits), or
+          # url: https://host/base/  a fixed base URL (then every file needs a sha256 pin)
+          files: {key: path}       # same keys as `files`; path in the repository / under the URL
+          sha256: {key: hex}       # optional for hub files: a key without a pin is not verified
+          licence: str             # shown by `bench data list`, stored in each run's config.json
+          provenance: str
+    sample:                        # optional: the built-in sample, used with no data dir and
+                                   # no cached published copy
       files: {key: path}           # relative to tasks/samples
       splits: {split: rule}        # optional, replaces `splits` for the sample
     fields: {EditCase field: jinja template}   # see tasks.fields
@@ -19,6 +28,8 @@ Card schema (all keys are checked; an unknown key is an error so typos don't go 
       eval: rule
       holdout_eval: rule           # optional: replaces `eval` when the task is the held-out task
     metrics: [reliability | generality | locality | portability | counterfact, ...]
+    generation:                    # optional: how a generated answer ends (the wild protocol)
+      stop: [str, ...]             # stop strings after the answer has begun (besides EOS and newline)
     instructions:
       task: str                    # the label after "Task:"
       template: str                # optional, default INSTRUCTION_TEMPLATE
@@ -32,6 +43,7 @@ A split rule names one file key and exactly one selector:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +96,32 @@ class Instructions:
 
 
 @dataclass(frozen=True)
+class Remote:
+    """One published copy of a task's files (card `source.remote`), fetched by tasks.sources."""
+
+    kind: str                  # "hub" or "url"
+    location: str              # hub: the dataset repository id; url: the base URL (ends with /)
+    revision: str | None       # hub: the pinned commit
+    files: dict[str, str]      # file key -> path in the repository / under the base URL
+    sha256: dict[str, str]     # file key -> pinned digest; a key without one is not verified
+    licence: str
+    provenance: str
+
+    def address(self, key: str) -> str:
+        """Where file `key` is published (an hf:// path or a URL): its name in runs and logs."""
+        if self.kind == "hub":
+            return f"hf://datasets/{self.location}@{self.revision}/{self.files[key]}"
+        return self.location + self.files[key]
+
+    @property
+    def label(self) -> str:
+        """A short name: repository@commit, or the base URL without its scheme."""
+        if self.kind == "hub":
+            return f"{self.location}@{self.revision[:8]}"
+        return self.location.split("://", 1)[-1]
+
+
+@dataclass(frozen=True)
 class TaskCard:
     name: str
     description: str
@@ -98,6 +136,8 @@ class TaskCard:
     sample_splits: dict[str, SplitRule] | None = None
     holdout_only: bool = False
     path: Path | None = None
+    remotes: tuple[Remote, ...] = ()  # source.remote, in order of preference
+    stop_strings: tuple[str, ...] = ()  # generation.stop
 
     @property
     def has_sample(self) -> bool:
@@ -173,6 +213,63 @@ def _check_options(where: str, options: Any) -> dict[str, Any]:
     return dict(options)
 
 
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _remote_path(where: str, path: Any) -> str:
+    """A relative path inside a repository or under a base URL (no escaping it)."""
+    if not isinstance(path, str) or not path.strip() or path.startswith("/") or "\\" in path \
+            or ".." in path.split("/"):
+        raise BenchError(f"{where}: expected a relative path inside the source, got {path!r}")
+    return path
+
+
+def _parse_remote(where: str, d: Any, file_keys: set[str]) -> Remote:
+    d = _expect_keys(where, d, {"files", "licence", "provenance"},
+                     {"hub", "revision", "url", "sha256"})
+    kinds = [k for k in ("hub", "url") if k in d]
+    if len(kinds) != 1:
+        raise BenchError(f"{where}: give exactly one of hub (a dataset repository) or url")
+    if not isinstance(d["files"], dict) or set(d["files"]) != file_keys:
+        raise BenchError(f"{where}: files must map the same keys as source.files "
+                         f"({', '.join(sorted(file_keys))})")
+    files = {k: _remote_path(f"{where}.files.{k}", v) for k, v in d["files"].items()}
+    sha256 = d.get("sha256") or {}
+    if not isinstance(sha256, dict) or not set(sha256) <= file_keys \
+            or not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in sha256.values()):
+        raise BenchError(f"{where}: sha256 must map file keys to 64 lowercase hex digits")
+    if kinds == ["hub"]:
+        if not isinstance(d["hub"], str) or not _REPO_ID.fullmatch(d["hub"]):
+            raise BenchError(f"{where}: hub must be a repository id owner/name, got {d['hub']!r}")
+        # a branch would let the data change under the same card: only a commit pins it
+        if not isinstance(d.get("revision"), str) or not _HEX40.fullmatch(d["revision"]):
+            raise BenchError(f"{where}: revision must be the commit sha (40 lowercase hex digits)")
+        location, revision = d["hub"], d["revision"]
+    else:
+        if "revision" in d:
+            raise BenchError(f"{where}: revision belongs to hub sources; pin a URL in its path")
+        url = d["url"]
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s]+/", url):
+            raise BenchError(f"{where}: url must be an http(s) base URL ending with /, got {url!r}")
+        # what a URL serves can change: only the digest pins it
+        if set(sha256) != file_keys:
+            raise BenchError(f"{where}: a url source needs a sha256 pin for every file")
+        location, revision = url, None
+    return Remote(kind=kinds[0], location=location, revision=revision, files=files,
+                  sha256=dict(sha256), licence=_text_field(f"{where}: licence", d["licence"]).strip(),
+                  provenance=_text_field(f"{where}: provenance", d["provenance"]).strip())
+
+
+def _parse_remotes(where: str, d: Any, file_keys: set[str]) -> tuple[Remote, ...]:
+    if d is None:
+        return ()
+    if not isinstance(d, list) or not d:
+        raise BenchError(f"{where}: source.remote must be a list of sources")
+    return tuple(_parse_remote(f"{where}: source.remote[{i}]", r, file_keys) for i, r in enumerate(d))
+
+
 def _read_yaml(path: Path) -> Any:
     text = read_text(path, "task card")  # a byte order mark is accepted
     try:
@@ -190,11 +287,11 @@ def parse_card(path: Path) -> TaskCard:
     where = path.name
     raw = _read_yaml(path)
     d = _expect_keys(where, raw, {"name", "description", "source", "fields", "splits", "metrics",
-                                  "instructions"}, {"sample", "holdout_only"})
+                                  "instructions"}, {"sample", "holdout_only", "generation"})
     if d["name"] != path.stem:
         raise BenchError(f"{where}: name {d['name']!r} must match the file name")
 
-    src = _expect_keys(f"{where}: source", d["source"], {"schema", "files"}, {"options"})
+    src = _expect_keys(f"{where}: source", d["source"], {"schema", "files"}, {"options", "remote"})
     schema = _text_field(f"{where}: source.schema", src["schema"])
     if not isinstance(src["files"], dict) or not all(isinstance(k, str) for k in src["files"]):
         raise BenchError(f"{where}: source.files must map keys to a path or a list of paths")
@@ -203,6 +300,7 @@ def parse_card(path: Path) -> TaskCard:
     if not files or not all(files.values()) or not all(isinstance(p, str) for v in files.values() for p in v):
         raise BenchError(f"{where}: source.files must map keys to a path or a list of paths")
     options = _check_options(where, src.get("options"))
+    remotes = _parse_remotes(where, src.get("remote"), set(files))
 
     fields = _expect_keys(f"{where}: fields", d["fields"], {"case_id", *REQUIRED_FIELDS},
                           set(CASE_FIELDS))
@@ -248,6 +346,10 @@ def parse_card(path: Path) -> TaskCard:
     if not instructions.pool(True) or not instructions.pool(False):
         raise BenchError(f"{where}: instructions need at least one seen and one unseen description")
 
+    generation = _expect_keys(f"{where}: generation", d.get("generation") or {}, set(), {"stop"})
+    stop = generation.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise BenchError(f"{where}: generation.stop must be a list of non-empty strings")
     holdout_only = d.get("holdout_only", False)
     if not isinstance(holdout_only, bool):
         raise BenchError(f"{where}: holdout_only must be true or false")
@@ -257,7 +359,8 @@ def parse_card(path: Path) -> TaskCard:
                     files=files, options=options, fields=dict(fields),
                     splits=splits, metrics=metrics, instructions=instructions,
                     sample_files=sample_files, sample_splits=sample_splits,
-                    holdout_only=holdout_only, path=path)
+                    holdout_only=holdout_only, path=path, stop_strings=tuple(stop),
+                    remotes=remotes)
 
 
 # --------------------------------------------------------------------------------------------

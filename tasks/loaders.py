@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from bench.core.errors import BenchError
 from bench.core.io import read_text
-from tasks.fields import is_blank, strip_prefix
+from tasks.fields import first_alias, is_blank, strip_prefix
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,84 @@ def load_recent(path: Path, options: dict) -> list[RawRecord]:
         return {"ground_truth": None, "rephrase": None, **rec,
                 "portability": rec.get("portability") or {}, "locality": rec.get("locality") or {}}
     return _check(read_records(path), ("subject", "prompt", "target_new"), normalise)
+
+
+@register("knowedit")
+def load_knowedit(path: Path, options: dict) -> list[RawRecord]:
+    """KnowEdit's fact layouts: ZsRE (benchmark/ZsRE/ZsRE-test-all.json), WikiData_counterfact
+    (benchmark/wiki_counterfact/{train,test}_cf.json) and WikiData_recent
+    (benchmark/wiki_recent/recent_{train,test}.json):
+
+        {subject, prompt, target_new, ground_truth?, rephrase? | rephrase_prompt?,
+         portability?: {group: [probe, ...]}, locality?: {group: [probe, ...]}}
+        probe = {prompt: text | [text], ground_truth: text | [text] | [[text, ...], ...]}
+
+    Portability groups are e.g. Subject_Aliasing, Reasoning, Logical_Generalization; locality
+    groups Relation_Specificity, Forgetfulness; every group a record has is kept, in file order.
+    Answers may be alias lists: the first alias is scored (as EasyEdit does).
+
+    Each record becomes {subject, prompt, target_new, ground_truth (None when absent), rephrase:
+    [text], portability: [{prompt, answer}], locality: [{prompt, answer}]}. Required: subject,
+    prompt, target_new. Optional, and simply left out when absent or null: ground_truth,
+    rephrase, portability, locality and each of their groups (a case without portability
+    probes has no portability score). Present but malformed (a group that is not a list, a
+    probe that is not an object or lacks prompt or ground_truth, an empty alias list, an object
+    where text belongs) refuses the whole record, naming the sub-field: dropping one probe
+    would silently change what the metric averages over.
+    """
+    return _check(read_records(path), ("subject", "prompt", "target_new"), _from_knowedit)
+
+
+def _knowedit_text(value: Any, where: str) -> str:
+    try:
+        return first_alias(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _knowedit_probes(rec: dict, field: str) -> list[dict]:
+    groups = rec.get(field)
+    if groups is None:
+        return []
+    if not isinstance(groups, dict):
+        raise ValueError(f"{field} is not an object")
+    out = []
+    for group, items in groups.items():
+        if items is None:  # a null group is an absent one (as `datasets` writes a missing key)
+            continue
+        group = group if group.isidentifier() else repr(group)  # a reason stays one plain line
+        if not isinstance(items, list):
+            raise ValueError(f"{field}.{group} is not a list")
+        for i, item in enumerate(items):
+            where = f"{field}.{group}[{i}]"
+            if not isinstance(item, dict):
+                raise ValueError(f"{where} is not an object")
+            for key in ("prompt", "ground_truth"):
+                if item.get(key) is None:
+                    raise ValueError(f"{where} lacks {key}")
+            out.append({"prompt": _knowedit_text(item["prompt"], f"{where}.prompt"),
+                        "answer": _knowedit_text(item["ground_truth"], f"{where}.ground_truth")})
+    return out
+
+
+def _from_knowedit(rec: dict) -> str | dict:
+    try:
+        target_new = _knowedit_text(rec["target_new"], "target_new")
+        truth = rec.get("ground_truth")
+        ground_truth = None if truth is None else _knowedit_text(truth, "ground_truth")
+        # ZsRE names it rephrase_prompt, the Wiki files rephrase (text or a list of texts)
+        rephrase = next((rec[k] for k in ("rephrase", "rephrase_prompt") if rec.get(k) is not None), [])
+        rephrase = [rephrase] if not isinstance(rephrase, list) else rephrase
+        for i, text in enumerate(rephrase):
+            if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+                raise ValueError(f"rephrase[{i}] is {type(text).__name__}, not text")
+        portability = _knowedit_probes(rec, "portability")
+        locality = _knowedit_probes(rec, "locality")
+    except ValueError as exc:
+        return str(exc)
+    return {"subject": rec["subject"], "prompt": rec["prompt"], "target_new": target_new,
+            "ground_truth": ground_truth, "rephrase": [str(t) for t in rephrase],
+            "portability": portability, "locality": locality}
 
 
 @register("convsent")

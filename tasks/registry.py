@@ -2,12 +2,17 @@
 
     list_cards() -> {name: TaskCard}
     get_card(name) -> TaskCard
-    resolve_data_dir(arg) -> (data_dir | None, use_builtin_sample)
+    resolve_data_dir(arg) -> (data_dir | None, no_data_dir)
     load_split(name, split, data_dir, holdout=False, options=None) -> TaskSplit
     task_status(name, data_dir) -> dict
-    data_file_hashes(name, data_dir, split=None) -> {relative path: sha256}
+    task_source(name, data_dir) -> dict            where the data comes from (no network)
+    provide(name, data_dir, ...) -> dict           the same, fetching a published copy if needed
+    data_file_hashes(name, data_dir, split=None) -> {name of the file: sha256}
 
-`data_dir=None` everywhere means the built-in sample in tasks/samples.
+Each file of a task comes from the data directory (`data_dir`, the card's `source.files`), else
+from the cached copy of a published source (the card's `source.remote`, tasks.sources; checked
+against its sha256 pin). `data_dir=None` means there is no data directory: a task then uses its
+cached published copy, else the built-in sample in tasks/samples.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from bench.core.cases import SkippedRecord, TaskSplit
 from bench.core.errors import BenchError
 from bench.core.io import file_sha256
+from tasks import sources
 from tasks.card import SplitRule, TaskCard, merge_options, parse_card
 from tasks.fields import FieldMapper, RecordError
 from tasks.loaders import get_loader, read_records
@@ -65,9 +71,10 @@ def get_card(name: str) -> TaskCard:
 
 
 def resolve_data_dir(arg: str | None) -> tuple[Path | None, bool]:
-    """--data-dir, else $BENCH_DATA, else ../shared/data (a development checkout), else the sample.
+    """--data-dir, else $BENCH_DATA, else ../shared/data (a development checkout), else none.
 
-    Returns (directory, False), or (None, True) meaning "use the built-in sample". A directory
+    Returns (directory, False), or (None, True) meaning "no data directory" (each task then uses
+    its cached published copy, else the built-in sample). A directory
     that is named explicitly (argument or $BENCH_DATA) but does not exist, or is not a
     directory, is an error.
     """
@@ -88,21 +95,29 @@ def resolve_data_dir(arg: str | None) -> tuple[Path | None, bool]:
     return None, True
 
 
+def expected_paths(card: TaskCard) -> str:
+    """The files a data directory must hold for the task (each key's first candidate)."""
+    return ", ".join(paths[0] for paths in card.files.values())
+
+
+def _fetch_hint(card: TaskCard) -> str:
+    return f"; or fetch its published copy: bench data fetch {card.name}" if card.remotes else ""
+
+
 def _no_sample(card: TaskCard) -> BenchError:
-    wanted = ", ".join(paths[0] for paths in card.files.values())
     return BenchError(f"task {card.name!r} has no built-in sample; pass --data-dir (or set "
-                      f"$BENCH_DATA) to a directory holding {wanted}")
+                      f"$BENCH_DATA) to a directory holding {expected_paths(card)}{_fetch_hint(card)}")
 
 
-def _file_path(card: TaskCard, key: str, data_dir: Path | None) -> tuple[Path, str]:
-    """(absolute path, name used in reports) of one of the card's files; BenchError if absent."""
-    if data_dir is None:
-        if not card.has_sample:
-            raise _no_sample(card)
-        path = SAMPLES_DIR / card.sample_files[key]
-        if not path.is_file():  # a card naming a sample that is not shipped
-            raise BenchError(f"task {card.name!r}: built-in sample file not found: {path}")
-        return path, SAMPLE_PREFIX + card.sample_files[key]
+def _uses_sample(card: TaskCard, data_dir: Path | None) -> bool:
+    """The built-in sample stands in for a task only when there is no data directory and no
+    published copy of the task's files is cached."""
+    return data_dir is None and card.has_sample and sources.cached_files(card) is None
+
+
+def _local_file(card: TaskCard, key: str, data_dir: Path) -> tuple[Path, str] | None:
+    """The first candidate of file `key` that is a file in the data directory; None when none
+    exists, BenchError when one exists but is not a regular file."""
     candidates = card.files[key]
     for rel in candidates:
         if (Path(data_dir) / rel).is_file():
@@ -113,8 +128,30 @@ def _file_path(card: TaskCard, key: str, data_dir: Path | None) -> tuple[Path, s
             raise BenchError(f"task {card.name!r}: data path {path} is a directory, not a file")
         if path.exists():
             raise BenchError(f"task {card.name!r}: data path {path} is not a regular file")
+    return None
+
+
+def _file_path(card: TaskCard, key: str, data_dir: Path | None) -> tuple[Path, str]:
+    """(absolute path, name used in reports) of one of the card's files: from the data
+    directory, else the cached published copy (its digest checked), else the built-in sample
+    when there is no data directory; BenchError if absent."""
+    if _uses_sample(card, data_dir):
+        path = SAMPLES_DIR / card.sample_files[key]
+        if not path.is_file():  # a card naming a sample that is not shipped
+            raise BenchError(f"task {card.name!r}: built-in sample file not found: {path}")
+        return path, SAMPLE_PREFIX + card.sample_files[key]
+    if data_dir is not None and (found := _local_file(card, key, data_dir)) is not None:
+        return found
+    if (cached := sources.cached_files(card)) is not None:
+        remote, paths = cached
+        sources.verify(card.name, remote, key, paths[key])
+        return paths[key], remote.address(key)
+    if data_dir is None:
+        raise _no_sample(card)
+    candidates = card.files[key]
     also = f" (also looked for {', '.join(candidates[1:])})" if len(candidates) > 1 else ""
-    raise BenchError(f"task {card.name!r}: data file not found: {Path(data_dir) / candidates[0]}{also}")
+    raise BenchError(f"task {card.name!r}: data file not found: {Path(data_dir) / candidates[0]}{also}"
+                     f"{_fetch_hint(card)}")
 
 
 def _file_key(path: Path) -> tuple:
@@ -201,9 +238,7 @@ def load_split(name: str, split: str, data_dir: Path | None, holdout: bool = Fal
     """
     card = get_card(name)
     opts = merge_options(card, options)
-    sample = data_dir is None
-    if sample and not card.has_sample:
-        raise _no_sample(card)
+    sample = _uses_sample(card, data_dir)
     rule = _rule_for(card, split, holdout, sample)
     path, source = _file_path(card, rule.file, data_dir)
     # options change the cases, so they are part of the key (as canonical JSON: values may be lists)
@@ -231,14 +266,13 @@ def _rules_used(card: TaskCard, sample: bool, split: str | None = None) -> dict[
 def task_status(name: str, data_dir: Path | None) -> dict:
     """What `bench tasks` shows: files, whether they were found, case and skip counts."""
     card = get_card(name)
-    sample = data_dir is None
+    sample = _uses_sample(card, data_dir)
     rules = _rules_used(card, sample)
     file_keys = list(dict.fromkeys(r.file for r in rules.values()))  # train's file first
     if sample:
-        source = ([SAMPLE_PREFIX + card.sample_files[k] for k in file_keys] if card.has_sample
-                  else [card.files[k][0] for k in file_keys])  # what --data-dir must hold
+        source = [SAMPLE_PREFIX + card.sample_files[k] for k in file_keys]
     else:
-        source = [card.files[k][0] for k in file_keys]
+        source = [card.files[k][0] for k in file_keys]  # what --data-dir must hold
     source = list(dict.fromkeys(source))
     status = {
         "name": card.name, "description": card.description, "source": source,
@@ -249,8 +283,6 @@ def task_status(name: str, data_dir: Path | None) -> dict:
         "metrics": list(card.metrics), "holdout_only": card.holdout_only,
     }
     try:
-        if sample and not card.has_sample:
-            raise _no_sample(card)
         status["source"] = list(dict.fromkeys(_file_path(card, k, data_dir)[1] for k in file_keys))
     except BenchError as exc:
         status["missing"] = str(exc)
@@ -271,10 +303,12 @@ def task_status(name: str, data_dir: Path | None) -> dict:
 def trainable(name: str, data_dir: Path | None) -> bool:
     """Whether the task can be trained on: it has a train split and its data is found."""
     card = get_card(name)
-    if card.holdout_only or card.rule("train", False, data_dir is None) is None:
+    if card.holdout_only or card.rule("train", False, _uses_sample(card, data_dir)) is None:
         return False
     try:
         data_file_hashes(name, data_dir, split="train")
+    except sources.DigestMismatch:
+        raise  # a corrupted cached copy is an error, not a task without data
     except BenchError:
         return False  # data not found
     return True
@@ -282,14 +316,147 @@ def trainable(name: str, data_dir: Path | None) -> bool:
 
 def data_file_hashes(name: str, data_dir: Path | None, split: str | None = None) -> dict[str, str]:
     """sha256 of each file the task reads (only those of `split` if given), keyed by the
-    path relative to the data dir ("sample/<file>" for the built-in sample)."""
+    path relative to the data dir ("sample/<file>" for the built-in sample, the hf:// path or URL
+    of a cached published copy)."""
     card = get_card(name)
     out = {}
-    for key in sorted({r.file for r in _rules_used(card, data_dir is None, split).values()}):
+    for key in sorted({r.file for r in _rules_used(card, _uses_sample(card, data_dir), split).values()}):
         path, rel = _file_path(card, key, data_dir)
         out[rel] = file_sha256(path)
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Where the data comes from; fetching published copies
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_LICENCE = "Apache-2.0 (this project's own records)"
+SAMPLE_PROVENANCE = "hand-written records in the published layouts (tasks/samples); not benchmark data"
+
+
+def task_source(name: str, data_dir: Path | None) -> dict:
+    """Where the task's data comes from, found without any network access (what `bench data
+    list` shows; each run's config.json keeps it):
+
+        data        "real", "built-in sample", or None when the data is not found
+        origin      "data directory", "hub cache", "url cache" (or two of them joined by " + "),
+                    "built-in sample"; not found: "hub not cached", "url not cached", "missing"
+        location    the data directory, the published source (repository@commit, base URL) or
+                    tasks/samples
+        licence, provenance   those the card gives for its published copy (for the sample: ours)
+        verified    True when every file has the sha256 the card pins, False when a local file
+                    differs from it (`differs` names them), None when some file has no pin
+        files       {name of the file: sha256}
+
+    A cached copy whose digest differs from its pin is a BenchError (tasks.sources.verify)."""
+    card = get_card(name)
+    published = card.remotes[0] if card.remotes else None
+    out: dict[str, Any] = {"task": name, "data": None, "origin": "missing", "location": None,
+                           "licence": published.licence if published else None,
+                           "provenance": published.provenance if published else None,
+                           "verified": None, "differs": [], "files": {}}
+    if _uses_sample(card, data_dir):
+        out.update(data="built-in sample", origin="built-in sample", location="tasks/samples",
+                   licence=SAMPLE_LICENCE, provenance=SAMPLE_PROVENANCE,
+                   files={SAMPLE_PREFIX + f: file_sha256(SAMPLES_DIR / f)
+                          for f in dict.fromkeys(card.sample_files.values())})
+        return out
+    cached = sources.cached_files(card)
+    origins, checks, locations = [], [], []
+    for key in card.files:
+        local = _local_file(card, key, data_dir) if data_dir is not None else None
+        if local is not None:
+            path, rel = local
+            digest = out["files"][rel] = file_sha256(path)
+            pins = [r.sha256[key] for r in card.remotes if key in r.sha256]
+            checks.append(digest in pins if pins else None)
+            if pins and digest not in pins:
+                out["differs"].append(rel)
+            origins.append("data directory")
+            locations.append(str(data_dir))
+        elif cached is not None:
+            remote, paths = cached
+            out["files"][remote.address(key)] = sources.verify(name, remote, key, paths[key])
+            checks.append(True if key in remote.sha256 else None)
+            origins.append(f"{remote.kind} cache")
+            locations.append(remote.label)
+            out["licence"], out["provenance"] = remote.licence, remote.provenance
+        else:
+            out["origin"] = f"{published.kind} not cached" if published else "missing"
+            out["location"] = published.label if published else None
+            out["files"] = {}
+            return out
+    out["data"] = "real"
+    out["origin"] = " + ".join(dict.fromkeys(origins))
+    out["location"] = " + ".join(dict.fromkeys(locations))
+    out["verified"] = False if False in checks else True if all(checks) else None
+    return out
+
+
+def _cannot_have(card: TaskCard, data_dir: Path | None, why: str) -> BenchError:
+    where = f"not in the data directory {data_dir}" if data_dir is not None else "no data directory"
+    return BenchError(f"task {card.name!r}: {where}, no cached copy, and {why}; supply a local "
+                      f"directory with --data-dir or $BENCH_DATA holding {expected_paths(card)}")
+
+
+def _fetch(card: TaskCard, force: bool) -> None:
+    """Download the files of the first of the card's published sources that can be had, each
+    checked against its pin; BenchError with every source's reason otherwise (a digest mismatch
+    is raised at once: it is never worked around by another source)."""
+    reasons = []
+    for remote in card.remotes:
+        try:
+            for key in card.files:
+                path = None if force else sources.cached(remote, key)
+                sources.verify(card.name, remote, key, path or sources.download(remote, key, force))
+            return
+        except sources.DigestMismatch:
+            raise
+        except BenchError as exc:
+            reasons.append(str(exc))
+    raise BenchError("; ".join(reasons))
+
+
+def provide(name: str, data_dir: Path | None, sample: bool = True, force: bool = False,
+            check_local: bool = False) -> dict:
+    """task_source(), after fetching the task's published copy into its cache when its files are
+    neither in the data directory nor cached (`force`: download again unless the data directory
+    holds them). Offline (tasks.sources.offline) nothing is downloaded.
+
+    With `sample`, a task with a built-in sample falls back to it when there is no data
+    directory and nothing can be fetched (`note` then says why); without, that is an error.
+    `check_local` makes a local file whose digest differs from the card's pin an error. Errors
+    are one line naming the task and the files a data directory must hold instead."""
+    card = get_card(name)
+    src = task_source(name, data_dir)
+    if check_local and src["differs"]:
+        raise sources.DigestMismatch(
+            f"task {name!r}: {', '.join(src['differs'])} in {data_dir} differ from the published "
+            f"files the card pins (sha256); replace them, or remove them to use the fetched copy")
+    if src["origin"] == "data directory" or (src["data"] == "real" and not force):
+        return src
+    if not card.remotes:
+        if src["data"] is not None:  # the built-in sample: nothing to fetch instead
+            return src
+        for key in card.files:  # the loader's own one-line reason (missing file, no sample)
+            _file_path(card, key, data_dir)
+        raise _cannot_have(card, data_dir, "its card names no published copy")
+    variable = sources.offline()
+    if variable is not None:
+        why = f"the hub is offline ({variable} is set)"
+    else:
+        try:
+            _fetch(card, force)
+            return task_source(name, data_dir)
+        except sources.DigestMismatch:
+            raise
+        except BenchError as exc:
+            why = str(exc)
+    if sample and src["data"] == "built-in sample":
+        return {**src, "note": why}
+    raise _cannot_have(card, data_dir, why)
+
+
 __all__ = ["list_cards", "get_card", "resolve_data_dir", "load_split", "task_status",
-           "trainable", "data_file_hashes", "hash_bucket", "TaskCard"]
+           "trainable", "data_file_hashes", "hash_bucket", "task_source", "provide",
+           "expected_paths", "TaskCard"]

@@ -2,12 +2,17 @@
 
 Unit tests never read the user's cache or $BENCH_DATA: every test except those marked
 `integration` gets BENCH_CACHE pointed at a per-session temporary directory and BENCH_DATA unset.
+No test touches a hub: the whole session (and every `bench` subprocess it starts) runs offline
+($HF_HUB_OFFLINE, $HF_DATASETS_OFFLINE) with empty Hugging Face caches of its own, so a task's
+published data is never fetched nor found in the user's cache.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -15,6 +20,23 @@ import torch
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hf_home(tmp_path_factory) -> Path:
+    """Offline, with empty hub and `datasets` caches. The libraries read these variables at
+    import (collection may have imported them already), so their copies are patched too."""
+    home = tmp_path_factory.mktemp("hf-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", home),
+                            ("HF_HUB_CACHE", home / "hub"), ("HF_DATASETS_CACHE", home / "datasets")):
+            mp.setenv(name, str(value))
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+        if "datasets.config" in sys.modules:
+            config = sys.modules["datasets.config"]
+            mp.setattr(config, "HF_DATASETS_CACHE", home / "datasets")
+            mp.setattr(config, "DOWNLOADED_DATASETS_PATH", home / "datasets" / "downloads")
+        yield home
 
 
 @pytest.fixture(autouse=True)

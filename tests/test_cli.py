@@ -28,7 +28,7 @@ def _cases(tmp, model_dir) -> dict[str, tuple[list, str]]:
         "unknown editor": (run + ["--editor", "nope", "--task", "counterfact", "--data-dir", FIX],
                            r"^bench: error: unknown editor 'nope'; available: .*ft.*none"),
         "unknown task": (run + ["--task", "counterfact,nope", "--data-dir", FIX],
-                         r"^bench: error: unknown task 'nope'; available: convsent, counterfact, recast, recent, zsre$"),
+                         r"^bench: error: unknown task 'nope'; available: convsent, counterfact, recast, recent, wikicounterfact, zsre, zsre_knowedit$"),
         "unknown holdout task": (run + ["--task", "counterfact", "--holdout", "zsre,nope", "--data-dir", FIX],
                                  r"^bench: error: unknown task 'nope'"),
         "missing data dir": (run + ["--task", "counterfact", "--data-dir", tmp / "no-such-dir"],

@@ -65,7 +65,8 @@ def test_two_counterfact_edits_with_ft(smollm, tmp_path, monkeypatch):
     assert config["editor"]["hparams"]["norm_constraint"] is None
     assert config["editor"]["hparams"]["layers"] == [21]
     assert config["model"]["spec"] == "smollm2-135m"
-    assert config["data_dir"] == (str(Path(data_dir).resolve()) if data_dir else "built-in sample")
+    assert config["data_dir"] == (str(Path(data_dir).resolve()) if data_dir else None)
+    assert config["data"] == ("real" if data_dir else "built-in sample")
     records = [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["error"] is None for r in records)
     summary = json.loads((path / "summary.json").read_text())
@@ -73,7 +74,9 @@ def test_two_counterfact_edits_with_ft(smollm, tmp_path, monkeypatch):
     assert rel["n"] == 2
     assert rel["post"] > rel["pre"], rel
     assert set(summary["tasks"]["counterfact"]) == {"reliability", "generality", "locality",
-                                                    "efficacy", "paraphrase", "neighborhood"}
+                                                    "efficacy", "paraphrase", "neighborhood",
+                                                    "wild_reliability", "wild_generality",
+                                                    "wild_locality", "wild_locality_correct"}
     # the model is back to its unedited self
     from bench.core.models import check_sanity
 

@@ -27,7 +27,7 @@ from editors.mend import Mend
 from bench.core.tiny import ARCHS, tiny_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
-ALL_TASKS = ["convsent", "counterfact", "recast", "recent", "zsre"]
+ALL_TASKS = ["convsent", "counterfact", "recast", "recent", "wikicounterfact", "zsre", "zsre_knowedit"]
 CASE = EditCase(case_id="c1", task="counterfact", prompt="The mother tongue of Danielle Darrieux",
                 subject="Danielle Darrieux", target_new="English", ground_truth="French",
                 rephrase_prompts=("Danielle Darrieux, a French actress, spoke",),

@@ -57,9 +57,11 @@ def record(fields: dict) -> st.SearchStrategy[dict]:
 
 
 probe_groups = st.one_of(
-    st.dictionaries(st.sampled_from(["Reasoning", "Subject_Aliasing", "Relation_Specificity"]),
-                    st.lists(record({"prompt": st.one_of(texts, st.lists(texts, max_size=2)),
-                                     "ground_truth": st.one_of(texts, text_lists)}), max_size=2),
+    st.dictionaries(st.sampled_from(["Reasoning", "Subject_Aliasing", "Relation_Specificity",
+                                     "Forgetfulness", "Logical_Generalization"]),
+                    st.one_of(st.lists(record({"prompt": st.one_of(texts, st.lists(texts, max_size=2)),
+                                               "ground_truth": st.one_of(texts, text_lists)}), max_size=2),
+                              st.none()),
                     max_size=2),
     json_values)
 
@@ -75,6 +77,16 @@ VALID = {
                          "rephrase": "a is",
                          "portability": {"Reasoning": [{"prompt": "p", "ground_truth": [["x", "y"]]}]},
                          "locality": {"Relation_Specificity": [{"prompt": "q", "ground_truth": "z"}]}}],
+    "knowedit": [{"subject": "a", "prompt": "The a is", "target_new": "b", "ground_truth": "c",
+                  "rephrase": "a is",
+                  "portability": {"Subject_Aliasing": [{"prompt": "The A is", "ground_truth": "b"}],
+                                  "Reasoning": [{"prompt": ["p"], "ground_truth": [["x", "y"]]}]},
+                  "locality": {"Relation_Specificity": [{"prompt": "q", "ground_truth": ["z"]}],
+                               "Forgetfulness": None}},
+                 {"subject": "a", "prompt": "What is a?", "target_new": "b", "ground_truth": ["c"],
+                  "rephrase_prompt": "a is what?", "cond": "c >> b || What is a?",
+                  "locality": {"Relation_Specificity": [{"prompt": "a rank", "ground_truth": ["genus"]}]},
+                  "portability": {"Reasoning": [{"prompt": "p", "ground_truth": "x"}]}}],
     "convsent": [{"ent": "a", "pos": ["I like a."], "neg": ["I hate a."]},
                  {"subject": "a", "prompt": "What about a? positively", "target_new": "I like a.",
                   "metric_kwargs": {"inner_q": "a?", "inner_all_qa": ["a? </s> good", "a? </s> bad"],
@@ -114,6 +126,10 @@ RANDOM_LAYOUTS: dict[str, st.SearchStrategy[dict]] = {
         "subject": value, "prompt": value, "target_new": st.one_of(value, text_lists),
         "ground_truth": st.one_of(value, text_lists), "rephrase": st.one_of(value, text_lists),
         "portability": probe_groups, "locality": probe_groups}),
+    "knowedit": record({
+        "subject": value, "prompt": value, "target_new": st.one_of(value, text_lists),
+        "ground_truth": st.one_of(value, text_lists), "rephrase": st.one_of(value, text_lists),
+        "rephrase_prompt": value, "portability": probe_groups, "locality": probe_groups}),
     "convsent": st.one_of(
         record({"ent": value, "pos": st.one_of(st.lists(texts, max_size=2), value),
                 "neg": st.one_of(st.lists(texts, max_size=2), value)}),
@@ -154,7 +170,8 @@ def expected_total(card: TaskCard, split: str, holdout: bool, n: int) -> int | N
     return None
 
 
-@pytest.mark.parametrize("task", ["counterfact", "recast", "zsre", "recent", "convsent"])
+@pytest.mark.parametrize("task", ["counterfact", "recast", "zsre", "recent", "convsent",
+                                  "wikicounterfact", "zsre_knowedit"])
 @SETTINGS
 @given(data=st.data())
 def test_random_records_are_cases_or_counted_skips(task, data):

@@ -409,3 +409,29 @@ def test_csv_cells_cannot_start_a_formula(tmp_path, monkeypatch):
     for text in ("=1+1", "+1", "-1", "@x", "\tx", "\rx"):
         assert neutralise_csv_cell(text) == "'" + text
     assert neutralise_csv_cell("rome") == "rome"
+
+
+def test_teacher_forced_against_wild_gap_in_every_format(tmp_path):
+    """A run measured both ways: the report shows teacher-forced and wild means side by side with
+    the gap (teacher-forced minus wild), equal to summary.json's numbers."""
+    run = tmp_path / "ft-both"
+    shutil.copytree(FT, run)
+    s = summary(run)
+    task = next(iter(s["tasks"]))
+    tf = s["tasks"][task]["reliability"]
+    s["tasks"][task]["wild_reliability"] = {"pre": 0.0, "post": tf["post"] - 30.0, "ci": [0.0, 50.0], "n": tf["n"]}
+    (run / "summary.json").write_text(json.dumps(s))
+    out = tmp_path / "report"
+    build_report([run], out, baseline=None, fmt="all")
+    doc = json.loads((out / "leaderboard.json").read_text())
+    (gap,) = [g for g in doc["groups"][0]["protocol_gap"] if g["task"] == task]
+    assert (gap["metric"], gap["wild_metric"]) == ("reliability", "wild_reliability")
+    assert gap["teacher_forced"] == pytest.approx(tf["post"]) and gap["gap"] == pytest.approx(30.0)
+    assert "Teacher forced vs. in the wild" in (out / "leaderboard.md").read_text()
+    assert f"{tf['post']:.1f} / {tf['post'] - 30:.1f} (+30.0)" in (out / "leaderboard.md").read_text()
+    (table,) = tables(out / "index.html", "protocols")
+    assert any(f"{tf['post']:.1f} / {tf['post'] - 30:.1f} (+30.0)" in c["text"] for c in table["td"])
+    # runs measured teacher forced only have no such section
+    build_report([FT], tmp_path / "plain", baseline=None, fmt="all")
+    assert not tables(tmp_path / "plain" / "index.html", "protocols")
+    assert "in the wild" not in (tmp_path / "plain" / "leaderboard.md").read_text()

@@ -82,18 +82,19 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
         assert r["error"] is None and r["holdout"] is False
         assert r["case"]["case_id"] == r["case_id"]
         assert set(r["predictions"]) == {"pre", "post"}
-        assert set(r["time"]) == {"edit_s", "eval_s", "edits_together"}  # FT: 8 cases per call by default
+        # FT: 8 cases per call by default; wild_s: both protocols by default
+        assert set(r["time"]) == {"edit_s", "eval_s", "wild_s", "edits_together"}
         assert 0 <= r["edit"]["steps"] <= 2  # the handle's facts: FT's optimizer steps (2 at most)
         assert r["pre"].get("locality", 1.0) == 1.0
         assert all(0.0 <= v <= 1.0 for v in list(r["pre"].values()) + list(r["post"].values()))
         # a metric a case cannot have (no rephrase / portability prompt) is absent
-        expected = {"reliability"}
+        expected = {"reliability", "wild_reliability"}  # both protocols by default
         if r["case"]["locality"]:
-            expected |= {"locality"}
+            expected |= {"locality", "wild_locality", "wild_locality_correct"}
         if r["case"]["rephrase_prompts"]:
-            expected |= {"generality"}
+            expected |= {"generality", "wild_generality"}
         if r["case"]["portability"]:
-            expected |= {"portability"}
+            expected |= {"portability", "wild_portability"}
         if r["task"] == "counterfact":
             expected |= {"efficacy", "paraphrase", "neighborhood"}
         assert set(r["post"]) == set(r["pre"]) == expected
@@ -115,8 +116,12 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
             assert s["ci"][0] <= s["post"] + 1e-9 and s["post"] <= s["ci"][1] + 1e-9
         assert metrics["locality"]["pre"] == 100.0
     info = summary["task_info"]
-    assert info["zsre"] == {"holdout": False, "n_cases": 1, "planned_cases": 1, "errors": 0,
-                            "skipped": 1, "skipped_reasons": {"missing field 'answers'": 1}}
+    zsre = dict(info["zsre"])
+    wild = zsre.pop("wild")  # how the generated answers stopped
+    assert wild["generations"] == sum(wild["stops"].values()) == 6  # 3 probes, pre and post
+    assert zsre == {"holdout": False, "n_cases": 1, "planned_cases": 1, "errors": 0, "data": "real",
+                    "skipped": 1, "skipped_reasons": {"missing field 'answers'": 1}}
+    assert summary["data"] == "real"
     assert info["recent"]["skipped"] == 1 and info["counterfact"]["skipped"] == 0
     assert summary["tasks"]["recent"]["portability"]["n"] == 2  # recent-test-3 has none
     assert summary["tasks"]["recent"]["reliability"]["n"] == 3

@@ -27,7 +27,7 @@ from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
 REAL_DATA = Path(os.environ.get("BENCH_DATA") or REPO.parent / "shared" / "data")
-ALL_TASKS = ["convsent", "counterfact", "recast", "recent", "zsre"]
+ALL_TASKS = ["convsent", "counterfact", "recast", "recent", "wikicounterfact", "zsre", "zsre_knowedit"]
 
 
 def ids(split):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL
+from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL, PROTOCOLS
+from bench.core.prompts import PROMPT_FORMATS
 from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
 from bench.session import RunOptions, hparams_source
@@ -76,6 +77,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    default="seen", help="instruction description used at evaluation")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per evaluation batch")
     p.add_argument("--retrain", action="store_true", help="learned editors: ignore cached checkpoints")
+    p.add_argument("--protocol", type=csv_list, default=list(PROTOCOLS), metavar="P[,P]",
+                   help="evaluation protocols: teacher_forced (the answer fed, token accuracy) and/or "
+                        "wild (generated answers, natural stopping); default both")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
+                   help="evaluation prompts as given (plain) or in the model's chat template (chat)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="wild: cap of a generated answer (default per task: its longest gold answer "
+                        "+ 8 tokens)")
+    p.add_argument("--wild-scorer", default=None, metavar="NAME",
+                   help="wild: the scorer behind the wild_* metrics: answer_first (default), "
+                        "exact_match, token_f1, or judge (the default when a judge is given)")
+    p.add_argument("--judge", default=None, metavar="MODEL",
+                   help="wild: a local causal LM (a --model spec) judging whether answers state the target")
+    p.add_argument("--judge-url", default=None, metavar="URL",
+                   help="wild: an OpenAI-compatible chat-completions API base as judge "
+                        "(key from $BENCH_JUDGE_API_KEY, never stored)")
+    p.add_argument("--judge-model", default=None, help="wild: the model name the --judge-url serves")
+    p.add_argument("--fluency", type=int, default=0, metavar="TOKENS",
+                   help="wild: also measure fluency (ROME's n-gram entropy) on this many generated "
+                        "tokens from the edit and rephrase prompts (default 0: off)")
     p.add_argument("--lm-limit", type=limit, default=DEFAULT_LM_LIMIT,
                    help=f"docs per lm-eval task (default {DEFAULT_LM_LIMIT}; 0 = all)")
     p.add_argument("--regression-corpus", default=None, metavar="FILE",
@@ -108,7 +129,10 @@ def options_from_args(args, **changes) -> RunOptions:
     opts = RunOptions(editor=args.editor, tasks=args.task, holdout=args.holdout, model=args.model,
                       device=args.device, dtype=args.dtype, limit=args.limit, seed=args.seed,
                       data_dir=args.data_dir, output_dir=args.output_dir, hparams=editor_hparams(args),
-                      task_options=task_options(args.task_option),
+                      task_options=task_options(args.task_option), protocols=args.protocol,
+                      prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
+                      wild_scorer=args.wild_scorer, judge=args.judge, judge_url=args.judge_url,
+                      judge_model=args.judge_model, fluency_tokens=args.fluency,
                       instruction_mode=args.instruction_mode, batch_size=args.batch_size,
                       retrain=args.retrain, run_name=args.name, lm_limit=args.lm_limit,
                       regression_corpus=args.regression_corpus)

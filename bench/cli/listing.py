@@ -40,8 +40,9 @@ def list_editors() -> None:
 
 def list_tasks(data_dir_arg: str | None) -> None:
     data_dir, _ = resolve_data_dir(data_dir_arg)
-    print(f"data directory: {data_dir if data_dir else 'none found; built-in sample'}")
-    print(f"{'task':12s} {'data':8s} {'train':>7s} {'eval':>7s} {'skipped':>8s} {'seen':>5s} "
+    none = "none found (cached published data, else the built-in sample: bench data list)"
+    print(f"data directory: {data_dir if data_dir else none}")
+    print(f"{'task':16s} {'data':8s} {'train':>7s} {'eval':>7s} {'skipped':>8s} {'seen':>5s} "
           f"{'unseen':>6s}  source")
     for name in list_cards():
         st = task_status(name, data_dir)
@@ -50,15 +51,15 @@ def list_tasks(data_dir_arg: str | None) -> None:
         instr = st.get("instructions", {})
         source = ", ".join(str(v) for v in st.get("source") or [])
         cells = ["-" if counts.get(s) is None else str(counts.get(s)) for s in ("train", "eval")]
-        print(f"{name:12s} {'found' if st['found'] else 'MISSING':8s} {cells[0]:>7s} {cells[1]:>7s} "
+        print(f"{name:16s} {'found' if st['found'] else 'MISSING':8s} {cells[0]:>7s} {cells[1]:>7s} "
               f"{skipped:>8d} {instr.get('seen', 0):>5d} {instr.get('unseen', 0):>6d}  {source}")
         options = get_card(name).options
         if options:
-            print(f"{'':12s} options (--task-option {name}.KEY=VALUE): "
+            print(f"{'':16s} options (--task-option {name}.KEY=VALUE): "
                   + ", ".join(f"{k}={v}" for k, v in options.items()))
         for key in ("missing", "error"):
             if st.get(key):
-                print(f"{'':12s} {key}: {st[key]}")
+                print(f"{'':16s} {key}: {st[key]}")
 
 
 def main(args: argparse.Namespace) -> int:

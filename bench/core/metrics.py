@@ -34,8 +34,10 @@ N_BOOTSTRAP = 2000  # resamples of every bootstrap interval the harness reports
 class Metric:
     name: str
     abbr: str  # column label in tables
-    family: str  # "token" (teacher-forced token accuracy) or "counterfact" (probability comparison)
+    family: str  # "token" (teacher-forced token accuracy), "counterfact" (probability comparison),
+    # "wild" (generated answers) or "generation" (properties of generated text)
     text: str
+    percent: bool = True  # a fraction in [0, 1] per case, reported in percent
 
 
 METRICS = (
@@ -46,11 +48,22 @@ METRICS = (
     Metric("efficacy", "Eff", "counterfact", "P(target_new) > P(ground_truth) on the prompt"),
     Metric("paraphrase", "Para", "counterfact", "the same on the rephrased prompts"),
     Metric("neighborhood", "Nbr", "counterfact", "P(true answer) > P(target_new) on unrelated prompts"),
+    Metric("wild_reliability", "W-Rel", "wild", "generated answer to the edit prompt judged correct"),
+    Metric("wild_generality", "W-Gen", "wild", "the same on the rephrased prompts"),
+    Metric("wild_locality", "W-Loc", "wild", "generated answer to unrelated prompts unchanged by the edit"),
+    Metric("wild_locality_correct", "W-LocC", "wild", "generated answer to unrelated prompts correct"),
+    Metric("wild_portability", "W-Port", "wild", "generated portability answers judged correct"),
+    Metric("fluency", "Flu", "generation", "weighted bi-/tri-gram entropy of longer generations (ROME), bits",
+           percent=False),
 )
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 TOKEN_METRICS = tuple(m.name for m in METRICS if m.family == "token")
 COUNTERFACT_METRICS = tuple(m.name for m in METRICS if m.family == "counterfact")
-ALL_METRICS = TOKEN_METRICS + COUNTERFACT_METRICS
+WILD_METRICS = tuple(m.name for m in METRICS if m.family == "wild")
+ALL_METRICS = tuple(m.name for m in METRICS)
+# the teacher-forced metric each wild metric stands beside (the gap the report shows)
+WILD_COUNTERPART = {"wild_reliability": "reliability", "wild_generality": "generality",
+                    "wild_locality": "locality", "wild_portability": "portability"}
 
 
 def _mean(values) -> float:
@@ -118,16 +131,18 @@ def bootstrap_ci(values, n_resamples: int = N_BOOTSTRAP, seed: int = 0,
 
 
 def summarize_task(records: list[dict]) -> dict[str, dict]:
-    """Per metric {"pre", "post", "ci", "n"} in percent over the finished, error-free records."""
+    """Per metric {"pre", "post", "ci", "n"} over the finished, error-free records, in percent
+    (fluency in its own unit, bits)."""
     ok = [r for r in records if not r.get("error") and r.get("post")]
     out: dict[str, dict] = {}
     for metric in ALL_METRICS:
         post = [r["post"][metric] for r in ok if metric in r["post"]]
         if not post:
             continue
+        scale = 100 if METRIC_BY_NAME[metric].percent else 1
         pre = [r["pre"][metric] for r in ok if metric in r.get("pre", {})]
-        lo, hi = bootstrap_ci(np.asarray(post) * 100)
-        out[metric] = {"pre": round(float(np.mean(pre)) * 100, 4) if pre else None,
-                       "post": round(float(np.mean(post)) * 100, 4),
+        lo, hi = bootstrap_ci(np.asarray(post) * scale)
+        out[metric] = {"pre": round(float(np.mean(pre)) * scale, 4) if pre else None,
+                       "post": round(float(np.mean(post)) * scale, 4),
                        "ci": [round(lo, 4), round(hi, 4)], "n": len(post)}
     return out

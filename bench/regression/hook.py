@@ -42,7 +42,10 @@ def weights_fingerprint(model) -> str:
 
 
 class RegressionHook:
-    """Called by the run's case loop; see the module docstring."""
+    """Called by the run's case loop (the methods of bench.runner.RunHook); see the module
+    docstring. Its summary block is summary.json's `regression`."""
+
+    name = "regression"
 
     def __init__(self, lm, reg: RegressionOptions, run_dir: Path, data_dir, source_tasks: list[str],
                  run_cases: list[EditCase], log: Callable[[str], None] = print):

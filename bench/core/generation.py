@@ -1,0 +1,152 @@
+"""Greedy generation with natural stopping: what the model says when nothing is fed to it.
+
+`generate` decodes greedily from each prompt alone (left-padded batches, the key-value cache) and
+stops a row at the first of: the end-of-sequence token; a newline after the answer has begun
+(leading blank lines do not end an answer that has not started); a stop string the task names;
+`max_new_tokens`. The text is cut at the stop and never truncated to any target's length; the
+reason is kept (`eos`, `newline`, `stop_string`, `max_new_tokens`), so a cap that cuts answers
+shows in the results.
+
+`regenerate` gives what `generate` would give on a changed model (after an edit) when an
+earlier generation from the same prompt is at hand: one teacher-forced pass over the earlier
+tokens checks whether greedy decoding reproduces them (an edit leaves most unrelated answers
+alone), and only the prompts where it does not are decoded again. The result is greedy decoding's
+(up to float rounding at near-ties between the cached and the full-sequence computation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+STOP_REASONS = ("eos", "newline", "stop_string", "max_new_tokens")
+
+
+@dataclass(frozen=True)
+class StopRules:
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    at_newline: bool = True
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the generated answer, cut at its stop (special tokens left out)
+    stop: str  # one of STOP_REASONS
+    n_tokens: int  # tokens generated up to the stop
+    token_ids: tuple[int, ...] = ()  # those tokens (the EOS itself left out)
+
+
+def _cut(text: str, rules: StopRules) -> tuple[str, str | None]:
+    """(text before the first stop marker that follows the answer's start, the marker's reason)."""
+    start = len(text) - len(text.lstrip())  # markers in leading whitespace do not count
+    best, reason = None, None
+    markers = [(s, "stop_string") for s in rules.stop_strings if s]
+    if rules.at_newline:
+        markers.append(("\n", "newline"))
+    for marker, why in markers:
+        at = text.find(marker, start + 1)  # after the answer's first character
+        if at >= 0 and (best is None or at < best):
+            best, reason = at, why
+    return (text, None) if best is None else (text[:best], reason)
+
+
+class _NaturalStop(StoppingCriteria):
+    """Per row: done once its new text holds a stop marker after the answer has begun."""
+
+    def __init__(self, tokenizer, prompt_width: int, rules: StopRules):
+        self.tokenizer, self.width, self.rules = tokenizer, prompt_width, rules
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = [_cut(self.tokenizer.decode(row[self.width:], skip_special_tokens=True), self.rules)[1]
+                is not None for row in input_ids.tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], rules: StopRules, batch_size: int = 32) -> list[Generation]:
+    """Greedy continuations of `prompts`, each stopped naturally (see the module docstring)."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out: list[Generation] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"  # every row continues from its own last token
+        try:
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        finally:
+            tokenizer.padding_side = side
+        width = enc["input_ids"].shape[1]
+        # A config of our own: greedy, whatever sampling defaults the model ships with.
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=rules.max_new_tokens,
+                                  pad_token_id=pad, eos_token_id=eos)
+        ids = model.generate(**enc, generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([_NaturalStop(tokenizer, width, rules)]))
+        for row in ids[:, width:].tolist():
+            out.append(_finish(tokenizer, row, eos, rules))
+    return out
+
+
+def _finish(tokenizer, row: list[int], eos: int | None, rules: StopRules) -> Generation:
+    if eos is not None and eos in row:
+        tokens, reason = row[: row.index(eos)], "eos"
+    else:
+        tokens, reason = row, None
+    text, marker = _cut(tokenizer.decode(tokens, skip_special_tokens=True), rules)
+    if marker is not None:
+        reason = marker
+    elif reason is None:
+        reason = "max_new_tokens"
+    return Generation(text=text, stop=reason, n_tokens=len(tokens), token_ids=tuple(tokens))
+
+
+@torch.no_grad()
+def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation], eos: int | None,
+                batch_size: int) -> list[bool]:
+    """Whether greedy decoding on `model` gives each earlier generation again: the argmax after
+    the prompt and after each earlier token is the next earlier token (and EOS where the earlier
+    one ended on EOS), read in one teacher-forced pass per batch."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    out: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, gen in zip(prompts[start:start + batch_size], earlier[start:start + batch_size]):
+            ids = list(tokenizer(prompt)["input_ids"])
+            expected = list(gen.token_ids) + ([eos] if gen.stop == "eos" and eos is not None else [])
+            rows.append((ids, expected))
+        width = max(len(ids) + len(exp) for ids, exp in rows)
+        batch = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, exp) in enumerate(rows):
+            seq = ids + exp[:-1] if exp else ids
+            batch[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        hidden = model.base_model(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
+        head = model.get_output_embeddings()
+        for r, (ids, exp) in enumerate(rows):
+            if not exp:  # nothing generated and no EOS: decoding must still stop at once
+                out.append(False)
+                continue
+            positions = torch.arange(len(ids) - 1, len(ids) - 1 + len(exp), device=device)
+            # softcapping is monotone: the argmax of the raw logits is the argmax
+            argmax = head(hidden[r, positions]).argmax(-1).tolist()
+            out.append(argmax == exp)
+    return out
+
+
+def regenerate(model, tokenizer, prompts: list[str], earlier: list[Generation], rules: StopRules,
+               batch_size: int = 32) -> list[Generation]:
+    """`generate(model, ...)` for prompts that were generated from before (`earlier`, with the
+    same rules): earlier generations the model reproduces are kept, the rest decoded again."""
+    keep = _reproduced(model, tokenizer, prompts, earlier, tokenizer.eos_token_id, batch_size)
+    todo = [i for i, ok in enumerate(keep) if not ok]
+    fresh = generate(model, tokenizer, [prompts[i] for i in todo], rules, batch_size) if todo else []
+    out = list(earlier)
+    for i, gen in zip(todo, fresh):
+        out[i] = gen
+    return out
