@@ -43,7 +43,7 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
                 if s is not None:
                     tasks.setdefault(t, {})[m] = {"pre": s["pre"], "post": s["post"],
                                                   "ci": [s["lo"], s["hi"]], "n": s["n"]}
-            gd["rows"].append({"rank": row["rank"], "run": r.label, "editor": r.editor,
+            gd["rows"].append({"rank": row["rank"], "run": r.label, "editor": r.editor, "data": r.data,
                                "run_dir": str(r.path), "created": r.created,
                                "holdout_tasks": [t for t in r.tasks if r.holdout(t)],
                                "tasks": tasks, "mean": {m: _r(v) for m, v in row["means"].items()}})
@@ -77,7 +77,8 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
 
 def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
     """The overview of every group as one table (the rows of leaderboard.csv)."""
-    records, cols = [], ["group", "rank", "run", "editor", "model", "source_hash", "metric_definitions", "run_dir"]
+    records, cols = [], ["group", "rank", "run", "editor", "data", "model", "source_hash",
+                         "metric_definitions", "run_dir"]
     for g in groups:
         for t, m in g.columns:
             for c in (f"{t}/{m}", f"{t}/{m}/ci_lo", f"{t}/{m}/ci_hi", f"{t}/{m}/n"):
@@ -88,7 +89,7 @@ def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
         for row in ov[g.gid]:
             r = row["run"]
             rec: dict[str, Any] = {"group": g.heading, "rank": row["rank"], "run": r.label, "editor": r.editor,
-                                   "model": g.model_spec, "source_hash": g.model_hash,
+                                   "data": r.data, "model": g.model_spec, "source_hash": g.model_hash,
                                    "metric_definitions": g.metric_definitions, "run_dir": str(r.path)}
             for (t, m), s in zip(g.columns, row["cells"]):
                 if s is not None:
@@ -150,7 +151,8 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                     cells.append(f"{s['post']:.1f} [{s['lo']:.1f}, {s['hi']:.1f}]")
                 else:
                     cells.append(f"{s['post']:.1f}")
-            L.append("| " + " | ".join([str(row["rank"] or "–"), _md_escape(row["run"].label)] + cells
+            label = row["run"].label + (f" ({row['run'].data}: not comparable)" if row["run"].sample_data else "")
+            L.append("| " + " | ".join([str(row["rank"] or "–"), _md_escape(label)] + cells
                                        + [_md_num(row["means"]["all"])]) + " |")
         L.append("")
         h = ho[g.gid]

@@ -72,6 +72,19 @@ class Run:
         return str(self.config.get("created") or "")
 
     @property
+    def data(self) -> str:
+        """"real", "built-in sample" or "partly built-in sample" (config.json, else summary.json;
+        runs from before the marker used real data unless their data_dir says otherwise)."""
+        data = self.config.get("data") or self.summary.get("data")
+        if isinstance(data, str):
+            return data
+        return "built-in sample" if self.config.get("data_dir") == "built-in sample" else "real"
+
+    @property
+    def sample_data(self) -> bool:
+        return self.data != "real"
+
+    @property
     def config_tasks(self) -> list[dict]:
         t = self.config.get("tasks")
         return [x for x in t if isinstance(x, dict)] if isinstance(t, list) else []

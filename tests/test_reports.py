@@ -435,3 +435,20 @@ def test_teacher_forced_against_wild_gap_in_every_format(tmp_path):
     build_report([FT], tmp_path / "plain", baseline=None, fmt="all")
     assert not tables(tmp_path / "plain" / "index.html", "protocols")
     assert "in the wild" not in (tmp_path / "plain" / "leaderboard.md").read_text()
+
+
+def test_a_run_on_the_built_in_sample_is_marked_in_every_format(tmp_path):
+    run = tmp_path / "ft-sample"
+    shutil.copytree(FT, run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = "built-in sample"
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "report"
+    build_report([run, NONE], out, baseline=None, fmt="all")
+    rows = {r["editor"]: r for r in json.loads((out / "leaderboard.json").read_text())["groups"][0]["rows"]}
+    assert rows["ft"]["data"] == "built-in sample" and rows["none"]["data"] == "real"
+    with open(out / "leaderboard.csv", newline="") as f:
+        assert {r["editor"]: r["data"] for r in csv.DictReader(f)} == {"ft": "built-in sample", "none": "real"}
+    assert "(built-in sample: not comparable)" in (out / "leaderboard.md").read_text()
+    overview = tables(out / "index.html", "overview")[0]
+    assert any("built-in sample" in c["text"] for c in overview["td"])
