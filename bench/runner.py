@@ -1,6 +1,6 @@
 """The one orchestrator behind `bench run` and `bench regress`: for each case, evaluate before the
-edit, apply it, evaluate after, restore (single mode); or apply every edit in turn and evaluate
-each case on the model holding all of them (sequential mode).
+edit, apply it, evaluate after, restore (single mode); or apply the edits in order, keep them,
+and evaluate every edit made so far at checkpoints (sequential mode, bench.sequential).
 
 Results go to a run directory (bench.core.runfiles) case by case, so a killed run loses nothing
 and `--resume` continues where it stopped without repeating a finished case. Hooks (the lm-eval
@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -25,108 +24,22 @@ from bench.core.cases import EditCase
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.layout import find_layout
-from bench.core.metrics import case_scores, summarize_task
-from bench.core.generation import Generation
-from bench.core.probes import CaseEval, evaluate_case, predictions
-from bench.core.prompts import format_case
+from bench.core.metrics import summarize_task
 from bench.core.replay import BlockOutputs, first_changed_block
-from bench.core.wild import WildSettings, fluency_texts, generate_cases, wild_result
 from bench.core.runfiles import RunDir, check_run_name, new_run_dir
+from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, case_record, evaluate_forced,
+                              evaluate_wild)
 from bench.regression.hook import RegressionHook
+from bench.sequential import run_sequential, sequential_summary
 from bench.session import RunOptions, Setup, evaluation_case, options_from_config, run_config, set_up
+
+__all__ = ["Job", "Protocol", "RunHook", "run_case", "run_cases", "execute", "resume", "summarize_run",
+           "format_summary"]
 
 
 # --------------------------------------------------------------------------------------------
 # The case loop
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One case and what to measure on it."""
-
-    case: EditCase  # as the editor sees it (instruction-wrapped for editors that use them)
-    counterfact: bool = False  # also CounterFact's probability comparisons
-    wild: WildSettings | None = None  # also evaluation in the wild (generated answers)
-
-
-@dataclass
-class Protocol:
-    """How a run evaluates: teacher forced (the answer fed), in the wild (Job.wild), or both;
-    every probe prompt as the data gives it or in the model's chat template."""
-
-    teacher_forced: bool = True
-    prompt_format: str = "plain"
-
-
-@dataclass
-class _State:
-    """What one evaluation of a job read from the model."""
-
-    forced: CaseEval | None = None
-    generations: list[Generation] | None = None
-    fluency: list[Generation] | None = None
-    forced_s: float = 0.0  # seconds of the teacher-forced evaluation
-    wild_s: float = 0.0  # seconds of generation (this case's share of a batched one)
-
-
-def _evaluate_forced(lm, job: Job, protocol: Protocol, batch_size: int) -> CaseEval | None:
-    if not protocol.teacher_forced:
-        return None
-    case = format_case(lm.tokenizer, job.case, protocol.prompt_format)
-    return evaluate_case(lm.model, lm.tokenizer, case, counterfact=job.counterfact, batch_size=batch_size)
-
-
-def _evaluate_wild(lm, jobs: list[Job], states: list[_State], batch_size: int,
-                   earlier: list[_State] | None = None) -> None:
-    """Generations (and fluency texts) for the jobs evaluated in the wild, batched across the
-    jobs that share their settings, into `states`; with the `earlier` (pre-edit) states, only
-    what the edited model no longer reproduces is decoded again."""
-    groups: dict[int, list[int]] = {}
-    for k, job in enumerate(jobs):
-        if job.wild is not None:
-            groups.setdefault(id(job.wild), []).append(k)
-    for ks in groups.values():
-        settings = jobs[ks[0]].wild
-        cases = [jobs[k].case for k in ks]
-        t0 = time.perf_counter()
-        gens = generate_cases(lm.model, lm.tokenizer, cases, settings, batch_size,
-                              earlier=[earlier[k].generations for k in ks] if earlier else None)
-        flu = (fluency_texts(lm.model, lm.tokenizer, cases, settings, batch_size,
-                             earlier=[earlier[k].fluency for k in ks] if earlier else None)
-               if settings.fluency_tokens else [None] * len(ks))
-        share = (time.perf_counter() - t0) / len(ks)
-        for k, g, f in zip(ks, gens, flu):
-            states[k].generations, states[k].fluency = g, f
-            states[k].wild_s += share
-
-
-def case_record(job: Job, tokenizer, pre: _State) -> dict:
-    """The cases.jsonl record of a case as its pre-edit evaluation leaves it; `_add_post` adds
-    `post`, `edit` (the handle's facts) and the post-edit side of `wild`, or the loop `error`."""
-    record = {"task": job.case.task, "case_id": job.case.case_id, "case": job.case.to_dict(),
-              "pre": case_scores(pre.forced) if pre.forced is not None else {}, "error": None}
-    if pre.forced is not None:
-        record["predictions"] = {"pre": predictions(tokenizer, pre.forced)}
-    if job.wild is not None:
-        result = wild_result(job.case, pre.generations, None, job.wild,
-                             (pre.fluency, None) if pre.fluency is not None else None)
-        record["pre"].update(result["pre"])
-        record["wild"] = result["record"]
-    return record
-
-
-def _add_post(record: dict, job: Job, tokenizer, pre: _State, post: _State, handle) -> None:
-    record["post"] = case_scores(post.forced, pre.forced) if post.forced is not None else {}
-    if post.forced is not None:
-        record["predictions"]["post"] = predictions(tokenizer, post.forced)
-    if job.wild is not None:
-        fluency = (pre.fluency, post.fluency) if pre.fluency is not None else None
-        result = wild_result(job.case, pre.generations, post.generations, job.wild, fluency)
-        record["post"].update(result["post"])
-        record["wild"] = result["record"]
-    if handle.info:
-        record["edit"] = dict(handle.info)
 
 
 def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> dict:
@@ -154,10 +67,10 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
         t0 = time.perf_counter()
         outputs = BlockOutputs(layout)
         with outputs.record() if reuse_unchanged_blocks else nullcontext():
-            pres.append(_State(forced=_evaluate_forced(lm, job, protocol, batch_size)))
+            pres.append(EvalState(forced=evaluate_forced(lm, job, protocol, batch_size)))
         pres[-1].forced_s = time.perf_counter() - t0
         kept.append(outputs)
-    _evaluate_wild(lm, jobs, pres, batch_size)
+    evaluate_wild(lm, jobs, pres, batch_size)
     records = [case_record(job, tok, pre) for job, pre in zip(jobs, pres)]
     edits = editor.apply_many(model, tok, [job.case for job in jobs]) if len(jobs) > 1 else None
     for k, (job, pre, record) in enumerate(zip(jobs, pres, records)):
@@ -178,10 +91,10 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
         t2 = time.perf_counter()
         try:
             with kept[k].replay(first_changed_block(layout, handle.changed)):
-                post = _State(forced=_evaluate_forced(lm, job, protocol, batch_size))
+                post = EvalState(forced=evaluate_forced(lm, job, protocol, batch_size))
             post.forced_s = time.perf_counter() - t2
-            _evaluate_wild(lm, [job], [post], batch_size, earlier=[pre])
-            _add_post(record, job, tok, pre, post, handle)
+            evaluate_wild(lm, [job], [post], batch_size, earlier=[pre])
+            add_post(record, job, tok, pre, post, handle)
             if while_edited is not None:
                 while_edited(job.case)
         finally:
@@ -194,43 +107,6 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
         if len(jobs) > 1:
             record["time"]["edits_together"] = len(jobs)
         yield record
-
-
-def run_sequential(lm, editor, jobs: list[Job], batch_size: int,
-                   all_applied: Callable[[list[EditCase]], None] | None = None,
-                   protocol: Protocol | None = None) -> list[dict]:
-    """Every case evaluated on the unedited model, then every edit applied in order and kept,
-    then every case evaluated on the model holding all of them (`all_applied(applied cases)` is
-    called at that point), then every edit restored in reverse order."""
-    protocol = protocol or Protocol()
-    model, tok = lm.model, lm.tokenizer
-    pres = [_State(forced=_evaluate_forced(lm, job, protocol, batch_size)) for job in jobs]
-    _evaluate_wild(lm, jobs, pres, batch_size)
-    records = [case_record(job, tok, pre) for job, pre in zip(jobs, pres)]
-    handles = []
-    try:
-        for job, record in zip(jobs, records):
-            t0 = time.perf_counter()
-            try:
-                handles.append((job, editor.apply(model, tok, job.case)))
-            except BenchError as exc:
-                record["error"] = str(exc)
-            record["time"] = {"edit_s": round(time.perf_counter() - t0, 4)}
-        applied = [job for job, _ in handles]
-        posts = [_State(forced=_evaluate_forced(lm, job, protocol, batch_size)) for job in applied]
-        pre_of = {id(job): pre for job, pre in zip(jobs, pres)}
-        _evaluate_wild(lm, applied, posts, batch_size, earlier=[pre_of[id(job)] for job in applied])
-        by_job = {id(job): (post, handle) for (job, handle), post in zip(handles, posts)}
-        for job, pre, record in zip(jobs, pres, records):
-            if id(job) in by_job:
-                post, handle = by_job[id(job)]
-                _add_post(record, job, tok, pre, post, handle)
-        if all_applied is not None:
-            all_applied([job.case for job in applied])
-    finally:
-        for _, handle in reversed(handles):
-            handle.restore()
-    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,29 +174,6 @@ def format_summary(summary: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class RunHook:
-    """What the orchestrator calls at fixed points of the case loop (every method optional to
-    override). `finish` returns the block it adds to summary.json under its `name`."""
-
-    name = ""
-
-    def before_cases(self, todo: list[EditCase]) -> None:
-        """Before the first case; the model is unedited."""
-
-    def while_edited(self, case: EditCase) -> None:
-        """Single mode: the case's edit (alone) is applied, its evaluation done."""
-
-    def all_applied(self, applied: list[EditCase]) -> None:
-        """Sequential mode: every edit that did not fail is applied."""
-
-    def on_record(self, record: dict) -> None:
-        """A finished case record, before it is written (a hook may add to it)."""
-
-    def finish(self) -> dict | None:
-        """After the last case, the model restored."""
-        return None
-
-
 def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | None = None,
             log: Callable[[str], None] = print, rewrite_config: bool = False,
             label: str | None = None,
@@ -367,39 +220,47 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
             log(f"skipped {t.name} record {s.index} of {s.source}: {s.reason}")
         if len(t.skipped) > 3:
             log(f"... and {len(t.skipped) - 3} more skipped {t.name} records")
-    if opts.mode == "sequential" and done:
-        raise BenchError(f"{run.path} is a sequential run with finished cases; it cannot be resumed")
+    sequential = opts.mode == "sequential"
+    if sequential and shard.world > 1:
+        raise BenchError("--mode sequential runs in one process (its edits build on each other)")
 
     torch.manual_seed(opts.seed)
     order = [(t.name, c.case_id) for t in planned for c in t.cases]
-    # Case i of the planned order belongs to process i mod world: a fixed split, so a resumed
-    # shard picks up exactly its own remaining cases.
-    todo = [(t, evaluation_case(setup, c)) for i, (t, c) in enumerate((t, c) for t in planned for c in t.cases)
-            if i % shard.world == shard.rank and (t.name, c.case_id) not in done]
-    if shard.rank == 0:
-        log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go"
-            + (f" on this process of {shard.world})" if shard.world > 1 else ")"))
+    if sequential:  # every case, in order; bench.sequential knows which edits the saved state holds
+        todo = [(t, evaluation_case(setup, c)) for t in planned for c in t.cases]
+        saved = run.read_state()
+        n_edits = int(saved[1]["n_edits"]) if saved else 0
+        remaining = len(todo) - n_edits
+        if shard.rank == 0:
+            log(f"run directory: {run.path}  ({n_edits} edits already made, {remaining} to go)")
+    else:
+        # Case i of the planned order belongs to process i mod world: a fixed split, so a resumed
+        # shard picks up exactly its own remaining cases.
+        todo = [(t, evaluation_case(setup, c)) for i, (t, c) in enumerate((t, c) for t in planned for c in t.cases)
+                if i % shard.world == shard.rank and (t.name, c.case_id) not in done]
+        remaining = len(todo)
+        if shard.rank == 0:
+            log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go"
+                + (f" on this process of {shard.world})" if shard.world > 1 else ")"))
     hooks: list[RunHook] = list(extra_hooks(setup, run)) if extra_hooks else []
     if opts.regression:
         hooks.append(RegressionHook(lm, opts.regression_options(), run.path, setup.data_dir,
                                     [t.name for t in planned], [c for t in planned for c in t.cases], log=log))
-    for hook in hooks:
-        hook.before_cases([c for _, c in todo])
+    if not sequential:  # the sequential loop calls it after its pre-edit evaluation
+        for hook in hooks:
+            hook.before_cases([c for _, c in todo])
 
     def while_edited(case: EditCase) -> None:
         for hook in hooks:
             hook.while_edited(case)
-
-    def all_applied(applied: list[EditCase]) -> None:
-        for hook in hooks:
-            hook.all_applied(applied)
 
     def write(task, record: dict) -> None:
         record["holdout"] = task.holdout
         for hook in hooks:
             hook.on_record(record)
         run.append_case(record, rank=shard.rank if shard.world > 1 else None)
-        records.append(record)
+        if not sequential:
+            records.append(record)
         if record["error"]:
             tqdm.write(f"case {task.name}/{record['case_id']}: {record['error']}")
 
@@ -409,18 +270,18 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
         return [Job(case, task.counterfact, setup.wild.get(task.name)) for task, case in items]
 
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"{editor.name}" + (f"[{shard.rank}]" if shard.world > 1 else ""),
+    bar = tqdm(total=remaining, desc=f"{editor.name}" + (f"[{shard.rank}]" if shard.world > 1 else ""),
                unit="edit", dynamic_ncols=True, position=shard.rank)
     finished = False
     summary = None
     try:
-        if opts.mode == "sequential":
-            bar.set_postfix_str("applying every edit")
-            results = run_sequential(lm, editor, jobs(todo), opts.batch_size, all_applied=all_applied,
-                                     protocol=protocol)
-            for (task, _), record in zip(todo, results):
+        if sequential:
+            def written(task, record: dict) -> None:
                 write(task, record)
                 bar.update()
+
+            records, _ = run_sequential(setup, run, todo, jobs(todo), hooks, protocol, written,
+                                        progress=bar.set_postfix_str, log=log)
         else:
             per_call = editor.edits_per_call
             for start in range(0, len(todo), per_call):
@@ -439,7 +300,13 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
         if shard.rank == 0 and (finished or shard.world == 1):
             if shard.world > 1:
                 records = run.merge_shards(order)
+            if sequential:
+                records = run.read_cases()
             summary = summarize_run(config, records)
+            if sequential:
+                checkpoints = run.read_checkpoints()
+                summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
+                summary["sequential"] = sequential_summary(config, checkpoints, len(todo))
             summary["wall_time_s"] = round(time.perf_counter() - started, 2)
             run.write_summary(summary)
     if shard.rank == 0:
@@ -463,6 +330,9 @@ def resume(run_path: Path, log: Callable[[str], None] = print, limit: int | None
     # cannot silently edit the remaining cases differently from the finished ones.
     opts.hparams = {**config["editor"]["hparams"], **opts.hparams}
     if limit != "keep" and limit != opts.limit:
+        if opts.mode == "sequential":
+            raise BenchError("a sequential run cannot change its --limit on resume (its edits are "
+                             "applied in the planned order); start a new run")
         opts.limit = limit
         return execute(opts, resume_dir=run.path, argv=config.get("argv"), log=log,
                        rewrite_config=True)

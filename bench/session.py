@@ -21,7 +21,8 @@ import transformers
 
 from bench import __version__
 from bench.core.cases import EditCase, SkippedRecord
-from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL, PROTOCOLS, RUN_MODES
+from bench.core.defaults import (DEFAULT_EVAL_EVERY, DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_LOCALITY_PROBES,
+                                 DEFAULT_MODEL, PROTOCOLS, RUN_MODES)
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams
@@ -67,6 +68,11 @@ class RunOptions:
     # single: each case edited alone and restored; sequential: every edit applied in order and
     # kept, each case scored on the model holding all of them, restored at the end
     mode: str = "single"
+    # sequential mode: cases per editor call, edits between checkpoint evaluations (0: only at
+    # the end), fixed locality probes per task scored at every checkpoint
+    edit_batch: int = 1
+    eval_every: int = DEFAULT_EVAL_EVERY
+    locality_probes: int = DEFAULT_LOCALITY_PROBES
     # lm-eval regression (bench/regression): empty list = none
     regression: list[str] = field(default_factory=list)
     lm_limit: int | None = DEFAULT_LM_LIMIT  # docs per lm-eval task; None = all
@@ -93,6 +99,17 @@ class RunOptions:
             raise BenchError("--batch-size must be at least 1")
         if self.mode not in RUN_MODES:
             raise BenchError(f"mode must be single or sequential, got {self.mode!r}")
+        if self.mode == "single" and (self.edit_batch != 1 or self.eval_every != DEFAULT_EVAL_EVERY):
+            raise BenchError("--edit-batch and --eval-every belong to --mode sequential")
+        if self.edit_batch < 1:
+            raise BenchError(f"--edit-batch must be at least 1, got {self.edit_batch}")
+        if self.eval_every < 0:
+            raise BenchError(f"--eval-every must be >= 0 (0: only at the end), got {self.eval_every}")
+        if self.eval_every and self.eval_every % self.edit_batch:
+            raise BenchError(f"--eval-every ({self.eval_every}) must be a multiple of --edit-batch "
+                             f"({self.edit_batch}): checkpoints fall between editor calls")
+        if self.locality_probes < 0:
+            raise BenchError(f"--locality-probes must be >= 0, got {self.locality_probes}")
         get_editor_class(self.editor)  # unknown editor
         for name in list(self.tasks) + list(self.holdout):
             get_card(name)  # unknown task or held-out task
@@ -449,6 +466,10 @@ def run_config(setup: Setup, argv: list[str] | None) -> dict:
         "data": run_data(setup.planned),
         "data_dir": str(setup.data_dir) if setup.data_dir else None,
         "seed": opts.seed, "limit": opts.limit, "mode": opts.mode,
+        **({"sequential": {"edit_batch": opts.edit_batch, "eval_every": opts.eval_every,
+                           "locality_probes": opts.locality_probes,
+                           "batch_edits": type(editor).batch_edits}}
+           if opts.mode == "sequential" else {}),
         "instruction_mode": opts.instruction_mode,
         "protocols": list(opts.protocols), "prompt_format": opts.prompt_format,
         "wild": {name: _describe_wild(w) for name, w in setup.wild.items() if w is not None},

@@ -22,7 +22,13 @@ Optional, in the order a run calls them:
 * `train(lm, ctx) -> dict`: learned editors (`learns = True`) train on `ctx.training` and return
   the checkpoint's metadata; `prepare` calls it when no checkpoint is cached;
 * `apply_many(model, tokenizer, cases)` with `edits_per_call`: compute several independent edits
-  together (one handle per case, each applied alone).
+  together (one handle per case, each applied alone);
+* `apply_batch(model, tokenizer, cases) -> EditHandle` (sequential mode, `--edit-batch B`): edits
+  that stay, all of `cases` in one handle; editors that edit in batches (MEMIT) override it and
+  set `batch_edits = True`, the default applies the cases one after another;
+* `sequential_state()` / `load_sequential_state(state)`: what an editor carries from one
+  sequential edit to the next besides the model (AlphaEdit: the keys of earlier edits), saved at
+  every checkpoint so that a resumed run continues exactly.
 
 Editors never load data or wrap prompts themselves: the run hands them what they need in the
 `EditContext` (training splits and their data hashes, the instruction wrapper).
@@ -63,6 +69,31 @@ class EditHandle:
     def restore(self) -> None:
         for name, param in self._params.items():
             param.copy_(self._saved[name])
+
+    def original(self, name: str) -> torch.Tensor:
+        """The value parameter `name` had before this edit."""
+        return self._saved[name]
+
+
+class CombinedHandle(EditHandle):
+    """Several edits applied one after another, as one: `restore` undoes them in reverse order;
+    `info["cases"]` holds each edit's own facts, in order."""
+
+    def __init__(self, handles: list[EditHandle], info: dict[str, Any] | None = None):
+        self.handles = list(handles)
+        self.changed = list(dict.fromkeys(n for h in self.handles for n in h.changed))
+        self.info = {"cases": [dict(h.info) for h in self.handles], **(info or {})}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for handle in reversed(self.handles):
+            handle.restore()
+
+    def original(self, name: str) -> torch.Tensor:
+        for handle in self.handles:
+            if name in handle.changed:
+                return handle.original(name)
+        raise KeyError(name)
 
 
 def param_name(model: nn.Module, module: nn.Module, attr: str = "weight") -> str:
@@ -116,6 +147,7 @@ class Editor:
     Hparams: ClassVar[type] = None  # a dataclass type
     uses_instructions: ClassVar[bool] = False  # prompts get wrapped in the task's instruction
     learns: ClassVar[bool] = False  # needs train() (or a cached checkpoint) before apply()
+    batch_edits: ClassVar[bool] = False  # apply_batch computes a batch's edits together
 
     def __init__(self, hparams=None):
         self.hparams = hparams if hparams is not None else self.Hparams()
@@ -151,3 +183,29 @@ class Editor:
         fails the whole call; the runner then retries the cases one by one."""
         for case in cases:
             yield self.apply(model, tokenizer, case)
+
+    def apply_batch(self, model: nn.Module, tokenizer, cases: list[EditCase]) -> EditHandle:
+        """Edits that stay (sequential mode): every case of `cases` applied, one handle for all of
+        them. Editors that edit in batches (MEMIT, AlphaEdit) compute the cases together and set
+        `batch_edits`; by default each case is applied in turn, on the model the previous ones
+        changed, and `info["cases"]` holds each case's own facts. If a case fails, the cases
+        before it are undone and the error raised."""
+        handles: list[EditHandle] = []
+        try:
+            for case in cases:
+                handles.append(self.apply(model, tokenizer, case))
+        except BaseException:
+            for handle in reversed(handles):
+                handle.restore()
+            raise
+        return CombinedHandle(handles)
+
+    def sequential_state(self) -> dict[str, torch.Tensor]:
+        """Tensors this editor carries between sequential edits besides the model (saved with each
+        checkpoint); none by default."""
+        return {}
+
+    def load_sequential_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `sequential_state` returned (a resumed sequential run)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no sequential state, got {sorted(state)}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench.core.defaults import DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_MODEL, PROTOCOLS
+from bench.core.defaults import (DEFAULT_EVAL_EVERY, DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_LOCALITY_PROBES,
+                                 DEFAULT_MODEL, PROTOCOLS)
 from bench.core.prompts import PROMPT_FORMATS
 from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
@@ -102,6 +103,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regression-corpus", default=None, metavar="FILE",
                    help="text for bench_perplexity (.jsonl with \"text\", or plain text paragraphs; "
                         "default: sampled from the unedited model)")
+    p.add_argument("--edit-batch", type=int, default=1, metavar="B",
+                   help="sequential mode: cases per editor call (editors that edit in batches, "
+                        "memit and alphaedit, compute them together; default 1)")
+    p.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY, metavar="K", action=MarkGiven,
+                   help=f"sequential mode: evaluate every edit made so far after every K edits and "
+                        f"at the end (default {DEFAULT_EVAL_EVERY}, rounded up to a multiple of "
+                        f"--edit-batch; 0 = only at the end)")
+    p.add_argument("--locality-probes", type=int, default=DEFAULT_LOCALITY_PROBES, metavar="N",
+                   help=f"sequential mode: locality prompts per task drawn once and scored at every "
+                        f"checkpoint (default {DEFAULT_LOCALITY_PROBES})")
     p.add_argument("--output-dir", default="runs", help="where run directories go (default runs/)")
     p.add_argument("--name", default=None, help="run directory name prefix")
 
@@ -135,7 +146,10 @@ def options_from_args(args, **changes) -> RunOptions:
                       judge_model=args.judge_model, fluency_tokens=args.fluency,
                       instruction_mode=args.instruction_mode, batch_size=args.batch_size,
                       retrain=args.retrain, run_name=args.name, lm_limit=args.lm_limit,
-                      regression_corpus=args.regression_corpus)
+                      regression_corpus=args.regression_corpus, edit_batch=args.edit_batch,
+                      eval_every=args.eval_every, locality_probes=args.locality_probes)
+    if not getattr(args, "eval_every_given", False) and args.edit_batch > 1:
+        opts.eval_every = -(-DEFAULT_EVAL_EVERY // args.edit_batch) * args.edit_batch
     for key, value in changes.items():
         setattr(opts, key, value)
     opts.check()

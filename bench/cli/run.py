@@ -18,9 +18,10 @@ def register(sub) -> None:
     p.add_argument("--regression", type=csv_list, default=[], metavar="TASKS",
                    help="lm-eval regression on these tasks (e.g. fact_retention,bench_perplexity,"
                         "hellaswag; docs/regression.md)")
-    p.add_argument("--regression-mode", choices=RUN_MODES, default="single",
-                   help="single: each edit alone, the suite after a sample of them; sequential: "
-                        "every edit applied and kept, cases and suite measured on all of them")
+    p.add_argument("--mode", "--regression-mode", dest="mode", choices=RUN_MODES, default="single",
+                   help="single (default): each case edited alone, measured, restored; sequential: "
+                        "every edit applied in order and kept, every edit made so far (and the "
+                        "--regression suite) measured at checkpoints (--eval-every)")
     p.set_defaults(func=main)
 
 
@@ -29,6 +30,6 @@ def main(args: argparse.Namespace) -> int:
         # An explicit --limit with --resume extends the run to that many cases per task.
         resume(Path(args.resume), limit=args.limit if getattr(args, "limit_given", False) else "keep")
         return 0
-    opts = options_from_args(args, regression=args.regression, mode=args.regression_mode)
+    opts = options_from_args(args, regression=args.regression, mode=args.mode)
     execute(opts, argv=sys.argv[1:])
     return 0

@@ -5,3 +5,5 @@ DEFAULT_LIMIT = 100  # cases per task for `bench run`; 0 on the command line mea
 RUN_MODES = ("single", "sequential")  # each edit alone and restored, or every edit kept
 PROTOCOLS = ("teacher_forced", "wild")  # evaluation: the answer fed, or generated
 DEFAULT_LM_LIMIT = 200  # docs per lm-eval task in regression runs; 0 on the command line means all
+DEFAULT_EVAL_EVERY = 50  # sequential mode: edits between checkpoint evaluations
+DEFAULT_LOCALITY_PROBES = 100  # sequential mode: fixed locality probes per task

@@ -164,6 +164,28 @@ def evaluate_case(model, tokenizer, case: EditCase, counterfact: bool = False,
     )
 
 
+def evaluate_cases(model, tokenizer, cases: list[EditCase], counterfact: bool = False,
+                   batch_size: int = 32) -> list[CaseEval]:
+    """`evaluate_case` for many cases in one batched pass over all their probes (a sequential
+    run's checkpoints score every edit made so far this way)."""
+    per_case = [build_probes(case, counterfact) for case in cases]
+    results = score_probes(model, tokenizer, [p for probes in per_case for _, p in probes],
+                           batch_size=batch_size)
+    out, at = [], 0
+    for probes in per_case:
+        slots: dict[str, list[ProbeResult]] = {}
+        for (slot, _), res in zip(probes, results[at: at + len(probes)]):
+            slots.setdefault(slot, []).append(res)
+        at += len(probes)
+        out.append(CaseEval(
+            reliability=slots["reliability"][0], generality=slots.get("generality", []),
+            locality=slots.get("locality", []), portability=slots.get("portability", []),
+            truth_prompt=slots.get("truth_prompt", [None])[0],
+            truth_rephrase=slots.get("truth_rephrase", []),
+            new_on_locality=slots.get("new_on_locality", [])))
+    return out
+
+
 def predictions(tokenizer, ev: CaseEval) -> dict:
     """Decoded argmax tokens at the answer positions, for drill-down."""
     dec = lambda r: tokenizer.decode(r.pred_ids)  # noqa: E731

@@ -9,10 +9,15 @@ writes into a run directory holds its lock (`lock`), so two processes never run 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from bench.core.errors import BenchError
 from bench.core.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl
@@ -21,6 +26,13 @@ CONFIG = "config.json"
 CASES = "cases.jsonl"
 SUMMARY = "summary.json"
 LOCK = "run.lock"
+# Sequential runs (bench.sequential): their evaluations at checkpoints, and what a resume needs.
+CHECKPOINTS = "checkpoints.jsonl"
+SEQUENTIAL_DIR = "sequential"
+PRE = "pre.jsonl"  # every case's pre-edit record, evaluated on the unedited model
+PROBES = "locality_probes.json"  # the fixed locality probes and their pre-edit readings
+STATE = "state.safetensors"  # the model's changed tensors and the editor's state at the last checkpoint
+STATE_FORMAT = "sequential-state/v1"
 
 # A run name is one path component that a shell glob and a CSV cell take as plain text.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -145,3 +157,61 @@ class RunDir:
 
     def read_summary(self) -> dict:
         return read_json(self.summary_path)
+
+    # -- sequential runs -----------------------------------------------------------------------
+
+    @property
+    def sequential_dir(self) -> Path:
+        return self.path / SEQUENTIAL_DIR
+
+    def read_checkpoints(self, repair: bool = False) -> list[dict]:
+        return read_jsonl(self.path / CHECKPOINTS, repair=repair)
+
+    def append_checkpoint(self, record: dict) -> None:
+        append_jsonl(self.path / CHECKPOINTS, record)
+
+    def write_cases(self, records: list[dict]) -> None:
+        """Replace cases.jsonl (a sequential resume drops the records of edits the state lacks;
+        the end of a sequential run adds every case's final scores)."""
+        write_jsonl(self.cases_path, records)
+
+    def read_pre(self, repair: bool = False) -> list[dict]:
+        return read_jsonl(self.sequential_dir / PRE, repair=repair)
+
+    def append_pre(self, record: dict) -> None:
+        self.sequential_dir.mkdir(exist_ok=True)
+        append_jsonl(self.sequential_dir / PRE, record)
+
+    def read_probes(self) -> dict | None:
+        path = self.sequential_dir / PROBES
+        return read_json(path) if path.exists() else None
+
+    def write_probes(self, probes: dict) -> None:
+        self.sequential_dir.mkdir(exist_ok=True)
+        write_json_atomic(self.sequential_dir / PROBES, probes)
+
+    def write_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """The sequential state, replaced atomically: a kill leaves the previous one whole."""
+        self.sequential_dir.mkdir(exist_ok=True)
+        path = self.sequential_dir / STATE
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": STATE_FORMAT, "meta": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def read_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, meta) of the last checkpoint, or None before the first."""
+        path = self.sequential_dir / STATE
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # a file that is not safetensors at all
+            raise BenchError(f"{path}: unreadable sequential state ({exc})") from None
+        if header.get("format") != STATE_FORMAT:
+            raise BenchError(f"{path}: not a sequential state file ({STATE_FORMAT})")
+        return tensors, json.loads(header["meta"])

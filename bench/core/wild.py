@@ -208,6 +208,23 @@ def wild_result(case: EditCase, pre: list[Generation], post: list[Generation] | 
     return result
 
 
+def score_generations(case: EditCase, gens: list[Generation], settings: WildSettings) -> tuple[dict, dict]:
+    """One state's generations of the case's probes scored on their own (no other state to
+    compare with: a sequential run's checkpoint), and their record: texts and verdicts."""
+    probes = wild_probes(case)
+    verdicts = _verdicts(settings, probes, gens)
+    return (_scores(probes, verdicts, settings.scorer, None),
+            {"generations": _texts(probes, gens), "verdicts": _slotted(probes, verdicts)})
+
+
+def locality_verdicts(settings: WildSettings, prompts: list[str], answers: list[str],
+                      gens: list[Generation]) -> list[float | None]:
+    """The primary scorer's verdict on generated answers to locality prompts (is the unrelated
+    fact still stated correctly)."""
+    probes = [WildProbe("locality", p, a) for p, a in zip(prompts, answers)]
+    return [v.get(settings.scorer) for v in _verdicts(settings, probes, gens)]
+
+
 def _slotted(probes: list[WildProbe], verdicts: list[dict]) -> dict:
     out: dict = {}
     for p, v in zip(probes, verdicts):

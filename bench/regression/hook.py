@@ -4,7 +4,8 @@ The hook evaluates the lm-eval suite on the unedited model before the first case
 
   single      after each of a seeded sample of `sample` edits, while that edit (alone) is
               applied; "after" is the mean over those edits;
-  sequential  once, on the model holding every edit of the run.
+  sequential  at every checkpoint of the sequential loop (bench.sequential), on the model holding
+              every edit made so far; "after" is the last checkpoint's.
 
 At the end it checks that the model is back to its unedited weights, compares before and after
 (bench.regression.stats) and writes `regression.json` and `regression/` into the run directory.
@@ -79,11 +80,18 @@ class RegressionHook:
             self.afters.append(self.suite.evaluate(f"after-{len(self.afters)}"))
             self.evaluated.add(key)
 
-    def all_applied(self, applied: list[EditCase]) -> None:
-        """Sequential mode: the edits of `applied` (all that did not fail) are applied now."""
-        if applied:
-            self.afters.append(self.suite.evaluate("after"))
-            self.evaluated.update((c.task, c.case_id) for c in applied)
+    def at_checkpoint(self, n_edits: int, applied: list[EditCase]) -> dict | None:
+        """Sequential mode: the edits of `applied` (all made so far that did not fail) are on the
+        model. The suite's results against the unedited model go into the checkpoint record;
+        the last checkpoint's are the run's "after"."""
+        if not applied:
+            return None
+        after = self.suite.evaluate(f"after-{n_edits}")
+        self.afters = [after]
+        self.evaluated = {(c.task, c.case_id) for c in applied}
+        results = compare(self.before, [after], seed=self.reg.seed)
+        keep = ("before", "after", "diff", "diff_stderr")
+        return {t: {m: {k: r[k] for k in keep} for m, r in ms.items()} for t, ms in results.items()}
 
     def on_record(self, record: dict) -> None:
         """Every case record the loop writes (an edit that may have failed)."""

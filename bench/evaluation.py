@@ -1,0 +1,128 @@
+"""What both run modes share: a job (a case and what to measure on it), the evaluation
+protocol, one evaluation of a job (teacher forced and in the wild), the case record it makes, and
+the hooks the orchestrator calls at fixed points of its loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bench.core.cases import EditCase
+from bench.core.generation import Generation
+from bench.core.metrics import case_scores
+from bench.core.probes import CaseEval, evaluate_case, predictions
+from bench.core.prompts import format_case
+from bench.core.wild import WildSettings, fluency_texts, generate_cases, wild_result
+
+
+@dataclass
+class Job:
+    """One case and what to measure on it."""
+
+    case: EditCase  # as the editor sees it (instruction-wrapped for editors that use them)
+    counterfact: bool = False  # also CounterFact's probability comparisons
+    wild: WildSettings | None = None  # also evaluation in the wild (generated answers)
+
+
+@dataclass
+class Protocol:
+    """How a run evaluates: teacher forced (the answer fed), in the wild (Job.wild), or both;
+    every probe prompt as the data gives it or in the model's chat template."""
+
+    teacher_forced: bool = True
+    prompt_format: str = "plain"
+
+
+@dataclass
+class EvalState:
+    """What one evaluation of a job read from the model."""
+
+    forced: CaseEval | None = None
+    generations: list[Generation] | None = None
+    fluency: list[Generation] | None = None
+    forced_s: float = 0.0  # seconds of the teacher-forced evaluation
+    wild_s: float = 0.0  # seconds of generation (this case's share of a batched one)
+
+
+def evaluate_forced(lm, job: Job, protocol: Protocol, batch_size: int) -> CaseEval | None:
+    if not protocol.teacher_forced:
+        return None
+    case = format_case(lm.tokenizer, job.case, protocol.prompt_format)
+    return evaluate_case(lm.model, lm.tokenizer, case, counterfact=job.counterfact, batch_size=batch_size)
+
+
+def evaluate_wild(lm, jobs: list[Job], states: list[EvalState], batch_size: int,
+                   earlier: list[EvalState] | None = None) -> None:
+    """Generations (and fluency texts) for the jobs evaluated in the wild, batched across the
+    jobs that share their settings, into `states`; with the `earlier` (pre-edit) states, only
+    what the edited model no longer reproduces is decoded again."""
+    groups: dict[int, list[int]] = {}
+    for k, job in enumerate(jobs):
+        if job.wild is not None:
+            groups.setdefault(id(job.wild), []).append(k)
+    for ks in groups.values():
+        settings = jobs[ks[0]].wild
+        cases = [jobs[k].case for k in ks]
+        t0 = time.perf_counter()
+        gens = generate_cases(lm.model, lm.tokenizer, cases, settings, batch_size,
+                              earlier=[earlier[k].generations for k in ks] if earlier else None)
+        flu = (fluency_texts(lm.model, lm.tokenizer, cases, settings, batch_size,
+                             earlier=[earlier[k].fluency for k in ks] if earlier else None)
+               if settings.fluency_tokens else [None] * len(ks))
+        share = (time.perf_counter() - t0) / len(ks)
+        for k, g, f in zip(ks, gens, flu):
+            states[k].generations, states[k].fluency = g, f
+            states[k].wild_s += share
+
+
+def case_record(job: Job, tokenizer, pre: EvalState) -> dict:
+    """The cases.jsonl record of a case as its pre-edit evaluation leaves it; `add_post` adds
+    `post`, `edit` (the handle's facts) and the post-edit side of `wild`, or the loop `error`."""
+    record = {"task": job.case.task, "case_id": job.case.case_id, "case": job.case.to_dict(),
+              "pre": case_scores(pre.forced) if pre.forced is not None else {}, "error": None}
+    if pre.forced is not None:
+        record["predictions"] = {"pre": predictions(tokenizer, pre.forced)}
+    if job.wild is not None:
+        result = wild_result(job.case, pre.generations, None, job.wild,
+                             (pre.fluency, None) if pre.fluency is not None else None)
+        record["pre"].update(result["pre"])
+        record["wild"] = result["record"]
+    return record
+
+
+def add_post(record: dict, job: Job, tokenizer, pre: EvalState, post: EvalState, handle) -> None:
+    record["post"] = case_scores(post.forced, pre.forced) if post.forced is not None else {}
+    if post.forced is not None:
+        record["predictions"]["post"] = predictions(tokenizer, post.forced)
+    if job.wild is not None:
+        fluency = (pre.fluency, post.fluency) if pre.fluency is not None else None
+        result = wild_result(job.case, pre.generations, post.generations, job.wild, fluency)
+        record["post"].update(result["post"])
+        record["wild"] = result["record"]
+    if handle.info:
+        record["edit"] = dict(handle.info)
+
+
+class RunHook:
+    """What the orchestrator calls at fixed points of the case loop (every method optional to
+    override). `finish` returns the block it adds to summary.json under its `name`."""
+
+    name = ""
+
+    def before_cases(self, todo: list[EditCase]) -> None:
+        """Before the first case; the model is unedited."""
+
+    def while_edited(self, case: EditCase) -> None:
+        """Single mode: the case's edit (alone) is applied, its evaluation done."""
+
+    def at_checkpoint(self, n_edits: int, applied: list[EditCase]) -> dict | None:
+        """Sequential mode: the edits of `applied` (every one made so far that did not fail)
+        are on the model; what this returns goes into the checkpoint's record under `name`."""
+        return None
+
+    def on_record(self, record: dict) -> None:
+        """A finished case record, before it is written (a hook may add to it)."""
+
+    def finish(self) -> dict | None:
+        """After the last case, the model restored."""
+        return None

@@ -1,0 +1,412 @@
+"""Sequential (lifelong) editing: the run's cases applied in their planned order and never
+restored, `--edit-batch` cases per editor call (`Editor.apply_batch`), and at checkpoints (every
+`--eval-every` edits and at the end) every edit made so far evaluated on the model that holds
+them all:
+
+* retention - reliability, generality, portability (and CounterFact's efficacy / paraphrase) of
+  every earlier edit, not only the latest, teacher forced and in the wild;
+* locality - on a fixed set of locality prompts per task (`--locality-probes`), drawn once per
+  run with the seed and read on the unedited model first, so that the curve compares one set;
+* whatever the hooks measure (the lm-eval regression suite with --regression).
+
+"pre" is always the unedited model: every case's pre-edit record and the probes' readings are
+taken before the first edit.
+
+Crash safety: the pre-edit records (sequential/pre.jsonl) and the probes
+(sequential/locality_probes.json) are written before the first edit; at each checkpoint the
+changed tensors of the model and the editor's own state (`Editor.sequential_state`) are saved
+(sequential/state.safetensors, replaced atomically, with the applied case order), then the
+checkpoint's evaluation is appended to checkpoints.jsonl. A resumed run loads that state, drops
+the case records of edits made after it (lost with the process, so made again), evaluates the
+checkpoint if its record is missing, and goes on: nothing is applied twice and no finished
+checkpoint is lost. The edits are seeded per position, so a resumed run ends in the state an
+uninterrupted one reaches.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bench.core.cases import EditCase
+from bench.core.errors import BenchError
+from bench.core.generation import Generation, generate, regenerate
+from bench.core.metrics import case_scores, summarize_task
+from bench.core.probes import evaluate_cases, score_probes
+from bench.core.prompts import format_case, format_prompt
+from bench.core.runfiles import RunDir
+from bench.core.scorers import normalize_answer
+from bench.core.wild import fluency_texts, generate_cases, locality_verdicts, ngram_entropy, score_generations
+from bench.evaluation import EvalState, Job, Protocol, RunHook, case_record, evaluate_forced, evaluate_wild
+
+# Metrics read from the fixed locality probes rather than from the edited cases.
+LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
+PRE_CHUNK = 64  # cases per pre-edit evaluation batch (each chunk is written before the next)
+
+
+# --------------------------------------------------------------------------------------------
+# Locality probes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalityProbe:
+    task: str
+    case_id: str  # the case it was drawn from
+    index: int  # its place in that case's locality list
+    prompt: str
+    answer: str  # the unrelated fact's answer
+    target_new: str  # that case's target (CounterFact's neighbourhood comparison)
+
+
+def draw_locality_probes(items: list[tuple[str, EditCase]], per_task: int, seed: int) -> list[LocalityProbe]:
+    """`per_task` locality prompts of each task, drawn with the seed from the locality lists of
+    the run's cases (all of them when there are fewer), in case order."""
+    by_task: dict[str, list[LocalityProbe]] = {}
+    for task, case in items:
+        for i, pa in enumerate(case.locality):
+            by_task.setdefault(task, []).append(
+                LocalityProbe(task, case.case_id, i, pa.prompt, pa.answer, case.target_new))
+    out = []
+    for task, candidates in by_task.items():
+        rng = random.Random(f"locality-probes:{seed}:{task}")
+        picked = sorted(rng.sample(range(len(candidates)), min(per_task, len(candidates))))
+        out += [candidates[i] for i in picked]
+    return out
+
+
+def _generation_entry(g: Generation) -> dict:
+    return {"text": g.text, "stop": g.stop, "tokens": g.n_tokens, "token_ids": list(g.token_ids)}
+
+
+def _as_generation(entry: dict) -> Generation:
+    return Generation(entry["text"], entry["stop"], entry["tokens"], tuple(entry["token_ids"]))
+
+
+def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], protocol: Protocol,
+                batch_size: int, earlier: list[dict] | None = None) -> list[dict]:
+    """What the model says on each probe: teacher forced, the argmax tokens over the answer and
+    its log-probability (and target_new's, for CounterFact's neighbourhood comparison); in the
+    wild, the generated answer and the primary scorer's verdict on it. With the `earlier`
+    (unedited) readings, generations the model still reproduces are not decoded again."""
+    model, tok = lm.model, lm.tokenizer
+    out: list[dict] = [{} for _ in probes]
+    fmt = lambda text: format_prompt(tok, text, protocol.prompt_format)  # noqa: E731
+    if protocol.teacher_forced and probes:
+        for o, r in zip(out, score_probes(model, tok, [(fmt(p.prompt), p.answer) for p in probes], batch_size)):
+            o.update(pred_ids=r.pred_ids, true_lp=r.mean_logprob)
+        cf = [i for i, p in enumerate(probes) if jobs_by_task[p.task].counterfact]
+        news = score_probes(model, tok, [(fmt(probes[i].prompt), probes[i].target_new) for i in cf], batch_size)
+        for i, r in zip(cf, news):
+            out[i]["new_lp"] = r.mean_logprob
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(probes):
+        if jobs_by_task[p.task].wild is not None:
+            groups.setdefault(id(jobs_by_task[p.task].wild), []).append(i)
+    for idx in groups.values():
+        settings = jobs_by_task[probes[idx[0]].task].wild
+        prompts = [format_prompt(tok, probes[i].prompt, settings.prompt_format) for i in idx]
+        if earlier is None:
+            gens = generate(model, tok, prompts, settings.rules, batch_size=batch_size)
+        else:
+            gens = regenerate(model, tok, prompts, [_as_generation(earlier[i]["generation"]) for i in idx],
+                              settings.rules, batch_size=batch_size)
+        verdicts = locality_verdicts(settings, [probes[i].prompt for i in idx],
+                                     [probes[i].answer for i in idx], gens)
+        for i, g, v in zip(idx, gens, verdicts):
+            out[i].update(generation=_generation_entry(g), correct=v)
+    return out
+
+
+def probe_scores(pre: dict, now: dict | None) -> dict[str, float]:
+    """A probe's locality scores in [0, 1] on a model state (`now`) against the unedited readings
+    (`pre`); `now=None` gives the unedited model's own scores."""
+    now = pre if now is None else now
+    scores: dict[str, float] = {}
+    if "pred_ids" in now:
+        scores["locality"] = float(np.mean([a == b for a, b in zip(now["pred_ids"], pre["pred_ids"])]))
+    if "new_lp" in now:
+        scores["neighborhood"] = float(now["true_lp"] > now["new_lp"])
+    if "generation" in now:
+        scores["wild_locality"] = float(normalize_answer(now["generation"]["text"])
+                                        == normalize_answer(pre["generation"]["text"]))
+        if now.get("correct") is not None:
+            scores["wild_locality_correct"] = float(now["correct"])
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# Retention: every edit made so far
+# --------------------------------------------------------------------------------------------
+
+
+def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int) -> list[dict]:
+    """Per job, its scores on the current model (`post`) and, in the wild, its generated answers:
+    reliability, generality and portability probes only (locality is the fixed probes' part),
+    every job's probes batched together."""
+    model, tok = lm.model, lm.tokenizer
+    cases = [replace(job.case, locality=()) for job in jobs]
+    out: list[dict] = [{"post": {}} for _ in jobs]
+    if protocol.teacher_forced:
+        for cf in (False, True):
+            idx = [i for i, job in enumerate(jobs) if job.counterfact == cf]
+            if not idx:
+                continue
+            evals = evaluate_cases(model, tok, [format_case(tok, cases[i], protocol.prompt_format) for i in idx],
+                                   counterfact=cf, batch_size=batch_size)
+            for i, ev in zip(idx, evals):
+                out[i]["post"].update(case_scores(ev))
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if job.wild is not None:
+            groups.setdefault(id(job.wild), []).append(i)
+    for idx in groups.values():
+        settings = jobs[idx[0]].wild
+        gens = generate_cases(model, tok, [cases[i] for i in idx], settings, batch_size)
+        flu = (fluency_texts(model, tok, [cases[i] for i in idx], settings, batch_size)
+               if settings.fluency_tokens else [None] * len(idx))
+        for i, g, f in zip(idx, gens, flu):
+            scores, record = score_generations(cases[i], g, settings)
+            if f is not None:
+                scores["fluency"] = float(np.mean([ngram_entropy(x.text) for x in f]))
+            out[i]["post"].update(scores)
+            out[i]["wild"] = record
+    return out
+
+
+def checkpoint_summary(tasks: list[str], pre: dict[tuple[str, str], dict], record: dict) -> dict:
+    """Per task, bench.core.metrics.summarize_task over the checkpoint: the edited cases'
+    retention scores and the fixed probes' locality scores (pre = the unedited model)."""
+    out = {}
+    for task in tasks:
+        recs = [{"pre": {k: v for k, v in pre[(task, c["case_id"])]["pre"].items() if k not in LOCALITY_METRICS},
+                 "post": c["post"]} for c in record["cases"] if c["task"] == task]
+        recs += [{"pre": p["pre"], "post": p["post"]} for p in record["probes"] if p["task"] == task]
+        out[task] = summarize_task(recs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _key(record: dict) -> tuple[str, str]:
+    return record["task"], record["case_id"]
+
+
+def _is_checkpoint(n: int, total: int, every: int) -> bool:
+    return n == total or (every > 0 and n % every == 0)
+
+
+def _apply(editor, model, tok, cases: list[EditCase]) -> tuple[object | None, list[str | None]]:
+    """(handle or None, per-case error): the batch in one call; if that fails, each case on its
+    own, so an error is recorded only on the case that caused it."""
+    try:
+        return editor.apply_batch(model, tok, cases), [None] * len(cases)
+    except BenchError as exc:
+        if len(cases) == 1:
+            return None, [str(exc)]
+    handles, errors = [], []
+    for case in cases:
+        try:
+            handles.append(editor.apply_batch(model, tok, [case]))
+            errors.append(None)
+        except BenchError as exc:
+            errors.append(str(exc))
+    return _Handles(handles), errors
+
+
+class _Handles:
+    """Several batch handles (a failed batch retried case by case) read as one."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+        self.changed = list(dict.fromkeys(n for h in handles for n in h.changed))
+        self.info = {"cases": [c for h in handles for c in h.info.get("cases", [h.info])]}
+
+    def original(self, name: str) -> torch.Tensor:
+        return next(h.original(name) for h in self.handles if name in h.changed)
+
+
+def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], jobs: list[Job],
+                   hooks: list[RunHook], protocol: Protocol, write: Callable[[object, dict], None],
+                   progress, log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+    """Run (or resume) the sequential protocol over `items` (planned task, evaluation case) with
+    their `jobs`; `write(task, record)` stores a case record; returns (case records, checkpoint
+    records). The model is back to its unedited weights when this returns or raises."""
+    opts, lm, editor = setup.opts, setup.lm, setup.editor
+    model, tok = lm.model, lm.tokenizer
+    keys = [(task.name, case.case_id) for task, case in items]
+    total, every = len(items), opts.eval_every
+
+    # What a killed run left: the state of its last checkpoint, and what came before it.
+    state = run.read_state()
+    n_done = 0
+    if state is not None:
+        n_done = int(state[1]["n_edits"])
+        if [tuple(k) for k in state[1]["order"]] != keys[:n_done]:
+            raise BenchError(f"{run.path}: the planned cases differ from the edits its saved state holds; "
+                             "start a new run")
+    records = run.read_cases(repair=True)
+    kept = [r for r in records if _key(r) in set(keys[:n_done])]
+    if len(kept) != len(records):  # edits made after the last checkpoint were lost with the process
+        log(f"dropping {len(records) - len(kept)} case records made after the last checkpoint (edit {n_done})")
+        run.write_cases(kept)
+        records = kept
+    checkpoints = [c for c in run.read_checkpoints(repair=True) if c["n_edits"] <= n_done]
+    pre = {_key(r): r for r in run.read_pre(repair=True)}
+
+    # 1. Pre-edit records of every case, on the unedited model, written chunk by chunk.
+    missing = [i for i, k in enumerate(keys) if k not in pre]
+    if missing and n_done:
+        raise BenchError(f"{run.path}: pre-edit records are missing although edits were made; start a new run")
+    if missing:
+        progress(f"pre-edit evaluation of {len(missing)} cases")
+    for start in range(0, len(missing), PRE_CHUNK):
+        chunk = missing[start:start + PRE_CHUNK]
+        states = [EvalState(forced=evaluate_forced(lm, jobs[i], protocol, opts.batch_size)) for i in chunk]
+        evaluate_wild(lm, [jobs[i] for i in chunk], states, opts.batch_size)
+        for i, st in zip(chunk, states):
+            rec = case_record(jobs[i], tok, st)
+            run.append_pre(rec)
+            pre[keys[i]] = rec
+
+    # 2. The fixed locality probes and their unedited readings.
+    jobs_by_task = {task.name: job for (task, _), job in zip(items, jobs)}
+    stored = run.read_probes()
+    if stored is None:
+        if n_done:
+            raise BenchError(f"{run.path}: the locality probes are missing although edits were made; start a new run")
+        probes = draw_locality_probes([(t.name, c) for t, c in items], opts.locality_probes, opts.seed)
+        progress(f"reading {len(probes)} locality probes")
+        readings = read_probes(lm, probes, jobs_by_task, protocol, opts.batch_size)
+        run.write_probes({"per_task": opts.locality_probes, "seed": opts.seed,
+                          "probes": [{**asdict(p), "pre": r} for p, r in zip(probes, readings)]})
+    else:
+        probes = [LocalityProbe(**{k: p[k] for k in LocalityProbe.__dataclass_fields__}) for p in stored["probes"]]
+        readings = [p["pre"] for p in stored["probes"]]
+
+    for hook in hooks:
+        hook.before_cases([case for _, case in items])
+
+    params = dict(model.named_parameters())
+    originals: dict[str, torch.Tensor] = {}  # unedited values of every tensor an edit changed
+    errors = {_key(r): r.get("error") for r in records}
+
+    def save_state(n: int) -> None:
+        tensors = {f"model.{name}": params[name] for name in originals}
+        tensors.update({f"editor.{k}": v for k, v in editor.sequential_state().items()})
+        run.write_state(tensors, {"n_edits": n, "order": [list(k) for k in keys[:n]], "editor": editor.name})
+
+    def evaluate_checkpoint(n: int) -> None:
+        t0 = time.perf_counter()
+        progress(f"checkpoint at {n} edits")
+        applied = [i for i in range(n) if not errors.get(keys[i])]
+        kept_jobs = [jobs[i] for i in applied]
+        results = retention(lm, kept_jobs, protocol, opts.batch_size)
+        now = read_probes(lm, probes, jobs_by_task, protocol, opts.batch_size, earlier=readings)
+        record = {
+            "n_edits": n, "n_applied": len(applied),
+            "cases": [{"task": keys[i][0], "case_id": keys[i][1], **res} for i, res in zip(applied, results)],
+            "probes": [{"task": p.task, "case_id": p.case_id, "index": p.index, "pre": probe_scores(r, None),
+                        "post": probe_scores(r, x), **({"generation": x["generation"]["text"]} if "generation" in x else {})}
+                       for p, r, x in zip(probes, readings, now)],
+            "weight_change": {name: round(float((params[name].float() - w.float()).norm() / w.float().norm()), 6)
+                              for name, w in originals.items()},
+        }
+        record["summary"] = checkpoint_summary(sorted({k[0] for k in keys}, key=[k[0] for k in keys].index), pre, record)
+        for hook in hooks:
+            block = hook.at_checkpoint(n, [jobs[i].case for i in applied])
+            if block is not None:
+                record[hook.name] = block
+        record["time"] = {"eval_s": round(time.perf_counter() - t0, 2)}
+        run.append_checkpoint(record)
+        checkpoints.append(record)
+
+    try:
+        # 3. Back to where the last checkpoint left the model (and the editor).
+        if state is not None:
+            tensors = state[0]
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    if name.startswith("model."):
+                        param = params[name[len("model."):]]
+                        originals[name[len("model."):]] = param.detach().clone()
+                        param.copy_(value.to(param.device, param.dtype))
+            editor.load_sequential_state({k[len("editor."):]: v for k, v in tensors.items() if k.startswith("editor.")})
+            if _is_checkpoint(n_done, total, every) and n_done not in {c["n_edits"] for c in checkpoints}:
+                evaluate_checkpoint(n_done)
+
+        # 4. The edits, batch by batch, with checkpoints between them.
+        for start in range(n_done, total, opts.edit_batch):
+            idx = list(range(start, min(start + opts.edit_batch, total)))
+            progress(f"editing ({items[idx[0]][0].name})")
+            torch.manual_seed(opts.seed + start)  # per position: a resumed run edits as an uninterrupted one
+            t0 = time.perf_counter()
+            handle, errs = _apply(editor, model, tok, [jobs[i].case for i in idx])
+            edit_s = time.perf_counter() - t0
+            infos = [{} for _ in idx]
+            batch_info = {}
+            if handle is not None:
+                for name in handle.changed:
+                    if name not in originals:
+                        originals[name] = handle.original(name).detach().clone()
+                per_case = handle.info.get("cases")
+                ok = [k for k, e in enumerate(errs) if e is None]
+                if isinstance(per_case, list) and len(per_case) == len(ok):
+                    for k, info in zip(ok, per_case):
+                        infos[k] = info
+                elif ok:
+                    infos[ok[0]] = dict(handle.info)
+                batch_info = {k: v for k, v in handle.info.items() if k != "cases"}
+            del handle  # the run never restores single edits: drop their saved weights
+            for k, i in enumerate(idx):
+                record = dict(pre[keys[i]])
+                record.update(error=errs[k], order=i)
+                if infos[k] or (k == 0 and batch_info):
+                    record["edit"] = {**infos[k], **({"batch": batch_info} if k == 0 and batch_info else {})}
+                record["time"] = {"edit_s": round(edit_s / len(idx), 4), "edits_together": len(idx)}
+                errors[keys[i]] = errs[k]
+                write(items[i][0], record)
+                records.append(record)
+            n = idx[-1] + 1
+            if _is_checkpoint(n, total, every):
+                save_state(n)
+                evaluate_checkpoint(n)
+    finally:
+        with torch.no_grad():
+            for name, value in originals.items():
+                params[name].copy_(value)
+
+    # Every case record gets its scores at the last checkpoint (the model with every edit).
+    if checkpoints and checkpoints[-1]["n_edits"] == total:
+        final = {(c["task"], c["case_id"]): c for c in checkpoints[-1]["cases"]}
+        for record in records:
+            got = final.get(_key(record))
+            if got is not None:
+                record["post"] = got["post"]
+                if "wild" in got and "wild" in record:
+                    record["wild"] = {**record["wild"], "final": got["wild"]}
+        run.write_cases(records)
+    return records, checkpoints
+
+
+def sequential_summary(config: dict, checkpoints: list[dict], planned: int) -> dict:
+    """summary.json's `sequential` block: the run's shape and, per checkpoint, each task's
+    metrics (post-edit mean, interval, n) and the relative weight change."""
+    seq = config.get("sequential", {})
+    return {"edit_batch": seq.get("edit_batch"), "eval_every": seq.get("eval_every"),
+            "locality_probes": seq.get("locality_probes"), "planned_edits": planned,
+            "n_edits": checkpoints[-1]["n_edits"] if checkpoints else 0,
+            "checkpoints": [{"n_edits": c["n_edits"], "n_applied": c["n_applied"],
+                             "tasks": {t: {m: {k: s[k] for k in ("pre", "post", "ci", "n")} for m, s in ms.items()}
+                                       for t, ms in c["summary"].items()},
+                             "weight_change": c["weight_change"], "eval_s": c["time"]["eval_s"],
+                             **({"regression": c["regression"]} if "regression" in c else {})}
+                            for c in checkpoints]}
