@@ -1,5 +1,6 @@
 """The leaderboard in machine-readable form and as Markdown: leaderboard.json, leaderboard.csv
-(the overview table) and leaderboard.md."""
+(the overview table) and leaderboard.md. Every metric family the runs hold (teacher forced,
+CounterFact's probability scores, in the wild) and the composites reach all three."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ from typing import Any
 
 import pandas as pd
 
-from reports.stats import ALPHA
-from reports.views import METRIC_ABBR, METRICS, Group
+from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
+from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, METRICS,
+                           RANK_RULE, Group)
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+MARK_RULE = ("Paired comparison over the cases both runs finished (matched by task and case id): the "
+             "difference in points with its 95% bootstrap interval (2,000 resamples of the shared cases) and "
+             "a p-value read off the same resamples, so p < {alpha} exactly when the interval excludes 0. "
+             "▲/▼: the interval excludes 0 and the comparison survives Holm's adjustment over the {n} "
+             "comparisons of this table; △/▽: it excludes 0 but does not survive the adjustment; · the "
+             "interval contains 0 (or fewer than {min_pairs} shared cases: no test).")
+PEAK_MEMORY_NOTE = "peak memory: – when the runs do not record it (they do not yet)"
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -22,79 +31,126 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
 
 
+def _cell_json(s: dict | None) -> dict | None:
+    if s is None:
+        return None
+    return {"pre": _r(s.get("pre")), "post": _r(s.get("post")), "ci": [_r(s.get("lo")), _r(s.get("hi"))],
+            "n": s.get("n")}
+
+
+def _cmp_json(c: dict) -> dict:
+    return {"diff": _r(c["diff"]), "ci": [_r(c["lo"]), _r(c["hi"])], "p": _r(c["p"], 6),
+            "p_holm": _r(c.get("p_holm"), 6), "mark": c.get("mark", ""), "n": c["n"]}
+
+
 def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
-                     cmp: dict, pg: dict | None = None) -> dict:
-    """The content of leaderboard.json. `ov`, `ho`, `cmp` and `pg` map a group's gid to its
-    overview, held-out view, baseline comparison and teacher-forced vs wild gap (reports.views)."""
-    doc: dict[str, Any] = {"title": title, "baseline": baseline, "alpha": ALPHA, "groups": []}
+                     cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None) -> dict:
+    """The content of leaderboard.json. `ov`, `ho`, `cmp`, `pg`, `pw` and `vd` map a group's gid to
+    its overview, held-out view, baseline comparison, teacher-forced vs wild gap, pairwise
+    comparisons and verdicts (reports.views)."""
+    doc: dict[str, Any] = {"title": title, "baseline": baseline, "alpha": ALPHA, "ranking": RANK_RULE,
+                           "failure_rule": FAILURE_RULE, "groups": []}
     for g in groups:
         gd: dict[str, Any] = {
             "heading": g.heading,
             "model": {"spec": g.model_spec, "source_hash": g.model_hash},
-            "metric_definitions": g.metric_definitions,
-            "tasks": [{"name": t, "holdout": g.holdout_status(t), "metrics": g.task_metrics[t]}
-                      for t in g.tasks],
+            "metric_definitions": g.metric_definitions, "mode": g.mode, "prompt_format": g.prompt_format,
+            "verdicts": (vd or {}).get(g.gid, []),
+            "ranking_composite": g.rank_key,
+            "composites": {k: {"label": v[0], "family": v[1], "terms": list(v[2])} for k, v in COMPOSITES.items()},
+            "tasks": [{"name": t, "holdout": g.holdout_status(t), "held_out_by": g.heldout_for(t),
+                       "metrics": g.task_metrics[t]} for t in g.tasks],
+            "columns": [{"task": c.task, "key": c.key, "family": c.family, "label": c.abbr} for c in g.columns],
             "rows": [],
         }
         for row in ov[g.gid]:
             r = row["run"]
             tasks: dict[str, dict] = {}
-            for (t, m), s in zip(g.columns, row["cells"]):
+            for c, s in zip(g.columns, row["cells"]):
                 if s is not None:
-                    tasks.setdefault(t, {})[m] = {"pre": s["pre"], "post": s["post"],
-                                                  "ci": [s["lo"], s["hi"]], "n": s["n"]}
-            gd["rows"].append({"rank": row["rank"], "run": r.label, "editor": r.editor, "data": r.data,
-                               "run_dir": str(r.path), "created": r.created,
-                               "holdout_tasks": [t for t in r.tasks if r.holdout(t)],
-                               "tasks": tasks, "mean": {m: _r(v) for m, v in row["means"].items()}})
+                    tasks.setdefault(c.task, {})[c.key] = _cell_json(s)
+            o = row["overall"]
+            gd["rows"].append({
+                "rank": row["rank"], "tied": row["tied"], "reference": r.reference, "run": r.label,
+                "editor": r.editor, "data": r.data, "run_dir": r.name, "created": r.created, "mode": r.mode,
+                "holdout_tasks": [t for t in r.tasks if r.unseen(t)], "trained_on": r.train_tasks,
+                "score": None if o is None else {"composite": g.rank_key, "value": _r(o["value"]),
+                                                 "ci": [_r(o["lo"]), _r(o["hi"])], "n_tasks": o["n_tasks"]},
+                "tasks": tasks, "mean": {m: _r(v) for m, v in row["means"].items()},
+                "cost": {"median_edit_s": _r(row["cost"]["edit_s"]), "peak_memory_mb": _r(row["cost"]["peak_mb"])}})
         h = ho[g.gid]
-        gd["holdout"] = {"tasks": h["tasks"], "rows": [
-            {"run": row["run"].label, "holdout_tasks": row["holdout_tasks"],
+        gd["holdout"] = {"tasks": h["tasks"], "rule": h["rule"], "rows": [
+            {"run": row["run"].label, "reference": row["run"].reference, "trained_on": row["trained_on"],
+             "holdout_tasks": row["unseen_tasks"], "status": row["status"],
+             "tasks": {t: {c.key: _cell_json(s) for c, s in zip(h["columns"], row["cells"])
+                           if c.task == t and s is not None} for t in h["tasks"]},
              "heldout_mean": {m: _r(v) for m, v in row["heldout"].items()},
-             "indistribution_mean": {m: _r(v) for m, v in row["indist"].items()},
+             "other_tasks_mean": {m: _r(v) for m, v in row["other"].items()},
              "gap": {m: _r(v) for m, v in row["gap"].items()}} for row in h["rows"]]}
         c = cmp[g.gid]
         comps = []
         for row in c["rows"]:
-            for (t, m), cell in zip(g.columns, row["cells"]):
+            for col, cell in zip(g.columns, row["cells"]):
                 if cell is not None:
-                    comps.append({"run": row["run"].label, "task": t, "metric": m,
-                                  "diff": _r(cell["diff"]), "p": _r(cell["p"], 6),
-                                  "ci": [_r(cell["lo"]), _r(cell["hi"])], "n": cell["n"],
-                                  "editor_mean": _r(cell["editor_mean"]), "baseline_mean": _r(cell["base_mean"]),
-                                  "mark": cell["mark"]})
-        gd["baseline_comparison"] = {"baseline_run": c["base"].label if c["base"] else None,
-                                     "note": c["note"], "test": "paired sign-flip permutation (two-sided)",
-                                     "comparisons": comps}
+                    comps.append({"run": row["run"].label, "reference": row["run"].reference, "task": col.task,
+                                  "metric": col.key, **_cmp_json(cell),
+                                  "editor_mean": _r(cell.get("editor_mean")), "baseline_mean": _r(cell.get("base_mean"))})
+            if row["overall"] is not None:
+                comps.append({"run": row["run"].label, "reference": row["run"].reference, "task": "all",
+                              "metric": g.rank_key, **_cmp_json(row["overall"])})
+        gd["baseline_comparison"] = {
+            "baseline_run": c["base"].label if c["base"] else None,
+            "baseline_run_dir": c["base"].name if c["base"] else None, "note": c["note"],
+            "test": "paired bootstrap of the shared cases (2,000 resamples); p from the same resamples; "
+                    "Holm-adjusted marks", "n_tests": c["n_tests"], "comparisons": comps}
+        p = (pw or {}).get(g.gid)
+        pairs = []
+        if p:
+            runs = p["runs"]
+            for mat in p["matrices"]:
+                for i, a in enumerate(runs):
+                    for j, b in enumerate(runs):
+                        cell = mat["cells"][i][j]
+                        if j > i and cell is not None:
+                            pairs.append({"a": a.label, "b": b.label, "task": mat["task"] or "all",
+                                          "composite": p["key"], **_cmp_json(cell)})
+        gd["pairwise"] = {"n_tests": p["n_tests"] if p else 0, "comparisons": pairs}
         gap = (pg or {}).get(g.gid) or {"rows": []}
         gd["protocol_gap"] = [
-            {"run": row["run"].label, "task": t, "metric": tf, "wild_metric": wild, "teacher_forced": _r(c["tf"]),
-             "wild": _r(c["wild"]), "gap": _r(c["gap"]), "n": c["n"]}
-            for row in gap["rows"] for (t, tf, wild), c in zip(gap["columns"], row["cells"]) if c is not None]
+            {"run": row["run"].label, "task": t, "metric": tf, "wild_metric": wild, "teacher_forced": _r(x["tf"]),
+             "wild": _r(x["wild"]), "gap": _r(x["gap"]), "n": x["n"]}
+            for row in gap["rows"] for (t, tf, wild), x in zip(gap["columns"], row["cells"]) if x is not None]
         doc["groups"].append(gd)
     return doc
 
 
 def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
     """The overview of every group as one table (the rows of leaderboard.csv)."""
-    records, cols = [], ["group", "rank", "run", "editor", "data", "model", "source_hash",
-                         "metric_definitions", "run_dir"]
+    records, cols = [], ["group", "mode", "rank", "tied", "reference", "run", "editor", "data", "model",
+                         "source_hash", "metric_definitions", "run_dir", "score", "score/ci_lo", "score/ci_hi",
+                         "median_edit_s", "peak_memory_mb"]
     for g in groups:
-        for t, m in g.columns:
-            for c in (f"{t}/{m}", f"{t}/{m}/ci_lo", f"{t}/{m}/ci_hi", f"{t}/{m}/n"):
-                if c not in cols:
-                    cols.append(c)
-    mean_cols = [f"mean/{m}" for m in METRICS] + ["mean/all"]
+        for c in g.columns:
+            for name in (f"{c.task}/{c.key}", f"{c.task}/{c.key}/ci_lo", f"{c.task}/{c.key}/ci_hi", f"{c.task}/{c.key}/n"):
+                if name not in cols:
+                    cols.append(name)
+    mean_cols = [f"mean/{m}" for m in METRICS]
     for g in groups:
         for row in ov[g.gid]:
             r = row["run"]
-            rec: dict[str, Any] = {"group": g.heading, "rank": row["rank"], "run": r.label, "editor": r.editor,
-                                   "data": r.data, "model": g.model_spec, "source_hash": g.model_hash,
-                                   "metric_definitions": g.metric_definitions, "run_dir": str(r.path)}
-            for (t, m), s in zip(g.columns, row["cells"]):
+            o = row["overall"] or {}
+            rec: dict[str, Any] = {"group": g.heading, "mode": g.mode, "rank": row["rank"], "tied": row["tied"],
+                                   "reference": r.reference, "run": r.label, "editor": r.editor, "data": r.data,
+                                   "model": g.model_spec, "source_hash": g.model_hash,
+                                   "metric_definitions": g.metric_definitions, "run_dir": r.name,
+                                   "score": _r(o.get("value")), "score/ci_lo": _r(o.get("lo")),
+                                   "score/ci_hi": _r(o.get("hi")), "median_edit_s": _r(row["cost"]["edit_s"]),
+                                   "peak_memory_mb": _r(row["cost"]["peak_mb"])}
+            for c, s in zip(g.columns, row["cells"]):
                 if s is not None:
-                    rec[f"{t}/{m}"], rec[f"{t}/{m}/ci_lo"], rec[f"{t}/{m}/ci_hi"], rec[f"{t}/{m}/n"] = \
-                        s["post"], s["lo"], s["hi"], s["n"]
+                    k = f"{c.task}/{c.key}"
+                    rec[k], rec[f"{k}/ci_lo"], rec[f"{k}/ci_hi"], rec[f"{k}/n"] = \
+                        _r(s["post"]), _r(s.get("lo")), _r(s.get("hi")), s.get("n")
             for m, v in row["means"].items():
                 rec[f"mean/{m}"] = _r(v)
             records.append(rec)
@@ -116,11 +172,15 @@ def write_leaderboard_csv(path: Path, groups: list[Group], ov: dict) -> None:
     directory names, model and task names come from the runs and may start with '='."""
     df = leaderboard_frame(groups, ov)
     for column in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[column]):  # text: object or pandas' str dtype
+        if not pd.api.types.is_numeric_dtype(df[column]) and not pd.api.types.is_bool_dtype(df[column]):
             df[column] = df[column].map(neutralise_csv_cell)
     df.columns = [neutralise_csv_cell(c) for c in df.columns]
     df.to_csv(path, index=False)
 
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
 
 def _md_escape(s: Any) -> str:
     """`s` as literal Markdown table text (no markup, no line breaks)."""
@@ -131,59 +191,150 @@ def _md_num(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def _md_stat(s: dict | None, best: bool = False) -> str:
+    """'post [lo, hi] n=k (pre p)' of a cell; bold when the best of its column."""
+    if s is None or s.get("post") is None:
+        return "–"
+    v = f"**{s['post']:.1f}**" if best else f"{s['post']:.1f}"
+    if s.get("lo") is not None and s.get("hi") is not None:
+        v += f" [{s['lo']:.1f}, {s['hi']:.1f}]"
+    if s.get("n") is not None:
+        v += f" n={s['n']}"
+    if s.get("pre") is not None:
+        v += f" (pre {s['pre']:.1f})"
+    return v
+
+
+def _md_cmp(x: dict | None) -> str:
+    if x is None:
+        return "–"
+    if x.get("diff") is None:
+        return f"– (n={x['n']})"
+    if x.get("lo") is None:
+        return f"{x['diff']:+.1f} (n={x['n']} < {MIN_PAIRS}: no test)"
+    mark = f" {x['mark']}" if x.get("mark") else ""
+    holm = "" if x.get("p_holm") is None else f" (Holm {format_p(x['p_holm'])})"
+    return f"{x['diff']:+.1f}{mark} [{x['lo']:+.1f}, {x['hi']:+.1f}] {p_text(x['p'])}{holm} n={x['n']}"
+
+
+def _md_table(head: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
+    align = align or [":---"] + ["---:"] * (len(head) - 1)
+    return (["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
+def _held_mark(g: Group, task: str) -> str:
+    return "†" if g.heldout_for(task) else ""
+
+
+def _run_md(r, reference_note: bool = True) -> str:
+    label = r.label
+    if r.reference and reference_note:
+        label += " (no edit: reference)"
+    if r.sample_data:
+        label += f" ({r.data}: not comparable)"
+    return _md_escape(label)
+
+
 def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
-                         cmp: dict, pg: dict | None = None) -> str:
-    """The content of leaderboard.md: the same tables as the HTML page, without the charts."""
+                         cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None) -> str:
+    """The content of leaderboard.md: the same tables as the HTML page (one per metric family),
+    without the charts."""
     L = [f"# {_md_escape(title)}", "",
-         "Post-edit means in percent with 95% bootstrap CI; ranked by the mean over metrics of the "
-         "per-metric mean across tasks.", ""]
+         "Post-edit means in percent with 95% bootstrap interval, n = cases, pre-edit value in parentheses; "
+         "the best value of each column (the no-edit reference left out) in bold. " + _md_escape(RANK_RULE), "",
+         "Score = ROME's composite: " + "; ".join(f"{v[0]} = {v[3]}" for v in COMPOSITES.values()) + ".", ""]
     for g in groups:
         L += [f"## {_md_escape(g.heading)}", ""]
-        head = ["#", "Run"] + [f"{_md_escape(t)} {METRIC_ABBR[m]}" + (" (held out)" if g.holdout_status(t) == "all" else "")
-                               for t, m in g.columns] + ["Mean"]
-        L += ["| " + " | ".join(head) + " |", "|" + "|".join(["---:", ":---"] + ["---:"] * (len(head) - 2)) + "|"]
-        for row in ov[g.gid]:
-            cells = []
-            for s in row["cells"]:
-                if s is None or s["post"] is None:
-                    cells.append("–")
-                elif s["lo"] is not None and s["hi"] is not None:
-                    cells.append(f"{s['post']:.1f} [{s['lo']:.1f}, {s['hi']:.1f}]")
-                else:
-                    cells.append(f"{s['post']:.1f}")
-            label = row["run"].label + (f" ({row['run'].data}: not comparable)" if row["run"].sample_data else "")
-            L.append("| " + " | ".join([str(row["rank"] or "–"), _md_escape(label)] + cells
-                                       + [_md_num(row["means"]["all"])]) + " |")
-        L.append("")
+        for line in (vd or {}).get(g.gid, []):
+            L += [f"**{_md_escape(line)}**", ""]
+        held = [t for t in g.tasks if g.heldout_for(t)]
+        if held:
+            L += [f"† held out of training by {_md_escape(', '.join(sorted({x for t in held for x in g.heldout_for(t)})))} "
+                  "(editors that do not train saw no task at all).", ""]
+        rows = ov[g.gid]
+        rank_label = COMPOSITES[g.rank_key][0] if g.rank_key else "Score"
+        for fam in g.families:
+            cols = [i for i, c in enumerate(g.columns) if c.family == fam]
+            head = (["#", "Run"] + ([f"{rank_label} (mean over tasks)"] if fam == "token" and g.rank_key else [])
+                    + [f"{_md_escape(g.columns[i].task)}{_held_mark(g, g.columns[i].task)} {g.columns[i].abbr}" for i in cols]
+                    + (["s/edit (median)", "peak memory"] if fam == "token" else []))
+            body = []
+            for row in rows:
+                r = row["run"]
+                rank = "ref" if r.reference else ("–" if row["rank"] is None else f"{row['rank']}{'=' if row['tied'] else ''}")
+                cells = [rank, _run_md(r)]
+                if fam == "token" and g.rank_key:
+                    o = row["overall"]
+                    cells.append("–" if o is None else _md_stat({"post": o["value"], "lo": o["lo"], "hi": o["hi"]},
+                                                               row["best_overall"]))
+                cells += [_md_stat(row["cells"][i], row["best"][i]) for i in cols]
+                if fam == "token":
+                    cells += ["–" if row["cost"]["edit_s"] is None else f"{row['cost']['edit_s']:.3g} s",
+                              "–" if row["cost"]["peak_mb"] is None else f"{row['cost']['peak_mb']:.0f} MB"]
+                body.append(cells)
+            L += [f"**{FAMILIES[fam][0][0].upper() + FAMILIES[fam][0][1:]}**", ""]
+            L += _md_table(head, body, ["---:", ":---"] + ["---:"] * (len(head) - 2))
+            if fam == "token":
+                L += [f"_s/edit: median seconds per edit (edits computed together share their time); "
+                      f"{PEAK_MEMORY_NOTE}._", ""]
         h = ho[g.gid]
         if h["tasks"]:
-            L += [f"**Held-out tasks** ({_md_escape(', '.join(h['tasks']))}) vs. in-distribution mean:", ""]
-            head = ["Run"] + [f"{METRIC_ABBR[m]} held-out / in-dist" for m in h["metrics"]]
-            L += ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+            L += [f"**Held-out tasks** ({_md_escape(', '.join(h['tasks']))}): every run, on the tasks it never trained "
+                  "on, against its mean on the group's other tasks. " + _md_escape(h["rule"]), ""]
+            hcols = [c for c in h["columns"] if c.family == "token"]
+            idx = [i for i, c in enumerate(h["columns"]) if c.family == "token"]
+            head = ["Run", "status"] + [f"{_md_escape(c.task)}† {c.abbr}" for c in hcols] + \
+                   [f"{METRIC_ABBR[m]} held-out / other tasks (gap)" for m in h["metrics"]]
+            body = []
             for row in h["rows"]:
-                L.append("| " + " | ".join([_md_escape(row["run"].label)] + [
-                    f"{_md_num(row['heldout'][m])} / {_md_num(row['indist'][m])}" for m in h["metrics"]]) + " |")
-            L.append("")
+                cells = [_run_md(row["run"]), _md_escape(row["status"])]
+                for i in idx:
+                    cells.append("trained on" if row["trained"][i] else _md_stat(row["cells"][i], row["best"][i]))
+                for m in h["metrics"]:
+                    gp = row["gap"][m]
+                    cells.append(f"{_md_num(row['heldout'][m])} / {_md_num(row['other'][m])}"
+                                 + ("" if gp is None else f" ({gp:+.1f})"))
+                body.append(cells)
+            L += _md_table(head, body)
         c = cmp[g.gid]
         if c["base"] is not None and c["rows"]:
-            L += [f"**Versus baseline {_md_escape(c['base'].label)}** (difference in points; paired sign-flip "
-                  f"test over shared cases: ▲ better / ▼ worse at p < {ALPHA}, · not significant):", ""]
-            head = ["Run"] + [f"{_md_escape(t)} {METRIC_ABBR[m]}" for t, m in g.columns]
-            L += ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
-            for row in c["rows"]:
-                cells = ["–" if x is None else f"{x['diff']:+.1f} {x['mark']} (p={x['p']:.3g})" for x in row["cells"]]
-                L.append("| " + " | ".join([_md_escape(row["run"].label)] + cells) + " |")
-            L.append("")
+            L += [f"**Versus baseline {_md_escape(c['base'].label)}** (run directory {_md_escape(c['base'].name)}; "
+                  "difference run − baseline in points). "
+                  + _md_escape(MARK_RULE.format(alpha=ALPHA, n=c["n_tests"], min_pairs=MIN_PAIRS))
+                  + " The no-edit reference row carries no marks.", ""]
+            if c["note"]:
+                L += [f"_{_md_escape(c['note'])}_", ""]
+            for fam in g.families:
+                cols = [i for i, col in enumerate(g.columns) if col.family == fam]
+                head = ["Run"] + ([f"{rank_label} (mean over tasks)"] if fam == "token" and g.rank_key else []) + \
+                    [f"{_md_escape(g.columns[i].task)}{_held_mark(g, g.columns[i].task)} {g.columns[i].abbr}" for i in cols]
+                body = []
+                for row in c["rows"]:
+                    cells = [_run_md(row["run"])]
+                    if fam == "token" and g.rank_key:
+                        cells.append(_md_cmp(row["overall"]))
+                    cells += [_md_cmp(row["cells"][i]) for i in cols]
+                    body.append(cells)
+                L += _md_table(head, body)
         elif c["note"]:
             L += [f"_{_md_escape(c['note'])}_", ""]
+        p = (pw or {}).get(g.gid)
+        if p and p["matrices"]:
+            runs = p["runs"]
+            L += [f"**Pairwise comparisons** ({rank_label}, row − column, in points). "
+                  + _md_escape(MARK_RULE.format(alpha=ALPHA, n=p["n_tests"], min_pairs=MIN_PAIRS)), ""]
+            for mat in p["matrices"]:
+                L += [f"_{_md_escape(mat['title'])}_", ""]
+                body = [[_md_escape(a.label)] + ["" if i == j else _md_cmp(mat["cells"][i][j]) for j in range(len(runs))]
+                        for i, a in enumerate(runs)]
+                L += _md_table(["row − column"] + [_md_escape(b.label) for b in runs], body)
         gap = (pg or {}).get(g.gid)
         if gap and gap["rows"]:
             L += ["**Teacher forced vs. in the wild** (post-edit %, teacher-forced / wild, and the gap "
                   "teacher-forced − wild in points):", ""]
             head = ["Run"] + [f"{_md_escape(t)} {gap['abbr'][tf]}" for t, tf, _ in gap["columns"]]
-            L += ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
-            for row in gap["rows"]:
-                cells = ["–" if x is None else f"{x['tf']:.1f} / {x['wild']:.1f} ({x['gap']:+.1f})" for x in row["cells"]]
-                L.append("| " + " | ".join([_md_escape(row["run"].label)] + cells) + " |")
-            L.append("")
+            body = [[_md_escape(row["run"].label)] + ["–" if x is None else f"{x['tf']:.1f} / {x['wild']:.1f} ({x['gap']:+.1f})"
+                                                      for x in row["cells"]] for row in gap["rows"]]
+            L += _md_table(head, body)
     return "\n".join(L).rstrip() + "\n"

@@ -1,36 +1,82 @@
 """Leaderboard reporter: turns `bench run` directories (docs/run-format.md) into
 
 * ``index.html``   a self-contained page (inline CSS, inline SVG, a little inline JS, no network):
-                   overview tables, held-out view, baseline comparison, charts, per-run details;
+                   verdicts, overview ranked by the composite Score, held-out view, baseline and
+                   pairwise comparisons, charts, per-run provenance;
 * ``cases-<run>-<task>.html``  per run and task drill-down pages listing every case;
 * ``leaderboard.json`` / ``leaderboard.csv``  the overview table in machine-readable form;
 * ``leaderboard.md``  a Markdown summary (``fmt="md"`` or ``"all"``).
 
 This module is the entry point (`build_report`) and the HTML rendering; the data come from
 reports.runs (loading), reports.views (tables), reports.stats, reports.svg and reports.exports.
+docs/report.md describes what the page shows and the rules behind it.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
 
 from bench.core.errors import BenchError
 from bench.core.io import write_json_atomic
 from reports.exports import leaderboard_json, leaderboard_markdown, write_leaderboard_csv
-from reports.runs import Run, assign_labels, load_run, slugify
-from reports.stats import ALPHA
-from reports.svg import svg_bars, svg_scatter
-from reports.views import (METRIC_ABBR, case_rows, comparison, holdout_view, make_groups, overview,
-                           protocol_gap)
+from reports.runs import Run, assign_labels, load_run, scrub_paths, slugify
+from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
+from reports.svg import svg_bars, svg_curves, svg_scatter, svg_scores
+from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, RANK_RULE, Pairing, case_rows,
+                           comparison, holdout_view, make_groups, overview, pairwise, protocol_gap,
+                           resolve_baseline, segments, sequential_curves, verdicts)
 
 FORMATS = ("html", "md", "all")
 DEFAULT_TITLE = "instructedit-bench leaderboard"
 TEMPLATES = Path(__file__).parent / "templates"
+# Special tokens a tokenizer decodes literally: <|im_end|>, </s>, <eos>, [SEP], ...
+SPECIAL_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|<(?:eos|bos|pad|unk|mask)>|\[(?:CLS|SEP|PAD|UNK|MASK)\]")
+_WS_SIGNS = {"\n": ("⏎", "newline"), "\r": ("␍", "carriage return"), "\t": ("⇥", "tab")}
+
+
+def _visible(text: str, lead: bool, trail: bool) -> str:
+    """`text` escaped, with newlines, tabs, leading/trailing and repeated spaces and other
+    invisible characters shown as signs, and U+FFFD marked."""
+    out = []
+    n = len(text)
+    for i, ch in enumerate(text):
+        if ch in _WS_SIGNS:
+            sign, name = _WS_SIGNS[ch]
+            out.append(f'<span class="ws" title="{name}">{sign}</span>')
+        elif ch == "\ufffd":
+            out.append('<span class="repl" title="U+FFFD: part of a character split across tokens">\ufffd</span>')
+        elif ch == " ":
+            edge = (lead and text[:i].strip(" ") == "") or (trail and text[i:].strip(" ") == "")
+            run = (i > 0 and text[i - 1] == " ") or (i + 1 < n and text[i + 1] == " ")
+            out.append('<span class="ws" title="space">·</span>' if edge or run else " ")
+        elif ch.isspace() or ch in "\u200b\u200c\u200d\u2060\ufeff":
+            out.append(f'<span class="ws" title="U+{ord(ch):04X}">·</span>')
+        else:
+            out.append(str(escape(ch)))
+    return "".join(out)
+
+
+def show_text(x: object) -> Markup:
+    """A model's token text as the drill-down shows it: whitespace visible, special tokens and
+    replacement characters marked, an empty text as '(empty)', a missing one as '–'."""
+    if x is None:
+        return Markup('<span class="muted">–</span>')
+    s = str(x)
+    if s == "":
+        return Markup('<span class="empty">(empty)</span>')
+    parts, pos = [], 0
+    for m in SPECIAL_TOKEN.finditer(s):
+        parts.append(_visible(s[pos:m.start()], pos == 0, False))
+        parts.append(f'<span class="special" title="special token">{escape(m.group())}</span>')
+        pos = m.end()
+    parts.append(_visible(s[pos:], pos == 0, True))
+    return Markup("".join(parts))
 
 
 def _env() -> Environment:
@@ -38,12 +84,15 @@ def _env() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda x, nd=1: "–" if x is None else f"{x:.{nd}f}"
     env.filters["signed"] = lambda x: "–" if x is None else f"{x:+.1f}"
-    env.filters["pval"] = lambda p: "–" if p is None or math.isnan(p) else (
-        "<0.001" if p < 0.001 else f"{p:.3f}")
+    env.filters["pval"] = format_p
+    env.filters["ptext"] = p_text
     env.filters["score"] = lambda x: "–" if x is None else f"{x:.3g}"
     env.filters["tojson_compact"] = lambda x: json.dumps(x, sort_keys=True, ensure_ascii=False)
     env.filters["dv"] = lambda x: "" if x is None else repr(float(x))
-    env.globals.update(METRIC_ABBR=METRIC_ABBR, ALPHA=ALPHA, zip=zip)
+    env.filters["tok"] = show_text
+    env.globals.update(METRIC_ABBR=METRIC_ABBR, ALPHA=ALPHA, MIN_PAIRS=MIN_PAIRS, FAMILIES=FAMILIES,
+                       COMPOSITES=COMPOSITES, RANK_RULE=RANK_RULE, segments=segments, FAILURE_RULE=FAILURE_RULE, zip=zip,
+                       enumerate=enumerate)
     return env
 
 
@@ -53,7 +102,8 @@ def _task_file(run: Run, task: str) -> str:
 
 
 def _run_details(r: Run) -> dict:
-    """The per-run section of index.html: command, model, editor settings, versions, tasks."""
+    """The per-run section of index.html: the command as recorded and its extensions, model,
+    editor settings (those set for the run apart), versions, tasks; absolute paths shortened."""
     c = r.config
     ed = c.get("editor") if isinstance(c.get("editor"), dict) else {}
     info = r.summary.get("task_info") if isinstance(r.summary.get("task_info"), dict) else {}
@@ -62,18 +112,26 @@ def _run_details(r: Run) -> dict:
     for t in r.config_tasks + [{"name": n} for n in r.tasks if n not in names]:
         ti = info.get(t.get("name")) if isinstance(info.get(t.get("name")), dict) else {}
         df = t.get("data_files") if isinstance(t.get("data_files"), dict) else {}
-        tasks.append({"name": t.get("name"), "split": t.get("split"), "holdout": r.holdout(str(t.get("name"))),
+        name = str(t.get("name"))
+        tasks.append({"name": name, "split": t.get("split"), "holdout": r.holdout(name), "unseen": r.unseen(name),
                       "metrics": ", ".join(map(str, t.get("metrics") or [])),
-                      "n_cases": t.get("n_cases", ti.get("n_cases")), "skipped": t.get("skipped", ti.get("skipped")),
-                      "errors": ti.get("errors"), "data_files": sorted((str(k), str(v)) for k, v in df.items()),
-                      "page": _task_file(r, str(t.get("name"))) if t.get("name") in r.tasks or any(
-                          str(x.get("task")) == t.get("name") for x in r.cases) else None})
-    return {"command": c.get("command"), "created": c.get("created"), "model": r.model,
-            "editor": ed.get("name", r.editor), "hparams": ed.get("hparams", {}),
+                      "n_cases": ti.get("n_cases", t.get("n_cases")), "skipped": t.get("skipped", ti.get("skipped")),
+                      "errors": ti.get("errors"), "median_edit_s": r.median_edit_s(name),
+                      "data_files": sorted((str(scrub_paths(k)), str(v)) for k, v in df.items()),
+                      "page": _task_file(r, name) if name in r.tasks or any(
+                          str(x.get("task")) == name for x in r.cases) else None})
+    ext = [{"limit": e.get("limit"), "at": e.get("at"),
+            "command": f"bench run --resume {r.name}" + (f" --limit {e['limit']}" if e.get("limit") is not None else "")}
+           for e in r.extended]
+    return {"command": scrub_paths(c.get("command")), "extended": ext, "created": c.get("created"),
+            "model": r.model, "editor": ed.get("name", r.editor), "hparams": scrub_paths(ed.get("hparams", {})),
+            "overrides": scrub_paths(r.hparam_overrides), "mode": r.mode, "prompt_format": r.prompt_format,
+            "protocols": c.get("protocols"),
             "uses_instructions": ed.get("uses_instructions"), "instruction_mode": c.get("instruction_mode"),
             "seed": c.get("seed"), "limit": c.get("limit"), "metric_definitions": c.get("metric_definitions"),
             "versions": c.get("versions") if isinstance(c.get("versions"), dict) else {},
-            "notes": c.get("notes") or {}, "wall_time_s": r.summary.get("wall_time_s"), "tasks": tasks}
+            "train_tasks": r.train_tasks, "median_edit_s": r.median_edit_s(), "peak_mb": r.peak_memory_mb(),
+            "notes": scrub_paths(r.notes), "wall_time_s": r.summary.get("wall_time_s"), "tasks": tasks}
 
 
 def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft", fmt: str = "html",
@@ -82,10 +140,12 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
 
     fmt "html": index.html (+ per run/task case pages), leaderboard.json, leaderboard.csv;
     fmt "md":   leaderboard.md, leaderboard.json, leaderboard.csv;
-    fmt "all":  everything. `baseline` names the editor the other runs are compared with (None: no
-    comparison). case_text=False: drill-down pages without the data records' texts (see
-    reports.views.case_rows). Raises BenchError for unusable input (missing/malformed run files,
-    no runs). The run directories are only read, never modified."""
+    fmt "all":  everything. `baseline` names the run the others are compared with: a run
+    directory name, a run label or an editor name (an editor with several runs in one group is a
+    BenchError listing them); None or "none": no comparison. case_text=False: drill-down pages
+    without the data records' texts (see reports.views.case_rows). Raises BenchError for unusable
+    input (missing/malformed run files, no runs). The run directories are only read, never
+    modified."""
     if fmt not in FORMATS:
         raise BenchError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
     if not run_dirs:
@@ -100,10 +160,14 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
         runs.append(load_run(Path(d)))
     assign_labels(runs)
     groups = make_groups(runs)
+    bases = resolve_baseline(groups, baseline)
+    pairings = {g.gid: Pairing(g) for g in groups}
     ov = {g.gid: overview(g) for g in groups}
     ho = {g.gid: holdout_view(g) for g in groups}
-    cmp = {g.gid: comparison(g, baseline) for g in groups}
+    cmp = {g.gid: comparison(g, bases[g.gid], baseline, pairings[g.gid]) for g in groups}
     pg = {g.gid: protocol_gap(g) for g in groups}
+    pw = {g.gid: pairwise(g, pairings[g.gid]) for g in groups}
+    vd = {g.gid: verdicts(g, ov[g.gid], ho[g.gid], cmp[g.gid], pairings[g.gid]) for g in groups}
 
     out_dir = Path(out_dir)
     try:
@@ -111,20 +175,26 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     except OSError as e:
         raise BenchError(f"cannot create {out_dir}: {e.strerror}") from None
 
-    write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, ov, ho, cmp, pg))
+    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd}
+    write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, **views))
     write_leaderboard_csv(out_dir / "leaderboard.csv", groups, ov)
+    files = ["leaderboard.json", "leaderboard.csv"]
 
     main: Path | None = None
     if fmt in ("md", "all"):
         main = out_dir / "leaderboard.md"
-        main.write_text(leaderboard_markdown(title, baseline, groups, ov, ho, cmp, pg), encoding="utf-8")
+        main.write_text(leaderboard_markdown(title, baseline, groups, **views), encoding="utf-8")
+        files.append("leaderboard.md")
     if fmt in ("html", "all"):
         env = _env()
         generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         page = env.get_template("index.html.j2").render(
-            title=title, generated=generated, baseline=baseline, runs=runs,
+            title=title, generated=generated, baseline=baseline, runs=runs, files=files,
             groups=[{"g": g, "overview": ov[g.gid], "holdout": ho[g.gid], "cmp": cmp[g.gid], "gap": pg[g.gid],
-                     "bars": svg_bars(g), "scatter": svg_scatter(g)} for g in groups],
+                     "pairwise": pw[g.gid], "verdicts": vd[g.gid], "scores": svg_scores(g, ov[g.gid]),
+                     "bars": svg_bars(g), "scatter": svg_scatter(g),
+                     "curves": svg_curves(g, sequential_curves(g)) if g.mode == "sequential" else None}
+                    for g in groups],
             details={r.slug: _run_details(r) for r in runs}, task_file=_task_file)
         main = out_dir / "index.html"
         main.write_text(page, encoding="utf-8")
@@ -135,7 +205,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
                 rows = case_rows(r, t, case_text)
                 (out_dir / _task_file(r, t)).write_text(tpl.render(
                     title=title, run=r, task=t, rows=rows, n_failed=sum(x["failed"] for x in rows),
-                    case_text=case_text,
-                    has_cases_file=r.has_cases_file, holdout=r.holdout(t), generated=generated), encoding="utf-8")
+                    n_kind={k: sum(k in x["kinds"] for x in rows) for k in ("edit", "broke", "error")},
+                    case_text=case_text, has_cases_file=r.has_cases_file, holdout=r.unseen(t),
+                    learned=r.train_tasks is not None, generated=generated), encoding="utf-8")
     assert main is not None
     return main

@@ -1,10 +1,16 @@
 """Loading `bench run` directories (docs/run-format.md) for the report, and telling them apart:
-each run gets a display label, a slug for file names and anchors, and a chart colour."""
+each run gets a display label, a slug for file names and anchors, a chart colour and a marker.
+
+Colours and markers are fixed per editor name (docs/report.md, "Colours"): the palette was
+chosen so that every pair differs by a CIEDE2000 distance of at least 16 under normal vision and
+simulated deuteranopia, protanopia and tritanopia (Machado et al. 2009, severity 1), and every
+colour has at least 3:1 contrast on white. tests/test_reports.py recomputes both."""
 
 from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +19,16 @@ from bench.core.errors import BenchError
 from bench.core.io import read_json
 from bench.core.runfiles import RunDir
 
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+REFERENCE_EDITOR = "none"  # the no-edit editor: a reference line, never ranked
+REFERENCE_COLOR = "#6b6b6b"
+PALETTE = ("#005a96", "#a51e2d", "#00a569", "#a569ff", "#ff0f00", "#d278a5")
+EDITOR_COLORS = {"ft": PALETTE[0], "rome": PALETTE[1], "mend": PALETTE[2], "instructedit": PALETTE[3],
+                 "memit": PALETTE[4], REFERENCE_EDITOR: REFERENCE_COLOR}
+MARKERS = ("circle", "square", "triangle", "diamond", "triangle-down", "hexagon")
+EDITOR_MARKERS = {"ft": "circle", "rome": "square", "mend": "triangle", "instructedit": "diamond",
+                  "memit": "triangle-down", REFERENCE_EDITOR: "cross"}
+# An absolute path (POSIX, home-relative or a Windows drive) at the start of a word.
+_ABS_PATH = re.compile(r"""(?<![^\s=("'\[,])(?:~?/(?!/)|[A-Za-z]:\\)[^\s"'(),\[\]]*""")
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -23,6 +37,18 @@ def finite_or_none(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def scrub_paths(x: Any) -> Any:
+    """`x` (a string, or lists/dicts of them) with every absolute path shortened to '…/<last
+    component>': a committed report must not carry one machine's directory layout."""
+    if isinstance(x, str):
+        return _ABS_PATH.sub(lambda m: "…/" + re.split(r"[/\\]", m.group(0).rstrip("/\\"))[-1], x)
+    if isinstance(x, list):
+        return [scrub_paths(v) for v in x]
+    if isinstance(x, dict):
+        return {k: scrub_paths(v) for k, v in x.items()}
+    return x
 
 
 @dataclass
@@ -35,6 +61,7 @@ class Run:
     label: str = ""
     slug: str = ""
     color: str = PALETTE[0]
+    marker: str = MARKERS[0]
 
     @property
     def name(self) -> str:
@@ -49,6 +76,11 @@ class Run:
         if isinstance(sc, dict) and sc.get("editor"):
             return str(sc["editor"])
         return "?"
+
+    @property
+    def reference(self) -> bool:
+        """The no-edit run: shown as the line every editor must beat, not as a competitor."""
+        return self.editor == REFERENCE_EDITOR
 
     @property
     def model(self) -> dict:
@@ -68,6 +100,16 @@ class Run:
         return str(self.config.get("metric_definitions") or "unspecified")
 
     @property
+    def mode(self) -> str:
+        """"single" (each edit alone, restored) or "sequential" (every edit kept)."""
+        sc = self.summary.get("config") if isinstance(self.summary.get("config"), dict) else {}
+        return str(self.config.get("mode") or sc.get("mode") or "single")
+
+    @property
+    def prompt_format(self) -> str:
+        return str(self.config.get("prompt_format") or "plain")
+
+    @property
     def created(self) -> str:
         return str(self.config.get("created") or "")
 
@@ -85,6 +127,24 @@ class Run:
         return self.data != "real"
 
     @property
+    def notes(self) -> dict:
+        n = self.config.get("notes")
+        return n if isinstance(n, dict) else {}
+
+    @property
+    def train_tasks(self) -> list[str] | None:
+        """The tasks a learned editor trained on (its notes' `train_tasks`); None for an editor
+        that does not train, for which every task is unseen."""
+        t = self.notes.get("train_tasks")
+        return [str(x) for x in t] if isinstance(t, list) else None
+
+    def unseen(self, task: str) -> bool:
+        """True when the run's editor never trained on `task`: held out of a learned editor's
+        training, or any task of an editor that does not train."""
+        train = self.train_tasks
+        return train is None or task not in train or self.holdout(task)
+
+    @property
     def config_tasks(self) -> list[dict]:
         t = self.config.get("tasks")
         return [x for x in t if isinstance(x, dict)] if isinstance(t, list) else []
@@ -97,6 +157,7 @@ class Run:
         return [t for t in order if t in have] + [t for t in have if t not in order]
 
     def holdout(self, task: str) -> bool:
+        """The task is flagged held out (--holdout) in config.json or summary.json."""
         for t in self.config_tasks:
             if t.get("name") == task and t.get("holdout"):
                 return True
@@ -121,6 +182,81 @@ class Run:
                 continue
             out[(str(rec["task"]), str(rec["case_id"]))] = rec["post"]
         return out
+
+    # ---- provenance ----------------------------------------------------------------------
+
+    @property
+    def extended(self) -> list[dict]:
+        """`bench run --resume` extensions recorded in config.json: [{'limit', 'at'}]."""
+        e = self.config.get("extended")
+        return [x for x in e if isinstance(x, dict)] if isinstance(e, list) else []
+
+    @property
+    def hparam_overrides(self) -> dict | None:
+        """The hyperparameters set for this run (--hparam / --hparams-file): those that differ
+        from the editor's defaults. None when the run did not record its options."""
+        opts = self.config.get("options")
+        if not isinstance(opts, dict):
+            return None
+        h = opts.get("hparams")
+        return dict(h) if isinstance(h, dict) else {}
+
+    # ---- cost ----------------------------------------------------------------------------
+
+    def edit_seconds(self, task: str | None = None) -> list[float]:
+        """Seconds per edit of every finished case (of `task`, or all). Edits an editor computes
+        in one call (`time.edits_together` = k: the first case carries the joint time) share
+        that call's time equally, so each case gets the call's mean."""
+        out: list[float] = []
+        chunk: list[float] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal chunk, size
+            if chunk:
+                out.extend([sum(chunk) / len(chunk)] * len(chunk))
+            chunk, size = [], 0
+
+        for rec in self.cases:
+            t = rec.get("time") if isinstance(rec.get("time"), dict) else {}
+            s = finite_or_none(t.get("edit_s"))
+            if rec.get("error") or s is None or (task is not None and str(rec.get("task")) != task):
+                continue
+            k = t.get("edits_together")
+            if isinstance(k, int) and k > 1:
+                if size != k or len(chunk) >= k:
+                    flush()
+                    size = k
+                chunk.append(s)
+                continue
+            flush()
+            out.append(s)
+        flush()
+        return out
+
+    def median_edit_s(self, task: str | None = None) -> float | None:
+        xs = self.edit_seconds(task)
+        return float(statistics.median(xs)) if xs else None
+
+    def peak_memory_mb(self) -> float | None:
+        """The largest peak memory a case record reports (`time.peak_mem_mb` or
+        `memory.peak_mb`); None when no record has one (runs do not record it yet)."""
+        peaks = []
+        for rec in self.cases:
+            for block, key in (("time", "peak_mem_mb"), ("memory", "peak_mb")):
+                b = rec.get(block)
+                if isinstance(b, dict) and finite_or_none(b.get(key)) is not None:
+                    peaks.append(float(b[key]))
+        return max(peaks) if peaks else None
+
+    @property
+    def checkpoints(self) -> list[dict]:
+        """A sequential run's checkpoints (summary.json `sequential.checkpoints`): the scores
+        after each number of edits."""
+        seq = self.summary.get("sequential")
+        cps = seq.get("checkpoints") if isinstance(seq, dict) else None
+        return [c for c in cps if isinstance(c, dict) and isinstance(c.get("n_edits"), int)] \
+            if isinstance(cps, list) else []
 
 
 def _read_run_json(path: Path) -> Any:
@@ -153,10 +289,41 @@ def slugify(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.") or "x"
 
 
+def _stable_index(name: str, n: int) -> int:
+    # Python's hash() is salted per process: a report must give a name the same slot every time.
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % n
+
+
+def assign_style(runs: list[Run]) -> None:
+    """Colour and marker per run, fixed by editor name: the first run (by directory name, those
+    named after the editor first) of a known editor gets its editor's colour and marker, an unknown editor a slot chosen from its
+    name; a further run of the same editor the next slot not used by another run of the report."""
+    used_c: set[str] = set()
+    used_m: set[str] = set()
+    later: list[Run] = []
+    seen: set[str] = set()
+    # a directory named after its editor ("ft-<time>") before derived ones ("ablate-ft-...")
+    for r in sorted(runs, key=lambda r: (r.editor, not r.name.startswith(r.editor), r.name)):
+        if r.editor in seen:
+            later.append(r)
+            continue
+        seen.add(r.editor)
+        r.color = EDITOR_COLORS.get(r.editor) or PALETTE[_stable_index(r.editor, len(PALETTE))]
+        r.marker = EDITOR_MARKERS.get(r.editor) or MARKERS[_stable_index(r.editor, len(MARKERS))]
+        used_c.add(r.color)
+        used_m.add(r.marker)
+    for r in later:
+        free_c = [c for c in PALETTE if c not in used_c] or list(PALETTE)
+        free_m = [m for m in MARKERS if m not in used_m] or list(MARKERS)
+        r.color, r.marker = free_c[0], free_m[0]
+        used_c.add(r.color)
+        used_m.add(r.marker)
+
+
 def assign_labels(runs: list[Run]) -> None:
     """Label = editor name; when an editor has several runs, add the run directory's name
     (without a leading '<editor>-') so the rows can be told apart. Also sets each run's slug
-    (unique, case-insensitively) and colour."""
+    (unique, case-insensitively), colour and marker."""
     by_editor: dict[str, list[Run]] = {}
     for r in runs:
         by_editor.setdefault(r.editor, []).append(r)
@@ -175,11 +342,11 @@ def assign_labels(runs: list[Run]) -> None:
         else:
             seen[r.label] = 1
     slugs: set[str] = set()
-    for i, r in enumerate(runs):
+    for r in runs:
         base = slugify(r.label)
         slug, k = base, 2
         while slug.lower() in slugs:
             slug, k = f"{base}-{k}", k + 1
         slugs.add(slug.lower())
         r.slug = slug
-        r.color = PALETTE[i % len(PALETTE)]
+    assign_style(runs)

@@ -1,5 +1,17 @@
-"""The paired comparison of a run with the baseline over their shared cases: a sign-flip
-permutation test and a bootstrap interval of the mean difference (the core's one bootstrap)."""
+"""The report's statistics, all on the core's one bootstrap (bench.core.metrics.bootstrap_means,
+2,000 resamples, seed 0):
+
+* the composite Score of ROME (Meng et al. 2022): the harmonic mean of an edit term, a
+  generalisation term and a locality term, per task, with a bootstrap interval over cases;
+* paired comparisons of two runs over the cases both finished: the difference, its 95% percentile
+  interval and a p-value read off the same resamples (the interval inverted), so that the mark
+  and the interval cannot disagree: p < 0.05 exactly when the 95% interval excludes zero;
+* Holm's step-down adjustment over every comparison of one table.
+
+Resampling several columns "jointly" (the same cases drawn for each) relies on the bootstrap's
+draws depending only on the seed, the number of values and the number of resamples: columns of
+equal length resampled with the same seed are resampled at the same case indices.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +19,152 @@ import math
 
 import numpy as np
 
-from bench.core.metrics import bootstrap_ci
+from bench.core.metrics import N_BOOTSTRAP, bootstrap_means
 
-ALPHA = 0.05  # significance level of the ▲ / ▼ marks
-N_PERMUTATIONS = 10_000  # Monte-Carlo sign flips when exact enumeration is too big
-EXACT_MAX_N = 16  # up to 2**16 sign patterns are enumerated exactly
+ALPHA = 0.05  # two-sided level of every mark and interval (95%)
+MIN_PAIRS = 5  # fewer shared cases: no interval, no test (a bootstrap of 2-4 values is no test)
 
 
-def signflip_pvalue(d: np.ndarray, n_resamples: int = N_PERMUTATIONS, seed: int = 0) -> float:
-    """Two-sided paired sign-flip permutation test of mean(d) == 0.
+def harmonic_mean(values: object) -> np.ndarray | float:
+    """Element-wise harmonic mean over the first axis; 0 when any term is 0 (an edit that fails
+    one of the three is worth nothing), as in ROME's Score."""
+    v = np.asarray(values, dtype=float)
+    with np.errstate(divide="ignore"):
+        inv = np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), np.inf)
+    return len(v) / inv.sum(axis=0)
 
-    Zero differences do not change |sum(s * d)| under any sign pattern, so they are dropped first.
-    Exact (all 2**n sign patterns of the non-zero differences) for n <= 16, else Monte Carlo with
-    the +1 correction."""
-    d = np.asarray(d, dtype=float)
-    if len(d) == 0:
+
+def resampled_score(columns: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """The Score (fraction) of every bootstrap resample of the cases: each column (one metric,
+    one value per case, all of equal length) resampled at the same indices, its mean taken, and
+    the harmonic mean of the column means."""
+    return harmonic_mean([bootstrap_means(c, N_BOOTSTRAP, seed) for c in columns])
+
+
+def percentile_interval(resamples: np.ndarray, level: float = 1 - ALPHA) -> tuple[float, float]:
+    """The percentile interval of `resamples` (as bench.core.metrics.bootstrap_ci reads it)."""
+    a = (1 - level) / 2
+    return float(np.quantile(resamples, a)), float(np.quantile(resamples, 1 - a))
+
+
+def score_with_interval(columns: list[np.ndarray], seed: int = 0) -> dict:
+    """{'value', 'lo', 'hi', 'n'} in percent: the Score of the cases' column means and its 95%
+    bootstrap interval over cases."""
+    cols = [np.asarray(c, dtype=float) for c in columns]
+    n = len(cols[0])
+    value = float(harmonic_mean([c.mean() for c in cols])) * 100
+    if n < 2:
+        return {"value": value, "lo": None, "hi": None, "n": n}
+    lo, hi = percentile_interval(resampled_score(cols, seed))
+    return {"value": value, "lo": lo * 100, "hi": hi * 100, "n": n}
+
+
+def interval_pvalue(resamples: np.ndarray) -> float:
+    """Two-sided p-value of "the mean difference is zero", read off the bootstrap resamples by
+    inverting the percentile interval: the smallest a for which the (1 - a) percentile interval
+    (np.quantile, linear interpolation, as the intervals are computed) still contains zero. Hence
+    p < ALPHA exactly when the (1 - ALPHA) interval excludes zero."""
+    s = np.sort(np.asarray(resamples, dtype=float))
+    b = len(s)
+    if b < 2:
         return float("nan")
-    d = d[np.abs(d) > 1e-12]
-    n = len(d)
-    obs = abs(d.sum())
-    if n == 0 or obs <= 1e-12:
-        return 1.0
-    thresh = obs * (1 - 1e-9)
-    if n <= EXACT_MAX_N:
-        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0
-        return float(np.mean(np.abs(signs @ d) >= thresh))
-    rng = np.random.default_rng(seed)
-    total, count, done = d.sum(), 0, 0
-    chunk = max(1, min(n_resamples, 8_000_000 // n))
-    while done < n_resamples:
-        k = min(chunk, n_resamples - done)
-        # bit b = 1 keeps the sign, 0 flips it: sum(s * d) = 2 * (bits @ d) - sum(d)
-        bits = np.unpackbits(rng.integers(0, 256, size=(k, (n + 7) // 8), dtype=np.uint8), axis=1)[:, :n]
-        stat = np.abs(2.0 * (bits.astype(np.float32) @ d.astype(np.float32)) - total)
-        count += int(np.count_nonzero(stat >= thresh - 1e-4 * max(1.0, obs)))
-        done += k
-    return (count + 1) / (n_resamples + 1)
+
+    def crossing(i: int) -> float:
+        # q at which the interpolated quantile between sorted values i and i+1 equals zero
+        return (i + (-s[i] / (s[i + 1] - s[i]) if s[i + 1] != s[i] else 0.0)) / (b - 1)
+
+    le = np.nonzero(s <= 0)[0]  # q_high = sup{q: quantile(q) <= 0}
+    if len(le) == 0:
+        q_high = 0.0
+    elif le[-1] == b - 1:
+        q_high = 1.0
+    else:
+        q_high = crossing(int(le[-1]))
+    ge = np.nonzero(s >= 0)[0]  # q_low = inf{q: quantile(q) >= 0}
+    if len(ge) == 0:
+        q_low = 1.0
+    elif ge[0] == 0:
+        q_low = 0.0
+    else:
+        q_low = crossing(int(ge[0]) - 1)
+    return float(min(1.0, 2 * min(q_high, 1 - q_low)))
 
 
-def significance_mark(diff: float | None, p: float | None) -> str:
-    """▲ significantly better, ▼ significantly worse, · not significant (or not computable)."""
-    if diff is None or p is None or math.isnan(p) or p >= ALPHA or diff == 0:
+def difference(resamples: np.ndarray, value: float, n: int, scale: float = 100) -> dict:
+    """A paired difference as the tables show it, times `scale` (fractions to points): {'diff',
+    'lo', 'hi', 'p', 'n', 'sig'}; sig is +1 / -1 when the 95% interval lies above / below zero,
+    else 0."""
+    if n < MIN_PAIRS or len(resamples) < 2:
+        return {"diff": value * scale, "lo": None, "hi": None, "p": None, "n": n, "sig": 0}
+    lo, hi = percentile_interval(resamples)
+    sig = 1 if lo > 0 else -1 if hi < 0 else 0
+    return {"diff": value * scale, "lo": lo * scale, "hi": hi * scale, "p": interval_pvalue(resamples),
+            "n": n, "sig": sig}
+
+
+def paired_comparison(scores: np.ndarray, base_scores: np.ndarray, scale: float = 100) -> dict:
+    """A run's case scores against another run's on the same cases (one metric): the mean
+    difference with its bootstrap interval and p-value, plus both means, times `scale` (100:
+    fractions to points; 1 for a metric in its own unit)."""
+    a, b = np.asarray(scores, dtype=float), np.asarray(base_scores, dtype=float)
+    d = a - b
+    out = difference(bootstrap_means(d, N_BOOTSTRAP, 0) if len(d) >= MIN_PAIRS else np.zeros(0),
+                     float(d.mean()) if len(d) else 0.0, len(d), scale)
+    out.update(editor_mean=float(a.mean()) * scale if len(a) else None,
+               base_mean=float(b.mean()) * scale if len(b) else None)
+    return out
+
+
+def paired_score_resamples(a_columns: list[np.ndarray], b_columns: list[np.ndarray],
+                           seed: int = 0) -> tuple[float, np.ndarray]:
+    """Score(a) - Score(b) on shared cases (fractions) and its resamples: all six columns
+    resampled at the same case indices."""
+    value = float(harmonic_mean([np.mean(c) for c in a_columns]) - harmonic_mean([np.mean(c) for c in b_columns]))
+    return value, resampled_score(a_columns, seed) - resampled_score(b_columns, seed)
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (None and NaN stay None): family-wise error at most
+    ALPHA over the whole list."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None and not math.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    m = len(order)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
+def mark(sig: int, p_adjusted: float | None) -> str:
+    """▲ / ▼: the 95% interval excludes zero and the comparison survives Holm's adjustment;
+    △ / ▽: the interval excludes zero but not after the adjustment; · the interval contains zero
+    (or no test: too few shared cases)."""
+    if sig == 0:
         return "·"
-    return "▲" if diff > 0 else "▼"
+    strong = p_adjusted is not None and p_adjusted < ALPHA
+    if sig > 0:
+        return "▲" if strong else "△"
+    return "▼" if strong else "▽"
 
 
-def paired_comparison(scores: np.ndarray, base_scores: np.ndarray) -> dict:
-    """A run's case scores (fractions) against the baseline's on the same cases, in points:
-    {'diff', 'p', 'lo', 'hi', 'n', 'editor_mean', 'base_mean', 'mark'}."""
-    d = np.asarray(scores, dtype=float) - np.asarray(base_scores, dtype=float)
-    p = signflip_pvalue(d)
-    lo, hi = bootstrap_ci(d)
-    diff = float(d.mean()) * 100
-    return {"diff": diff, "p": p, "lo": lo * 100, "hi": hi * 100, "n": len(d),
-            "editor_mean": float(np.mean(scores)) * 100, "base_mean": float(np.mean(base_scores)) * 100,
-            "mark": significance_mark(diff, p)}
+def adjust_marks(cells: list[dict]) -> None:
+    """Holm over `cells` (one table's comparisons): sets each cell's 'p_holm' and 'mark'."""
+    adj = holm([c.get("p") for c in cells])
+    for c, pa in zip(cells, adj):
+        c["p_holm"] = pa
+        c["mark"] = mark(c["sig"], pa)
+
+
+def p_text(p: float | None) -> str:
+    """'p<0.001' or 'p=0.183' (format_p's value with its sign)."""
+    v = format_p(p)
+    return "p" + v if v.startswith("<") else f"p={v}"
+
+
+def format_p(p: float | None) -> str:
+    """The one p-value format of every output: '<0.001' below 0.001, else three decimals."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"

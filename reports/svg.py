@@ -1,14 +1,20 @@
-"""Inline SVG charts of a group: grouped bars of the post-edit scores and a reliability
-versus locality scatter. Every data string passes through markupsafe.escape."""
+"""Inline SVG charts of a group: the composite Score per task, grouped bars of the post-edit
+scores, a reliability versus locality scatter, and (sequential groups) scores as edits
+accumulate. Each run has its colour and its marker shape (two cues, reports.runs); the no-edit
+run is drawn as a dashed reference line, never as a bar. Every chart carries a <title> and a
+<desc>; every data string passes through markupsafe.escape."""
 
 from __future__ import annotations
 
 import math
+from itertools import count
 
 from markupsafe import Markup, escape
 
-from reports.runs import Run
-from reports.views import METRIC_ABBR, Group
+from reports.runs import REFERENCE_COLOR, Run
+from reports.views import COMPOSITES, METRIC_ABBR, Group
+
+_ids = count(1)
 
 
 def _f(x: float) -> str:
@@ -21,80 +27,154 @@ def _text_w(s: str, px: float = 6.6) -> float:
     return len(s) * px
 
 
-def _legend(runs: list[Run], x0: float, y0: float, width: float) -> tuple[list[str], float]:
-    """Legend entries wrapped to `width`; also returns the y below the last line."""
+def marker(shape: str, x: float, y: float, r: float, fill: str, stroke: str = "#222", sw: float = 1.0,
+           tip: str | None = None) -> str:
+    """An SVG marker of `shape` centred on (x, y) with radius about `r`."""
+    t = f"<title>{escape(tip)}</title>" if tip else ""
+    attrs = f'fill="{fill}" stroke="{stroke}" stroke-width="{sw}"'
+    if shape == "square":
+        s = r * 0.9
+        return f'<rect x="{_f(x - s)}" y="{_f(y - s)}" width="{_f(2 * s)}" height="{_f(2 * s)}" {attrs}>{t}</rect>'
+    if shape in ("triangle", "triangle-down", "diamond", "hexagon"):
+        if shape == "triangle":
+            pts = [(0, -1.2), (1.1, 0.75), (-1.1, 0.75)]
+        elif shape == "triangle-down":
+            pts = [(0, 1.2), (1.1, -0.75), (-1.1, -0.75)]
+        elif shape == "diamond":
+            pts = [(0, -1.25), (1.1, 0), (0, 1.25), (-1.1, 0)]
+        else:
+            pts = [(math.cos(a), math.sin(a)) for a in (math.pi / 3 * k + math.pi / 6 for k in range(6))]
+        d = " ".join(f"{_f(x + px * r)},{_f(y + py * r)}" for px, py in pts)
+        return f'<polygon points="{d}" {attrs}>{t}</polygon>'
+    if shape == "cross":
+        s = r * 0.85
+        return (f'<path d="M{_f(x - s)} {_f(y - s)}L{_f(x + s)} {_f(y + s)}M{_f(x - s)} {_f(y + s)}L{_f(x + s)} {_f(y - s)}" '
+                f'stroke="{stroke if fill == "none" else fill}" stroke-width="2.2" fill="none">{t}</path>')
+    return f'<circle cx="{_f(x)}" cy="{_f(y)}" r="{_f(r)}" {attrs}>{t}</circle>'
+
+
+def _open(width: float, height: float, title: str, desc: str, cls: str = "chart") -> list[str]:
+    i = next(_ids)
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" class="{cls}" width="{_f(width)}" height="{_f(height)}" '
+            f'viewBox="0 0 {_f(width)} {_f(height)}" role="img" aria-labelledby="svgt{i} svgd{i}">'
+            f'<title id="svgt{i}">{escape(title)}</title><desc id="svgd{i}">{escape(desc)}</desc>']
+
+
+def _legend(runs: list[Run], x0: float, y0: float, width: float, ref_line: bool = True) -> tuple[list[str], float]:
+    """Legend entries (marker + label; the reference as a dashed line) wrapped to `width`; also
+    returns the y below the last line."""
     parts, x, y = [], x0, y0
     for r in runs:
-        w = 16 + _text_w(r.label) + 18
+        label = r.label + (" (no edit: reference)" if r.reference else "")
+        w = 20 + _text_w(label) + 16
         if x + w > x0 + width and x > x0:
             x, y = x0, y + 18
-        parts.append(f'<rect x="{_f(x)}" y="{_f(y - 10)}" width="11" height="11" fill="{r.color}"/>'
-                     f'<text x="{_f(x + 16)}" y="{_f(y)}">{escape(r.label)}</text>')
+        if r.reference and ref_line:
+            parts.append(f'<path d="M{_f(x)} {_f(y - 4)}H{_f(x + 14)}" class="ref"/>')
+        else:
+            parts.append(marker(r.marker, x + 7, y - 4, 5, r.color))
+        parts.append(f'<text x="{_f(x + 20)}" y="{_f(y)}">{escape(label)}</text>')
         x += w
     return parts, y + 18
 
 
-def svg_bars(g: Group) -> Markup:
-    """Grouped bars: one group per (task, metric), one bar per run, error bars = 95% CI."""
-    runs, cols = g.runs, g.columns
-    if not cols:
+def _bar_chart(g: Group, cats: list[tuple[str, str, dict]], title: str, desc: str, ylabel: str,
+               cls: str = "chart") -> Markup:
+    """Grouped bars: one group per category (top label, bottom label, {run slug: cell}), one bar
+    per competing run with its 95% interval and its marker on top; the reference as a dashed
+    line across the category."""
+    runs = [r for r in g.runs if not r.reference]
+    refs = [r for r in g.runs if r.reference]
+    if not cats or not runs:
         return Markup("")
-    bw = 14 if len(runs) <= 4 else 10
-    gap = 18
-    left, right, top_pad, plot_h = 46, 16, 10, 220
+    bw = 16 if len(runs) <= 4 else 12
+    gap = 22
+    left, right, top_pad, plot_h = 46, 16, 14, 220
     cat_w = len(runs) * bw + gap
-    width = max(360, left + right + len(cols) * cat_w)
-    legend, legend_bottom = _legend(runs, left, 16, width - left - right)
+    width = max(340, left + right + len(cats) * cat_w)
+    legend, legend_bottom = _legend(runs + refs, left, 16, width - left - right)
     top = legend_bottom + top_pad
     height = top + plot_h + 52
 
     def y(v: float) -> float:
         return top + plot_h * (1 - max(0.0, min(100.0, v)) / 100)
 
-    p = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{_f(height)}" '
-         f'viewBox="0 0 {width} {_f(height)}" role="img" aria-label="Post-edit scores per task and metric">']
+    p = _open(width, height, title, desc, cls)
     p += legend
     for v in (0, 25, 50, 75, 100):
         p.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(y(v))}" y2="{_f(y(v))}" class="grid"/>'
                  f'<text x="{left - 6}" y="{_f(y(v) + 4)}" text-anchor="end">{v}</text>')
     p.append(f'<text x="12" y="{_f(top + plot_h / 2)}" transform="rotate(-90 12 {_f(top + plot_h / 2)})" '
-             f'text-anchor="middle">post-edit %</text>')
-    task_spans: dict[str, list[float]] = {}
-    for ci, (t, m) in enumerate(cols):
+             f'text-anchor="middle">{escape(ylabel)}</text>')
+    spans: dict[str, list[float]] = {}
+    for ci, (upper, lower, cells) in enumerate(cats):
         x0 = left + gap / 2 + ci * cat_w
         for ri, r in enumerate(runs):
-            s = r.stat(t, m)
-            if s is None or s["post"] is None:
+            s = cells.get(r.slug)
+            if s is None or s.get("post") is None:
                 continue
             bx = x0 + ri * bw
             yy = y(s["post"])
-            tip = (f"{r.label} · {t} · {m}: {s['post']:.1f}"
-                   + (f" [{s['lo']:.1f}, {s['hi']:.1f}]" if s["lo"] is not None and s["hi"] is not None else "")
-                   + (f" n={s['n']}" if s["n"] is not None else ""))
+            tip = (f"{r.label} · {upper} · {lower}: {s['post']:.1f}"
+                   + (f" [{s['lo']:.1f}, {s['hi']:.1f}]" if s.get("lo") is not None and s.get("hi") is not None else "")
+                   + (f" n={s['n']}" if s.get("n") is not None else ""))
             p.append(f'<rect x="{_f(bx)}" y="{_f(yy)}" width="{bw - 2}" height="{_f(top + plot_h - yy)}" '
                      f'fill="{r.color}"><title>{escape(tip)}</title></rect>')
-            if s["lo"] is not None and s["hi"] is not None:
-                cx = bx + (bw - 2) / 2
+            cx = bx + (bw - 2) / 2
+            if s.get("lo") is not None and s.get("hi") is not None:
                 y1, y2 = y(s["lo"]), y(s["hi"])
                 p.append(f'<path class="err" d="M{_f(cx)} {_f(y1)}V{_f(y2)}M{_f(cx - 3)} {_f(y1)}H{_f(cx + 3)}'
                          f'M{_f(cx - 3)} {_f(y2)}H{_f(cx + 3)}"/>')
+            p.append(marker(r.marker, cx, top + plot_h + 8, 3.6, r.color, sw=0.8))
+        for r in refs:
+            s = cells.get(r.slug)
+            if s is not None and s.get("post") is not None:
+                yy = y(s["post"])
+                tip = f"{r.label} (no edit, reference) · {upper} · {lower}: {s['post']:.1f}"
+                p.append(f'<path class="ref" d="M{_f(x0 - 4)} {_f(yy)}H{_f(x0 + len(runs) * bw + 2)}">'
+                         f'<title>{escape(tip)}</title></path>')
         mid = x0 + (len(runs) * bw - 2) / 2
-        p.append(f'<text x="{_f(mid)}" y="{_f(top + plot_h + 16)}" text-anchor="middle">'
-                 f'{escape(METRIC_ABBR.get(m, m))}</text>')
-        span = task_spans.setdefault(t, [x0, x0])
+        p.append(f'<text x="{_f(mid)}" y="{_f(top + plot_h + 26)}" text-anchor="middle">{escape(lower)}</text>')
+        span = spans.setdefault(upper, [x0, x0])
         span[1] = x0 + len(runs) * bw - 2
-    for t, (a, b) in task_spans.items():
-        p.append(f'<line x1="{_f(a)}" x2="{_f(b)}" y1="{_f(top + plot_h + 24)}" y2="{_f(top + plot_h + 24)}" class="axis"/>'
-                 f'<text x="{_f((a + b) / 2)}" y="{_f(top + plot_h + 40)}" text-anchor="middle" class="task">'
-                 f'{escape(t)}</text>')
+    for t, (a, b) in spans.items():
+        if t:
+            p.append(f'<line x1="{_f(a)}" x2="{_f(b)}" y1="{_f(top + plot_h + 32)}" y2="{_f(top + plot_h + 32)}" '
+                     f'class="axis"/><text x="{_f((a + b) / 2)}" y="{_f(top + plot_h + 46)}" text-anchor="middle" '
+                     f'class="task">{escape(t)}</text>')
     p.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(top + plot_h)}" y2="{_f(top + plot_h)}" class="axis"/>')
     p.append("</svg>")
     return Markup("".join(p))
 
 
+def svg_scores(g: Group, ov: list[dict]) -> Markup:
+    """The ranking composite per task and its mean over tasks, with 95% intervals."""
+    if g.rank_key is None:
+        return Markup("")
+    label = COMPOSITES[g.rank_key][0]
+    cats = []
+    for t in g.rank_tasks:
+        cats.append(("", t, {r.slug: g.composite.get((r.slug, t, g.rank_key)) for r in g.runs}))
+    overall = {row["run"].slug: ({"post": row["overall"]["value"], "lo": row["overall"]["lo"],
+                                  "hi": row["overall"]["hi"], "n": None} if row["overall"] else None) for row in ov}
+    cats.append(("", "mean", overall))
+    return _bar_chart(g, cats, f"{label} per task", f"{label} (post-edit, %) of each run per task and its mean over "
+                      "tasks, with 95% bootstrap intervals; the dashed line is the no-edit reference.",
+                      f"{label} %")
+
+
+def svg_bars(g: Group) -> Markup:
+    """Grouped bars of every percent column (task, metric), error bars = 95% CI."""
+    cols = [c for c in g.columns if c.scale == 100]
+    cats = [(c.task, c.abbr, {r.slug: g.cell(r, c) for r in g.runs}) for c in cols]
+    return _bar_chart(g, cats, "Post-edit scores per task and metric",
+                      "Post-edit percentages of each run per task and metric with 95% bootstrap intervals; "
+                      "the dashed line is the no-edit reference.", "post-edit %", cls="chart wide")
+
+
 def svg_scatter(g: Group) -> Markup:
-    """Reliability (x) versus locality (y): a filled point per run (mean over tasks) and a small
-    hollow point per run and task."""
+    """Reliability (x) versus locality (y): a filled marker per run (mean over tasks) and a small
+    hollow one per run and task; the no-edit run as a grey cross."""
     pts = []  # (run, task or None, rel, loc)
     for r in g.runs:
         rels, locs = [], []
@@ -108,14 +188,17 @@ def svg_scatter(g: Group) -> Markup:
             pts.append((r, None, sum(rels) / len(rels), sum(locs) / len(locs)))
     if not pts:
         return Markup('<p class="muted">No run has both reliability and locality.</p>')
+
     def axis(vals):  # lower bound and step giving round tick values up to 100
         lo = min(min(vals), 95.0)
         step = 5 if lo >= 75 else 10 if lo >= 40 else 20
         return math.floor(lo / step) * step, step
 
     (lo_x, step_x), (lo_y, step_y) = axis([p[2] for p in pts]), axis([p[3] for p in pts])
-    size, left, top, right = 320, 54, 16, 220
-    width, height = left + size + right, top + size + 46
+    size, left, top, right = 300, 50, 16, 16
+    width = left + size + right
+    legend, legend_bottom = _legend(g.runs, 12, top + size + 58, width - 24, ref_line=False)
+    height = legend_bottom + 30
 
     def sx(v):
         return left + size * (v - lo_x) / (100 - lo_x)
@@ -123,8 +206,9 @@ def svg_scatter(g: Group) -> Markup:
     def sy(v):
         return top + size * (1 - (v - lo_y) / (100 - lo_y))
 
-    p = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-         f'viewBox="0 0 {width} {height}" role="img" aria-label="Reliability versus locality">']
+    p = _open(width, height, "Reliability versus locality",
+              "Post-edit reliability (x) against locality (y) per run: a filled marker for the mean over tasks, "
+              "a small hollow marker per task. Up and to the right is better. The no-edit reference is a grey cross.")
     for vx in range(int(lo_x), 101, step_x):
         p.append(f'<line x1="{_f(sx(vx))}" x2="{_f(sx(vx))}" y1="{top}" y2="{top + size}" class="grid"/>'
                  f'<text x="{_f(sx(vx))}" y="{top + size + 16}" text-anchor="middle">{vx}</text>')
@@ -132,27 +216,59 @@ def svg_scatter(g: Group) -> Markup:
         p.append(f'<line x1="{left}" x2="{left + size}" y1="{_f(sy(vy))}" y2="{_f(sy(vy))}" class="grid"/>'
                  f'<text x="{left - 6}" y="{_f(sy(vy) + 4)}" text-anchor="end">{vy}</text>')
     p.append(f'<rect x="{left}" y="{top}" width="{size}" height="{size}" class="frame"/>')
-    p.append(f'<text x="{left + size / 2}" y="{top + size + 36}" text-anchor="middle">reliability % (post)</text>')
+    p.append(f'<text x="{left + size / 2}" y="{top + size + 34}" text-anchor="middle">reliability % (post)</text>')
     p.append(f'<text x="14" y="{top + size / 2}" transform="rotate(-90 14 {top + size / 2})" '
              f'text-anchor="middle">locality % (post)</text>')
     p.append(f'<text x="{left + size - 6}" y="{top + 14}" text-anchor="end" class="muted">better ↗</text>')
-    for r, t, a, b in pts:
+    for r, t, a, b in sorted(pts, key=lambda q: q[1] is None):  # means drawn last, on top
         tip = f"{r.label} · {t or 'mean over tasks'}: reliability {a:.1f}, locality {b:.1f}"
+        color = REFERENCE_COLOR if r.reference else r.color
         if t is None:
-            p.append(f'<circle cx="{_f(sx(a))}" cy="{_f(sy(b))}" r="6" fill="{r.color}" stroke="#222">'
-                     f'<title>{escape(tip)}</title></circle>')
+            p.append(marker(r.marker, sx(a), sy(b), 6.5, color, tip=tip))
         else:
-            p.append(f'<circle cx="{_f(sx(a))}" cy="{_f(sy(b))}" r="3.5" fill="none" stroke="{r.color}" '
-                     f'stroke-width="1.5"><title>{escape(tip)}</title></circle>')
-    # legend on the right (labels beside the plot never overlap the points)
-    ly = top + 10
-    for r in g.runs:
-        p.append(f'<circle cx="{left + size + 20}" cy="{ly - 4}" r="5" fill="{r.color}" stroke="#222"/>'
-                 f'<text x="{left + size + 30}" y="{ly}">{escape(r.label)}</text>')
-        ly += 18
-    p.append(f'<circle cx="{left + size + 20}" cy="{ly + 6}" r="3.5" fill="none" stroke="#555" stroke-width="1.5"/>'
-             f'<text x="{left + size + 30}" y="{ly + 10}" class="muted">one task</text>'
-             f'<circle cx="{left + size + 20}" cy="{ly + 24}" r="5" fill="#999" stroke="#222"/>'
-             f'<text x="{left + size + 30}" y="{ly + 28}" class="muted">mean over tasks</text>')
+            p.append(marker(r.marker, sx(a), sy(b), 3.8, "none", stroke=color, sw=1.5, tip=tip))
+    p += legend
+    p.append(marker("circle", 19, legend_bottom + 4, 3.8, "none", stroke="#555", sw=1.5)
+             + f'<text x="30" y="{_f(legend_bottom + 8)}" class="muted">hollow: one task · filled: mean over tasks</text>')
     p.append("</svg>")
     return Markup("".join(p))
+
+
+def svg_curves(g: Group, curves: dict) -> Markup:
+    """Sequential runs: each run's post-edit mean after each number of edits, one small chart
+    per task and metric."""
+    charts = []
+    for s in curves["series"]:
+        pts = [(r, p) for r, p in s["runs"] if p]
+        if not pts:
+            continue
+        xmax = max(n for _, p in pts for n, _ in p) or 1
+        size_w, size_h, left, top = 300, 180, 46, 16
+        legend, legend_bottom = _legend([r for r, _ in pts], 12, top + size_h + 50, size_w + 30, ref_line=False)
+        width, height = left + size_w + 16, legend_bottom + 8
+        name = f"{s['task']} {METRIC_ABBR.get(s['metric'], s['metric'])}"
+        p = _open(width, height, f"{name} as edits accumulate",
+                  f"Post-edit {s['metric']} (%) on {s['task']} of the edits made so far, after each number of edits.")
+
+        def sx(n):
+            return left + size_w * n / xmax
+
+        def sy(v):
+            return top + size_h * (1 - max(0.0, min(100.0, v)) / 100)
+
+        for v in (0, 50, 100):
+            p.append(f'<line x1="{left}" x2="{left + size_w}" y1="{_f(sy(v))}" y2="{_f(sy(v))}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{_f(sy(v) + 4)}" text-anchor="end">{v}</text>')
+        p.append(f'<text x="{left + size_w / 2}" y="{top + size_h + 32}" text-anchor="middle">edits made</text>'
+                 f'<text x="{left}" y="{top + size_h + 16}" text-anchor="middle">0</text>'
+                 f'<text x="{left + size_w}" y="{top + size_h + 16}" text-anchor="middle">{xmax}</text>')
+        for r, series in pts:
+            color = REFERENCE_COLOR if r.reference else r.color
+            d = "M" + "L".join(f"{_f(sx(n))} {_f(sy(v))}" for n, v in series)
+            p.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+            for n, v in series:
+                p.append(marker(r.marker, sx(n), sy(v), 3.5, color, tip=f"{r.label}: {v:.1f} after {n} edits"))
+        p += legend
+        p.append("</svg>")
+        charts.append("".join(p))
+    return Markup("".join(charts))

@@ -1,25 +1,66 @@
 """What the report shows, as plain data for the templates and the exports: the groups of runs
-that may be ranked together, and per group the overview, the held-out view and the baseline
-comparison; plus the per-case rows of the drill-down pages.
+that may be ranked together, and per group the overview (ranked by the composite Score), the
+held-out view, the baseline comparison, the pairwise comparisons, the verdicts; plus the
+per-case rows of the drill-down pages.
 
-Runs of different models (``config.model.spec`` + ``source_hash``) or different metric definitions
-(``config.metric_definitions``) are never ranked together: each combination gets its own group.
+Runs are ranked together only when they share the model (``config.model.spec`` +
+``source_hash``), the metric definitions (``config.metric_definitions``), the run mode (single
+edits or sequential edits, ``config.mode``) and the prompt format: each combination gets its own
+group. Teacher-forced, CounterFact and in-the-wild metrics are separate columns (families).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from bench.core.metrics import METRIC_BY_NAME, TOKEN_METRICS, WILD_COUNTERPART
+from bench.core.errors import BenchError
+from bench.core.metrics import ALL_METRICS, METRIC_BY_NAME, TOKEN_METRICS, WILD_COUNTERPART
 from reports.runs import Run, finite_or_none
-from reports.stats import paired_comparison
+from reports.stats import (MIN_PAIRS, adjust_marks, difference, harmonic_mean, paired_comparison,
+                           paired_score_resamples, percentile_interval, resampled_score,
+                           score_with_interval)
 
-# The tables show the token metrics only; the CounterFact ones are not columns yet.
-METRICS = TOKEN_METRICS
-METRIC_ABBR = {m: METRIC_BY_NAME[m].abbr for m in METRICS}
+# The composites: ROME's Score (harmonic mean of the edit, generalisation and locality terms)
+# for each family that has the three terms. key -> (label, family, terms, description)
+COMPOSITES = {
+    "score": ("Score", "token", ("reliability", "generality", "locality"),
+              "harmonic mean of reliability, generality and locality (teacher forced)"),
+    "cf_score": ("CF-Score", "counterfact", ("efficacy", "paraphrase", "neighborhood"),
+                 "harmonic mean of efficacy, paraphrase and neighborhood (CounterFact, ROME's Score)"),
+    "wild_score": ("W-Score", "wild", ("wild_reliability", "wild_generality", "wild_locality"),
+                   "harmonic mean of the wild reliability, generality and locality"),
+}
+FAMILIES = {  # family -> (toggle label, short header label, shown before the reader asks)
+    "token": ("teacher forced (token accuracy)", "teacher forced", True),
+    "counterfact": ("CounterFact (probability comparison)", "CounterFact prob.", True),
+    "wild": ("in the wild (generated answers)", "in the wild", False),
+    "generation": ("generation (fluency, bits)", "generation", False),
+}
+METRIC_ABBR = {**{m: METRIC_BY_NAME[m].abbr for m in ALL_METRICS}, **{k: v[0] for k, v in COMPOSITES.items()}}
+METRICS = TOKEN_METRICS  # the per-metric means of the overview ("Mean across tasks")
+LOCALITY_TYPE = ("locality", "wild_locality", "neighborhood")  # a drop = the edit broke something
+FAILURE_RULE = ("a case fails when its edit raised an error, when post-edit reliability is below 1, "
+                "or when a locality-type score (locality, wild locality, neighborhood) is lower after "
+                "the edit than before it")
+HOLDOUT_RULE = ("A task is held out for a run when the run's editor never trained on it: a learned "
+                "editor (one whose run records its training tasks, such as MEND and InstructEdit) "
+                "sees only the tasks it trained on, and an editor that does not train (FT, ROME, the "
+                "no-edit reference) saw no task, so every task is held out for it. Every run is "
+                "listed; \u201ctrained on\u201d marks a task a learned editor trained on.")
+RANK_RULE = ("Ranked by the mean over tasks of the per-task Score, with a 95% bootstrap interval "
+             "(cases resampled within each task, independently between tasks). A run's rank is 1 + the number of runs whose "
+             "interval lies entirely above its own: runs whose intervals overlap share a rank (=). "
+             "The no-edit run is a reference line, not ranked.")
+
+
+def task_seed(task: str) -> int:
+    """The bootstrap seed of `task` in the overall Score: fixed by the task's name (not its place
+    in a report), different between tasks so that their resamples are independent."""
+    return zlib.crc32(task.encode("utf-8"))
 
 
 def _mean(xs) -> float | None:
@@ -27,36 +68,130 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+@dataclass(frozen=True)
+class Column:
+    task: str
+    key: str  # a metric name, or a composite key (COMPOSITES)
+    family: str
+
+    @property
+    def composite(self) -> bool:
+        return self.key in COMPOSITES
+
+    @property
+    def abbr(self) -> str:
+        return METRIC_ABBR.get(self.key, self.key)
+
+    @property
+    def title(self) -> str:
+        if self.composite:
+            return f"{self.task} · {COMPOSITES[self.key][3]}"
+        m = METRIC_BY_NAME.get(self.key)
+        return f"{self.task} · {self.key}" + (f": {m.text}" if m else "")
+
+    @property
+    def scale(self) -> float:
+        """Case values (fractions) to the shown unit: points, or the metric's own unit."""
+        m = METRIC_BY_NAME.get(self.key)
+        return 1.0 if m is not None and not m.percent else 100.0
+
+
+def family_of(metric: str) -> str:
+    if metric in COMPOSITES:
+        return COMPOSITES[metric][1]
+    m = METRIC_BY_NAME.get(metric)
+    return m.family if m else "token"
+
+
 @dataclass
 class Group:
     model_spec: str
     model_hash: str
     metric_definitions: str
+    mode: str
+    prompt_format: str
     runs: list[Run]
     gid: str = ""
     tasks: list[str] = field(default_factory=list)
     task_metrics: dict[str, list[str]] = field(default_factory=dict)
-    columns: list[tuple[str, str]] = field(default_factory=list)  # (task, metric)
+    columns: list[Column] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)
     mean_metrics: list[str] = field(default_factory=list)
+    rank_key: str | None = None  # the composite the ranking averages over tasks
+    rank_tasks: list[str] = field(default_factory=list)
+    # (run slug, task, composite key) -> {'post','pre','lo','hi','n'} (None: not computable)
+    composite: dict[tuple[str, str, str], dict | None] = field(default_factory=dict)
 
     @property
     def heading(self) -> str:
         h = f" (source sha256 {self.model_hash[:12]})" if self.model_hash else " (no source hash)"
-        return f"Model {self.model_spec}{h} · metric definitions {self.metric_definitions}"
+        mode = "sequential edits (every edit kept)" if self.mode == "sequential" else "single edits"
+        fmt = f" · prompt format {self.prompt_format}" if self.prompt_format != "plain" else ""
+        return f"Model {self.model_spec}{h} · metric definitions {self.metric_definitions} · {mode}{fmt}"
 
     def holdout_status(self, task: str) -> str:
-        """'all', 'some' or 'none' of the group's runs that have the task hold it out."""
-        flags = [r.holdout(task) for r in self.runs if task in r.summary["tasks"]]
+        """'all', 'some' or 'none' of the group's runs that have the task never trained on it."""
+        flags = [r.unseen(task) for r in self.runs if task in r.summary["tasks"]]
         if flags and all(flags):
             return "all"
         return "some" if any(flags) else "none"
 
+    def heldout_for(self, task: str) -> list[str]:
+        """Labels of the learned runs that held `task` out (the runs it is news to)."""
+        return [r.label for r in self.runs if task in r.summary["tasks"] and r.train_tasks is not None
+                and r.unseen(task)]
+
+    def cell(self, r: Run, c: Column) -> dict | None:
+        """The shown value of run `r` in column `c`: {'post','pre','lo','hi','n'} or None."""
+        if c.composite:
+            return self.composite.get((r.slug, c.task, c.key))
+        return r.stat(c.task, c.key)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups and composites
+# --------------------------------------------------------------------------------------------
+
+def _composite_cases(r: Run, task: str, terms: tuple[str, ...]) -> list[tuple[str, dict, dict]]:
+    """(case id, pre, post) of the run's finished cases of `task` that have every term."""
+    out = []
+    for rec in r.cases:
+        if str(rec.get("task")) != task or rec.get("error") or not isinstance(rec.get("post"), dict):
+            continue
+        post = rec["post"]
+        pre = rec.get("pre") if isinstance(rec.get("pre"), dict) else {}
+        if all(finite_or_none(post.get(m)) is not None for m in terms):
+            out.append((str(rec["case_id"]), pre, post))
+    return out
+
+
+def composite_cell(r: Run, task: str, key: str, seed: int = 0) -> dict | None:
+    """The run's composite `key` on `task` from its cases.jsonl, with a 95% bootstrap interval
+    over cases; from summary.json's means (no interval) when the run has no case records."""
+    terms = COMPOSITES[key][2]
+    rows = _composite_cases(r, task, terms)
+    if rows:
+        s = score_with_interval([np.array([p[m] for _, _, p in rows], dtype=float) for m in terms], seed)
+        pres = [[finite_or_none(pre.get(m)) for _, pre, _ in rows] for m in terms]
+        pre = None if any(v is None for col in pres for v in col) else \
+            float(harmonic_mean([np.mean(col) for col in pres])) * 100
+        return {"post": s["value"], "pre": pre, "lo": s["lo"], "hi": s["hi"], "n": s["n"]}
+    if r.cases:
+        return None
+    stats = [r.stat(task, m) for m in terms]
+    if any(s is None or s["post"] is None for s in stats):
+        return None
+    pre = None if any(s["pre"] is None for s in stats) else float(harmonic_mean([s["pre"] / 100 for s in stats])) * 100
+    return {"post": float(harmonic_mean([s["post"] / 100 for s in stats])) * 100, "pre": pre,
+            "lo": None, "hi": None, "n": min(s["n"] or 0 for s in stats) or None}
+
 
 def make_groups(runs: list[Run]) -> list[Group]:
-    """One group per (model, source hash, metric definitions), in order of first appearance."""
+    """One group per (model, source hash, metric definitions, mode, prompt format), in order of
+    first appearance, with its columns and every run's composites."""
     groups: dict[tuple, Group] = {}
     for r in runs:
-        key = (r.model_spec, r.model_hash, r.metric_definitions)
+        key = (r.model_spec, r.model_hash, r.metric_definitions, r.mode, r.prompt_format)
         if key not in groups:
             groups[key] = Group(*key, runs=[])
         groups[key].runs.append(r)
@@ -68,47 +203,148 @@ def make_groups(runs: list[Run]) -> list[Group]:
                 if t not in g.tasks:
                     g.tasks.append(t)
         for t in g.tasks:
-            g.task_metrics[t] = [m for m in METRICS
-                                 if any(r.stat(t, m) is not None for r in g.runs)]
-            g.columns += [(t, m) for m in g.task_metrics[t]]
+            g.task_metrics[t] = [m for m in ALL_METRICS if any(r.stat(t, m) is not None for r in g.runs)]
+            for key, (_, fam, terms, _) in COMPOSITES.items():
+                if all(m in g.task_metrics[t] for m in terms):
+                    for r in g.runs:
+                        g.composite[(r.slug, t, key)] = composite_cell(r, t, key)
+        fams = [f for f in FAMILIES if any(family_of(m) == f for t in g.tasks for m in g.task_metrics[t])]
+        for f in fams:
+            for t in g.tasks:
+                g.columns += [Column(t, k, f) for k, v in COMPOSITES.items()
+                              if v[1] == f and (g.runs[0].slug, t, k) in g.composite]
+                g.columns += [Column(t, m, f) for m in g.task_metrics[t] if family_of(m) == f]
+        # columns ordered task by task, each task's families in FAMILIES order
+        g.columns.sort(key=lambda c: (g.tasks.index(c.task), list(FAMILIES).index(c.family)))
+        g.families = [f for f in FAMILIES if any(c.family == f for c in g.columns)]
         g.mean_metrics = [m for m in METRICS if any(m in g.task_metrics[t] for t in g.tasks)]
+        g.rank_key = next((k for k in ("score", "wild_score")
+                           if any(c.key == k for c in g.columns)), None)
+        g.rank_tasks = [t for t in g.tasks if any(c.key == g.rank_key and c.task == t for c in g.columns)]
     return out
 
 
+def task_columns(g: Group, task: str) -> list[Column]:
+    return [c for c in g.columns if c.task == task]
+
+
+# --------------------------------------------------------------------------------------------
+# Overview
+# --------------------------------------------------------------------------------------------
+
+def overall_score(g: Group, r: Run) -> dict | None:
+    """The mean over the group's ranking tasks of the run's Score, with a 95% interval from
+    resampling cases within each task (each task with its own seed, task_seed)."""
+    if g.rank_key is None or not g.rank_tasks:
+        return None
+    cells = [g.composite.get((r.slug, t, g.rank_key)) for t in g.rank_tasks]
+    if any(c is None for c in cells):
+        return None
+    value = float(np.mean([c["post"] for c in cells]))
+    terms = COMPOSITES[g.rank_key][2]
+    res = []
+    for t in g.rank_tasks:
+        rows = _composite_cases(r, t, terms)
+        if len(rows) < 2:
+            return {"value": value, "lo": None, "hi": None, "n_tasks": len(cells)}
+        res.append(resampled_score([np.array([p[m] for _, _, p in rows], dtype=float) for m in terms],
+                                   seed=task_seed(t)))
+    lo, hi = percentile_interval(np.mean(res, axis=0))
+    return {"value": value, "lo": lo * 100, "hi": hi * 100, "n_tasks": len(cells)}
+
+
+def _best_flags(rows: list[dict], n_cols: int) -> None:
+    """Per column, the rows (references left out) with the highest value: row['best'][i]."""
+    for row in rows:
+        row["best"] = [False] * n_cols
+    for i in range(n_cols):
+        vals = [(row, row["cells"][i]["post"]) for row in rows
+                if not row["run"].reference and row["cells"][i] is not None and row["cells"][i]["post"] is not None]
+        if len(vals) < 2:
+            continue
+        top = max(v for _, v in vals)
+        for row, v in vals:
+            if abs(v - top) < 1e-9:
+                row["best"][i] = True
+
+
 def overview(g: Group) -> list[dict]:
-    """One row per run, ranked by the mean over metrics of the per-metric mean across tasks."""
+    """One row per run: its cells, the overall Score, the rank (ties shared), the cost. Ranked
+    runs first (by rank, then Score), then unranked ones, the no-edit reference last."""
     rows = []
     for r in g.runs:
-        cells = [r.stat(t, m) for t, m in g.columns]
         means = {m: _mean([(r.stat(t, m) or {}).get("post") for t in r.tasks]) for m in g.mean_metrics}
-        means["all"] = _mean(list(means.values()))
-        missing = [t for t in g.tasks if t not in r.summary["tasks"]]
-        rows.append({"run": r, "cells": cells, "means": means, "missing_tasks": missing})
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["means"]["all"] is None,
-                                                  -(rows[i]["means"]["all"] or 0.0)))
-    rows = [rows[i] for i in order]
-    for k, row in enumerate(rows, 1):
-        row["rank"] = k if row["means"]["all"] is not None else None
+        rows.append({"run": r, "cells": [g.cell(r, c) for c in g.columns], "means": means,
+                     "overall": overall_score(g, r),
+                     "missing_tasks": [t for t in g.tasks if t not in r.summary["tasks"]],
+                     "cost": {"edit_s": r.median_edit_s(), "peak_mb": r.peak_memory_mb()},
+                     "rank": None, "tied": False})
+    ranked = [row for row in rows if not row["run"].reference and row["overall"] is not None]
+    for row in ranked:
+        o = row["overall"]
+        above = [x for x in ranked if x is not row and o["hi"] is not None and x["overall"]["lo"] is not None
+                 and x["overall"]["lo"] > o["hi"]]
+        row["rank"] = 1 + len(above)
+    for row in ranked:
+        row["tied"] = sum(1 for x in ranked if x["rank"] == row["rank"]) > 1
+    rows.sort(key=lambda row: (row["run"].reference, row["rank"] is None, row["rank"] or 0,
+                               -(row["overall"]["value"] if row["overall"] else -1.0)))
+    _best_flags(rows, len(g.columns))
+    top = max((row["overall"]["value"] for row in ranked), default=None)
+    for row in rows:
+        row["best_overall"] = len(ranked) > 1 and any(x is row for x in ranked) and \
+            abs(row["overall"]["value"] - top) < 1e-9
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# Held-out view
+# --------------------------------------------------------------------------------------------
+
+def heldout_tasks(g: Group) -> list[str]:
+    """Tasks of the group that a learned run held out of its training (or that a run flags
+    held out): the tasks on which learned editors meet something new."""
+    out = []
+    for t in g.tasks:
+        have = [r for r in g.runs if t in r.summary["tasks"]]
+        if any(r.holdout(t) for r in have) or any(r.train_tasks is not None and r.unseen(t) for r in have):
+            out.append(t)
+    return out
+
+
 def holdout_view(g: Group) -> dict:
-    """The held-out tasks' scores and, per metric, their mean against the in-distribution mean."""
-    tasks = [t for t in g.tasks if any(r.holdout(t) for r in g.runs if t in r.summary["tasks"])]
-    metrics = [m for m in g.mean_metrics if any(m in g.task_metrics[t] for t in tasks)]
-    cols = [(t, m) for t in tasks for m in g.task_metrics[t]]
+    """Every run on the held-out tasks (a learned run only where it held the task out; an editor
+    that does not train everywhere), next to its mean on the group's other tasks."""
+    tasks = heldout_tasks(g)
+    cols = [c for c in g.columns if c.task in tasks]
+    others = [t for t in g.tasks if t not in tasks]
+    metrics = ([g.rank_key] if g.rank_key else []) + [m for m in g.mean_metrics
+                                                     if any(m in g.task_metrics[t] for t in tasks)]
     rows = []
     for r in g.runs:
-        ho = [t for t in r.tasks if r.holdout(t)]
-        ind = [t for t in r.tasks if not r.holdout(t)]
-        cells = [r.stat(t, m) if t in ho else None for t, m in cols]
-        held = {m: _mean([(r.stat(t, m) or {}).get("post") for t in ho]) for m in metrics}
-        indist = {m: _mean([(r.stat(t, m) or {}).get("post") for t in ind]) for m in metrics}
-        gap = {m: (held[m] - indist[m]) if held[m] is not None and indist[m] is not None else None
-               for m in metrics}
-        rows.append({"run": r, "cells": cells, "heldout": held, "indist": indist, "gap": gap,
-                     "holdout_tasks": ho, "indist_tasks": ind})
-    return {"tasks": tasks, "metrics": metrics, "columns": cols, "rows": rows}
+        seen = [t for t in tasks if t in r.summary["tasks"] and not r.unseen(t)]
+        cells = [g.cell(r, c) if c.task in r.summary["tasks"] and r.unseen(c.task) else None for c in cols]
+        trained_cols = [c.task in seen for c in cols]
+
+        def value(t: str, m: str) -> float | None:
+            if m in COMPOSITES:
+                return (g.composite.get((r.slug, t, m)) or {}).get("post")
+            return (r.stat(t, m) or {}).get("post")
+
+        held = {m: _mean([value(t, m) for t in tasks if t in r.summary["tasks"] and r.unseen(t)]) for m in metrics}
+        other = {m: _mean([value(t, m) for t in others if t in r.summary["tasks"]]) for m in metrics}
+        gap = {m: (held[m] - other[m]) if held[m] is not None and other[m] is not None else None for m in metrics}
+        if r.train_tasks is None:
+            status = "does not train: every task held out"
+        else:
+            status = "trained on " + (", ".join(r.train_tasks) or "nothing")
+        rows.append({"run": r, "cells": cells, "trained": trained_cols, "heldout": held, "other": other,
+                     "gap": gap, "status": status, "unseen_tasks": [t for t in r.tasks if r.unseen(t)],
+                     "trained_on": r.train_tasks})
+    rows.sort(key=lambda row: (row["run"].reference, -((row["heldout"].get(g.rank_key) if g.rank_key else None) or -1)))
+    _best_flags(rows, len(cols))
+    return {"tasks": tasks, "others": others, "metrics": metrics, "columns": cols, "rows": rows,
+            "rule": HOLDOUT_RULE}
 
 
 def protocol_gap(g: Group) -> dict:
@@ -131,44 +367,241 @@ def protocol_gap(g: Group) -> dict:
     return {"columns": cols, "rows": rows, "abbr": {tf: METRIC_BY_NAME[tf].abbr for _, tf, _ in cols}}
 
 
-def comparison(g: Group, baseline: str | None) -> dict:
-    """Every other run of the group against the most recent run of editor `baseline`, per
-    (task, metric) over the cases both finished (see reports.stats.paired_comparison)."""
-    out: dict[str, Any] = {"baseline_editor": baseline, "base": None, "note": "", "rows": [],
-                           "columns": list(g.columns)}
-    if baseline is None:
-        out["note"] = "No baseline chosen."
+# --------------------------------------------------------------------------------------------
+# Comparisons
+# --------------------------------------------------------------------------------------------
+
+class Pairing:
+    """Paired comparisons of two runs of a group over the cases both finished (matched by task
+    and case id), for a metric, a composite, or the overall Score."""
+
+    def __init__(self, g: Group):
+        self.g = g
+        self._posts: dict[str, dict[tuple[str, str], dict]] = {r.slug: r.case_posts() for r in g.runs}
+
+    def _shared(self, a: Run, b: Run, task: str, terms: tuple[str, ...]) -> list[tuple[str, str]]:
+        pa, pb = self._posts[a.slug], self._posts[b.slug]
+        return sorted(k for k in pa.keys() & pb.keys() if k[0] == task
+                      and all(finite_or_none(pa[k].get(m)) is not None and finite_or_none(pb[k].get(m)) is not None
+                              for m in terms))
+
+    def _score_resamples(self, a: Run, b: Run, task: str, key: str, seed: int = 0):
+        terms = COMPOSITES[key][2]
+        keys = self._shared(a, b, task, terms)
+        if len(keys) < MIN_PAIRS:
+            return None, None, len(keys)
+        pa, pb = self._posts[a.slug], self._posts[b.slug]
+        cols_a = [np.array([float(pa[k][m]) for k in keys]) for m in terms]
+        cols_b = [np.array([float(pb[k][m]) for k in keys]) for m in terms]
+        value, res = paired_score_resamples(cols_a, cols_b, seed)
+        return value, res, len(keys)
+
+    def compare(self, a: Run, b: Run, c: Column) -> dict | None:
+        """`a` minus `b` in column `c` over their shared cases, or None without shared cases."""
+        if c.composite:
+            value, res, n = self._score_resamples(a, b, c.task, c.key)
+            if n == 0:
+                return None
+            if value is None:
+                return {"diff": None, "lo": None, "hi": None, "p": None, "n": n, "sig": 0}
+            return difference(res, value, n)
+        keys = self._shared(a, b, c.task, (c.key,))
+        if not keys:
+            return None
+        pa, pb = self._posts[a.slug], self._posts[b.slug]
+        return paired_comparison(np.array([float(pa[k][c.key]) for k in keys]),
+                                 np.array([float(pb[k][c.key]) for k in keys]), scale=c.scale)
+
+    def compare_overall(self, a: Run, b: Run) -> dict | None:
+        """The difference of the overall Scores (mean over the ranking tasks), tasks resampled
+        independently (task_seed); n = the shared cases of all tasks together."""
+        g = self.g
+        if g.rank_key is None or not g.rank_tasks:
+            return None
+        values, res, ns = [], [], []
+        for t in g.rank_tasks:
+            value, r, n = self._score_resamples(a, b, t, g.rank_key, seed=task_seed(t))
+            if value is None:
+                return None
+            values.append(value)
+            res.append(r)
+            ns.append(n)
+        return difference(np.mean(res, axis=0), float(np.mean(values)), sum(ns))
+
+
+def resolve_baseline(groups: list[Group], baseline: str | None) -> dict[str, Run | None]:
+    """The baseline run of each group for `baseline`: a run directory name, a run label or an
+    editor name (in that order of precedence); None or "none" means no comparison. An editor name
+    that matches several runs of one group is a BenchError listing them: the choice must be
+    explicit."""
+    out: dict[str, Run | None] = {g.gid: None for g in groups}
+    if baseline is None or baseline == "none":
         return out
-    cands = [r for r in g.runs if r.editor == baseline]
-    if not cands:
-        out["note"] = (f"Baseline editor '{baseline}' is not among the runs of this group; "
-                       "no comparison.")
+    for g in groups:
+        for attr in ("name", "label", "editor"):
+            hits = [r for r in g.runs if getattr(r, attr) == baseline]
+            if len(hits) > 1:
+                names = ", ".join(f"{r.name} (label '{r.label}')" for r in hits)
+                raise BenchError(f"--baseline {baseline!r} matches {len(hits)} runs in one group "
+                                 f"({names}); name one run by its directory name or label, "
+                                 "or pass --baseline none")
+            if hits:
+                out[g.gid] = hits[0]
+                break
+    return out
+
+
+def comparison(g: Group, base: Run | None, baseline: str | None, pairing: Pairing | None = None) -> dict:
+    """Every other run of the group against the baseline run, per column and overall, over the
+    cases both finished. Marks are Holm-adjusted over every non-reference cell of the table."""
+    out: dict[str, Any] = {"baseline": baseline, "base": base, "note": "", "rows": [],
+                           "columns": list(g.columns), "n_tests": 0}
+    if baseline is None or baseline == "none":
+        out["note"] = "No baseline chosen (--baseline none)."
         return out
-    base = max(cands, key=lambda r: r.created)  # most recent run of the baseline editor
-    out["base"] = base
-    if len(cands) > 1:
-        out["note"] = (f"{len(cands)} runs of '{baseline}' in this group; comparing against the "
-                       f"most recent one, {base.label}.")
+    if base is None:
+        out["note"] = f"Baseline '{baseline}' is not among the runs of this group; no comparison."
+        return out
     if not base.cases:
-        out["note"] = (out["note"] + " " if out["note"] else "") + \
-            "The baseline run has no cases.jsonl records; no paired test possible."
-    bposts = base.case_posts()
+        out["note"] = "The baseline run has no cases.jsonl records; no paired comparison possible."
+    pairing = pairing or Pairing(g)
+    family: list[dict] = []
     for r in g.runs:
         if r is base:
             continue
-        posts = r.case_posts()
-        cells = []
-        for t, m in g.columns:
-            keys = sorted(k for k in posts.keys() & bposts.keys()
-                          if k[0] == t and finite_or_none(posts[k].get(m)) is not None
-                          and finite_or_none(bposts[k].get(m)) is not None)
-            if not keys:
-                cells.append(None)
-                continue
-            cells.append(paired_comparison(np.array([float(posts[k][m]) for k in keys]),
-                                           np.array([float(bposts[k][m]) for k in keys])))
-        out["rows"].append({"run": r, "cells": cells})
+        cells = [pairing.compare(r, base, c) for c in g.columns]
+        overall = pairing.compare_overall(r, base)
+        if not r.reference:
+            family += [c for c in cells + [overall] if c is not None]
+        out["rows"].append({"run": r, "cells": cells, "overall": overall})
+    adjust_marks(family)
+    for row in out["rows"]:
+        if row["run"].reference:
+            for c in row["cells"] + [row["overall"]]:
+                if c is not None:
+                    c.update(p_holm=None, mark="")  # a reference line: no mark
+    out["n_tests"] = sum(1 for c in family if c.get("p") is not None)
+    out["rows"].sort(key=lambda row: row["run"].reference)
     return out
+
+
+def pairwise(g: Group, pairing: Pairing | None = None) -> dict:
+    """Every pair of competing runs (the no-edit reference left out) on the overall Score and on
+    each task's Score: a matrix per scope; cell [i][j] = run i minus run j. Holm-adjusted over
+    the unique pairs of every matrix together."""
+    runs = [r for r in g.runs if not r.reference and r.cases]
+    out: dict[str, Any] = {"runs": runs, "matrices": [], "n_tests": 0, "key": g.rank_key}
+    if len(runs) < 2 or g.rank_key is None:
+        return out
+    pairing = pairing or Pairing(g)
+    family: list[dict] = []
+    scopes: list[tuple[str, str | None]] = [("all tasks (mean Score)", None)] + [(t, t) for t in g.rank_tasks]
+    for title, task in scopes:
+        m: list[list[dict | None]] = [[None] * len(runs) for _ in runs]
+        for i, a in enumerate(runs):
+            for j in range(i + 1, len(runs)):
+                b = runs[j]
+                cell = pairing.compare_overall(a, b) if task is None else \
+                    pairing.compare(a, b, Column(task, g.rank_key, COMPOSITES[g.rank_key][1]))
+                if cell is None:
+                    continue
+                m[i][j] = cell
+                family.append(cell)
+        out["matrices"].append({"title": title, "task": task, "cells": m})
+    adjust_marks(family)
+    for mat in out["matrices"]:  # the lower triangle mirrors the upper one
+        cells = mat["cells"]
+        for i in range(len(runs)):
+            for j in range(i + 1, len(runs)):
+                c = cells[i][j]
+                if c is not None:
+                    cells[j][i] = {**c, "diff": -c["diff"] if c["diff"] is not None else None,
+                                   "lo": -c["hi"] if c["hi"] is not None else None,
+                                   "hi": -c["lo"] if c["lo"] is not None else None, "sig": -c["sig"],
+                                   "mark": {"▲": "▼", "▼": "▲", "△": "▽", "▽": "△"}.get(c["mark"], c["mark"])}
+    out["n_tests"] = sum(1 for c in family if c.get("p") is not None)
+    return out
+
+
+def verdicts(g: Group, ov: list[dict], ho: dict, cmp: dict, pairing: Pairing | None = None) -> list[str]:
+    """One line per held-out task (or, without one, for the overall ranking): the best run by
+    Score, its interval, ties, and its lead over the baseline with the paired interval."""
+    if g.rank_key is None:
+        return []
+    label = COMPOSITES[g.rank_key][0]
+    pairing = pairing or Pairing(g)
+    base = cmp.get("base")
+    lines = []
+
+    def lead(best: Run, cell: dict | None, what: str) -> str:
+        if base is None:
+            return "no baseline chosen" if not cmp.get("baseline") or cmp.get("baseline") == "none" \
+                else "the baseline is not in this group"
+        if best is base:
+            return f"it is the baseline ({base.label})"
+        if cell is None or cell.get("diff") is None:
+            return f"no paired comparison with the baseline {base.label} (too few shared cases)"
+        ci = "" if cell["lo"] is None else f", 95% interval [{cell['lo']:+.1f}, {cell['hi']:+.1f}]"
+        word = "ahead of" if cell["diff"] >= 0 else "behind"
+        sig = ("significant (the interval excludes 0)" if cell["sig"] != 0
+               else "not significant (the interval contains 0)") if cell["lo"] is not None else "not tested"
+        return (f"{word} the baseline {base.label} by {abs(cell['diff']):.1f} points on {what}"
+                f"{ci}, n={cell['n']}: {sig}")
+
+    def interval(c: dict, value_key: str = "post") -> str:
+        v = c[value_key]
+        return f"{v:.1f}" + ("" if c.get("lo") is None else f" [{c['lo']:.1f}, {c['hi']:.1f}]")
+
+    for t in ho["tasks"]:
+        key = g.rank_key
+        cands = [(r, g.composite.get((r.slug, t, key))) for r in g.runs
+                 if not r.reference and t in r.summary["tasks"] and r.unseen(t)]
+        cands = [(r, c) for r, c in cands if c is not None]
+        if not cands:
+            continue
+        best, bc = max(cands, key=lambda rc: rc[1]["post"])
+        tied = [r.label for r, c in cands if r is not best and c["hi"] is not None and bc["lo"] is not None
+                and c["hi"] >= bc["lo"]]
+        col = Column(t, key, COMPOSITES[key][1])
+        cell = pairing.compare(best, base, col) if base is not None and best is not base else None
+        lines.append(f"Best on the held-out task {t}: {best.label} ({label} {interval(bc)})"
+                     + (f", tied with {', '.join(tied)} (overlapping intervals)" if tied else "")
+                     + f"; {lead(best, cell, f'{t} {label}')}.")
+    if not lines:
+        ranked = [row for row in ov if row["rank"] is not None]
+        if ranked:
+            top = ranked[0]
+            tied = [row["run"].label for row in ranked[1:] if row["rank"] == top["rank"]]
+            cell = pairing.compare_overall(top["run"], base) if base is not None and top["run"] is not base else None
+            lines.append(f"Best overall: {top['run'].label} ({label} {interval(top['overall'], 'value')}, mean over "
+                         f"{len(g.rank_tasks)} task{'s' if len(g.rank_tasks) != 1 else ''})"
+                         + (f", tied with {', '.join(tied)} (overlapping intervals)" if tied else "")
+                         + f"; {lead(top['run'], cell, 'the mean ' + label)}.")
+    return lines
+
+
+def sequential_curves(g: Group) -> dict:
+    """A sequential group's checkpoints: per task and metric, each run's post-edit mean after
+    each number of edits (summary.json `sequential.checkpoints`)."""
+    series: dict[tuple[str, str], list[tuple[Run, list[tuple[int, float]]]]] = {}
+    for r in g.runs:
+        for cp in r.checkpoints:
+            for t, ms in (cp.get("tasks") or {}).items():
+                if not isinstance(ms, dict):
+                    continue
+                for m in ("reliability", "locality", "wild_reliability", "wild_locality"):
+                    s = ms.get(m)
+                    v = finite_or_none(s.get("post")) if isinstance(s, dict) else None
+                    if v is None:
+                        continue
+                    lst = series.setdefault((t, m), [])
+                    entry = next((e for e in lst if e[0] is r), None)
+                    if entry is None:
+                        entry = (r, [])
+                        lst.append(entry)
+                    entry[1].append((int(cp["n_edits"]), v))
+    return {"series": [{"task": t, "metric": m, "runs": [(r, sorted(pts)) for r, pts in lst]}
+                       for (t, m), lst in series.items()]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,14 +638,48 @@ def _probes(rec: dict, case: dict) -> list[dict]:
                 "post": pick(post, slot, i), "gen_pre": pick(gen_pre, slot, i),
                 "gen_post": pick(gen_post, slot, i)}
 
+    n = {slot: max(len(_as_list(pre.get(slot))), len(_as_list(post.get(slot))),
+                   len(_as_list(gen_post.get(slot)))) for slot in ("rephrase", "locality", "portability")}
     out = [row("prompt", "prompt", 0, case.get("prompt"), case.get("target_new"))]
-    for i, q in enumerate(_as_list(case.get("rephrase_prompts"))):
-        out.append(row("rephrase", "rephrase", i, q, case.get("target_new")))
+    rephrases = _as_list(case.get("rephrase_prompts"))
+    for i in range(max(len(rephrases), n["rephrase"])):
+        out.append(row("rephrase", "rephrase", i, rephrases[i] if i < len(rephrases) else None, case.get("target_new")))
     for kind in ("locality", "portability"):
-        for i, q in enumerate(_as_list(case.get(kind))):
+        qs = _as_list(case.get(kind))
+        for i in range(max(len(qs), n[kind])):
+            q = qs[i] if i < len(qs) else {}
             q = q if isinstance(q, dict) else {"prompt": q, "answer": None}
             out.append(row(kind, kind, i, q.get("prompt"), q.get("answer")))
     return out
+
+
+def failure_reasons(rec: dict) -> list[tuple[str, str]]:
+    """Why a case fails (FAILURE_RULE): [(kind, text)], kind 'error', 'edit' or 'broke'; empty
+    when it passes."""
+    if rec.get("error"):
+        return [("error", "error")]
+    post = rec.get("post") if isinstance(rec.get("post"), dict) else None
+    if post is None:
+        return [("error", "no post-edit result")]
+    pre = rec.get("pre") if isinstance(rec.get("pre"), dict) else {}
+    out = []
+    rel_key = "reliability" if "reliability" in post else "wild_reliability"
+    rel = finite_or_none(post.get(rel_key))
+    if rel is not None and rel < 1:
+        out.append(("edit", f"{METRIC_ABBR[rel_key]} {rel:.3g} < 1"))
+    for m in LOCALITY_TYPE:
+        a, b = finite_or_none(pre.get(m)), finite_or_none(post.get(m))
+        if a is not None and b is not None and b < a - 1e-9:
+            out.append(("broke", f"{METRIC_ABBR[m]} dropped {a:.3g} → {b:.3g}"))
+    return out
+
+
+def _score_row(m: str, pre: dict, post: dict | None, dropped: bool) -> tuple:
+    """(metric, pre, post, flagged): flagged when the value makes the case fail (FAILURE_RULE)."""
+    a, b = finite_or_none(pre.get(m)), finite_or_none((post or {}).get(m))
+    rel_key = "reliability" if "reliability" in (post or {}) else "wild_reliability"
+    missed = m == rel_key and b is not None and b < 1
+    return m, a, b, dropped or missed
 
 
 def case_rows(run: Run, task: str, case_text: bool = True) -> list[dict]:
@@ -226,14 +693,26 @@ def case_rows(run: Run, task: str, case_text: bool = True) -> list[dict]:
         case = rec.get("case") if case_text and isinstance(rec.get("case"), dict) else {}
         pre = rec.get("pre") if isinstance(rec.get("pre"), dict) else {}
         post = rec.get("post") if isinstance(rec.get("post"), dict) else None
-        rel = finite_or_none((post or {}).get("reliability"))
-        error = rec.get("error")
-        failed = bool(error) or post is None or (rel is not None and rel < 1)
-        metrics = [m for m in METRICS if m in pre or (post and m in post)]
+        reasons = failure_reasons(rec)
+        metrics = [m for m in ALL_METRICS if m in pre or (post and m in post)]
         metrics += [m for m in list(pre) + list(post or {}) if m not in metrics]
         metrics = list(dict.fromkeys(metrics))
-        rows.append({"case_id": rec.get("case_id"), "case": case, "error": error, "failed": failed,
-                     "scores": [(m, finite_or_none(pre.get(m)), finite_or_none((post or {}).get(m)))
-                                for m in metrics],
+        dropped = {m for m in LOCALITY_TYPE if any(k == "broke" and t.startswith(METRIC_ABBR[m] + " ")
+                                                   for k, t in reasons)}
+        rows.append({"case_id": rec.get("case_id"), "case": case, "error": rec.get("error"),
+                     "failed": bool(reasons), "reasons": reasons,
+                     "kinds": sorted({k for k, _ in reasons}),
+                     "scores": [_score_row(m, pre, post, m in dropped) for m in metrics],
                      "probes": _probes(rec, case)})
     return rows
+
+
+def segments(columns: list[Column]) -> list[tuple[str, str, int]]:
+    """Runs of consecutive columns of one (task, family): the top header row's cells."""
+    out: list[tuple[str, str, int]] = []
+    for c in columns:
+        if out and out[-1][0] == c.task and out[-1][1] == c.family:
+            out[-1] = (c.task, c.family, out[-1][2] + 1)
+        else:
+            out.append((c.task, c.family, 1))
+    return out

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import re
 import shutil
+import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,19 +17,25 @@ import pytest
 from markupsafe import escape
 
 from bench.core.errors import BenchError
+from bench.core.metrics import N_BOOTSTRAP, bootstrap_ci, bootstrap_means
 from reports import build_report
 from reports.exports import neutralise_csv_cell
-from reports.runs import load_run
-from reports.stats import signflip_pvalue
+from reports.runs import EDITOR_COLORS, PALETTE, REFERENCE_COLOR, load_run, scrub_paths
+from reports.stats import ALPHA, holm, interval_pvalue
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 NONE, FT, ROME = RUNS / "none-fixture", RUNS / "ft-fixture", RUNS / "rome-fixture"
-ALL = [NONE, FT, ROME]
+MEND, INSTRUCTEDIT = RUNS / "mend-fixture", RUNS / "instructedit-fixture"
+ALL = [NONE, FT, ROME, MEND, INSTRUCTEDIT]
+EDITORS = ("none", "ft", "rome", "mend", "instructedit")
 METRICS = ("reliability", "generality", "locality", "portability")
+CF_METRICS = ("efficacy", "paraphrase", "neighborhood")
+MARKS = {"▲": 1, "△": 1, "▼": -1, "▽": -1, "·": 0}
 
 
 class Tables(HTMLParser):
-    """Collects, per top-level <table class=...>, its <th> texts and its <td> cells (attrs + text)."""
+    """Collects, per top-level <table class=...>, its <th> texts and its <td> cells (attrs + text),
+    its caption, and the group heading (<h2>) it stands under."""
 
     def __init__(self):
         super().__init__()
@@ -43,19 +52,19 @@ class Tables(HTMLParser):
             if self.depth == 1:
                 self.tables.append({"class": (a.get("class") or "").split(), "th": [], "td": [],
                                     "heading": self.headings[-1] if self.headings else None})
-        elif tag in ("td", "th") and self.depth == 1:
+        elif tag in ("td", "th", "caption") and self.depth == 1:
             self.cell = {"tag": tag, "attrs": a, "text": ""}
-        elif tag == "h3":
+        elif tag == "h2":
             self._h3 = []
 
     def handle_endtag(self, tag):
         if tag == "table":
             self.depth -= 1
-        elif tag in ("td", "th") and self.depth == 1 and self.cell is not None:
+        elif tag in ("td", "th", "caption") and self.depth == 1 and self.cell is not None:
             self.cell["text"] = " ".join(self.cell["text"].split())
-            self.tables[-1][self.cell["tag"]].append(self.cell)
+            self.tables[-1].setdefault(self.cell["tag"], []).append(self.cell)
             self.cell = None
-        elif tag == "h3" and self._h3 is not None:
+        elif tag == "h2" and self._h3 is not None:
             self.headings.append("".join(self._h3).strip())
             self._h3 = None
 
@@ -84,6 +93,15 @@ def cases(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines() if line.strip()]
 
 
+def doc_of(out: Path) -> dict:
+    return json.loads((out / "leaderboard.json").read_text())
+
+
+def row_headers(table: dict) -> set[str]:
+    """The run labels of a table's rows (the row header cells)."""
+    return {c["text"].split()[0] for c in table["th"] if c["attrs"].get("scope") == "row"}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report")
@@ -101,7 +119,7 @@ def test_report_renders_all_files(report):
     for bad in ("http://cdn", "https://", "<link ", "src=\"http"):
         assert bad not in html
     assert "<svg" in html and "<style>" in html
-    for run in ("none", "ft", "rome"):
+    for run in EDITORS:
         for task in ("counterfact", "zsre"):
             page = report / f"cases-{run}-{task}.html"
             assert page.is_file()
@@ -113,7 +131,8 @@ def test_formats(tmp_path):
     assert md.name == "leaderboard.md"
     assert sorted(p.name for p in md.parent.iterdir()) == ["leaderboard.csv", "leaderboard.json", "leaderboard.md"]
     text = md.read_text()
-    assert "| 1 | rome |" in text and "Versus baseline ft" in text
+    assert re.search(r"^\| 1=? \| rome \|", text, re.M) and "Versus baseline ft" in text
+    assert "| ref | none (no edit: reference) |" in text
     html = build_report(ALL, tmp_path / "html", fmt="html")
     names = {p.name for p in html.parent.iterdir()}
     assert {"index.html", "leaderboard.csv", "leaderboard.json"} <= names and "leaderboard.md" not in names
@@ -125,7 +144,7 @@ def test_overview_json_matches_summary(report):
     doc = json.loads((report / "leaderboard.json").read_text())
     assert len(doc["groups"]) == 1
     rows = {r["editor"]: r for r in doc["groups"][0]["rows"]}
-    assert set(rows) == {"none", "ft", "rome"}
+    assert set(rows) == set(EDITORS)
     for run in ALL:
         s = summary(run)["tasks"]
         row = rows[run.name.split("-")[0]]
@@ -139,7 +158,10 @@ def test_overview_json_matches_summary(report):
         for m in METRICS:
             vals = [s[t][m]["post"] for t in s if m in s[t]]
             assert row["mean"][m] == pytest.approx(np.mean(vals), abs=1e-4)
-    assert [r["editor"] for r in doc["groups"][0]["rows"]] == ["rome", "ft", "none"]  # ranked
+    # ranked by the composite Score: ranks never decrease down the table, the reference comes last
+    ranked = doc["groups"][0]["rows"]
+    assert ranked[0]["editor"] == "rome" and ranked[-1]["editor"] == "none" and ranked[-1]["rank"] is None
+    assert [r["rank"] for r in ranked[:-1]] == sorted(r["rank"] for r in ranked[:-1])
 
 
 def test_overview_html_cells_match_summary(report):
@@ -158,9 +180,10 @@ def test_overview_html_cells_match_summary(report):
                 assert f"[{v['ci'][0]:.1f}, {v['ci'][1]:.1f}]" in c["text"]
                 assert f"n={v['n']}" in c["text"]
                 n_checked += 1
-    assert n_checked == 3 * 7
-    # every column header sorts
-    assert all("data-col" in th["attrs"] for th in table["th"] if th["text"] in ("Rel", "Gen", "Loc", "Port", "All"))
+    assert n_checked == 5 * 7
+    # every metric column header sorts, with a visible cue before it is used
+    heads = [th for th in table["th"] if th["text"].split(" ")[0].rstrip("↕") in ("Rel", "Gen", "Loc", "Port", "Score")]
+    assert heads and all("data-col" in th["attrs"] and "↕" in th["text"] for th in heads)
 
 
 def test_csv_matches_json(report):
@@ -173,22 +196,39 @@ def test_csv_matches_json(report):
                 assert line[f"{task}/{m}"] == v["post"] and line[f"{task}/{m}/n"] == v["n"]
 
 
-def test_holdout_view_lists_only_holdout_tasks(report):
-    doc = json.loads((report / "leaderboard.json").read_text())
+def test_every_editor_appears_in_the_holdout_view(report):
+    """Editors that do not train saw no task: the held-out task is held out for them too, so
+    every run is in the held-out view; a learned editor's trained-on task is not."""
+    doc = doc_of(report)
     ho = doc["groups"][0]["holdout"]
     assert ho["tasks"] == ["zsre"]
-    (table,) = tables(report / "index.html", "holdout")
-    assert {c["attrs"]["data-task"] for c in table["td"] if "data-task" in c["attrs"]} == {"zsre"}
-    header = " ".join(th["text"] for th in table["th"])
-    assert "zsre" in header and "counterfact" not in header
-    assert "In-distribution mean" in header
-    # in-distribution mean = mean over the non-holdout task (counterfact) only
+    assert "saw no task" in ho["rule"]
     rows = {r["run"]: r for r in ho["rows"]}
+    assert set(rows) == set(EDITORS)
     for run in ALL:
         s = summary(run)["tasks"]
         r = rows[run.name.split("-")[0]]
-        assert r["indistribution_mean"]["reliability"] == pytest.approx(s["counterfact"]["reliability"]["post"])
+        assert r["tasks"]["zsre"]["reliability"]["post"] == pytest.approx(s["zsre"]["reliability"]["post"])
         assert r["heldout_mean"]["reliability"] == pytest.approx(s["zsre"]["reliability"]["post"])
+        assert r["other_tasks_mean"]["reliability"] == pytest.approx(s["counterfact"]["reliability"]["post"])
+    assert rows["mend"]["trained_on"] == ["counterfact"] and rows["rome"]["trained_on"] is None
+    assert rows["rome"]["holdout_tasks"] == ["counterfact", "zsre"] and rows["mend"]["holdout_tasks"] == ["zsre"]
+    # the page: every run, the rule said, zsre cells only (counterfact was trained on by mend)
+    (table,) = tables(report / "index.html", "holdout")
+    assert row_headers(table) == set(EDITORS)
+    assert {c["attrs"]["data-task"] for c in table["td"] if "data-task" in c["attrs"]} == {"zsre"}
+    cells = {(c["attrs"]["data-run"], c["attrs"]["data-metric"]): c for c in table["td"] if "data-run" in c["attrs"]}
+    for editor in EDITORS:
+        assert cells[(editor, "reliability")]["text"] != "–"
+        assert cells[(editor, "score")]["text"] != "–"
+    html = (report / "index.html").read_text()
+    assert "saw no task, so every task is held out for it" in html
+    # the Markdown likewise: every run, held-out marks
+    md = (report / "leaderboard.md").read_text()
+    section = md[md.index("**Held-out tasks**"):md.index("**Versus baseline")]
+    for editor in EDITORS:
+        assert re.search(rf"^\| {editor}( \(no edit: reference\))? \| ", section, re.M), editor
+    assert "zsre† Rel" in md and "† held out of training by" in md
 
 
 def _hand_diff(run: Path, base: Path, task: str, metric: str) -> tuple[float, int]:
@@ -218,12 +258,16 @@ def test_baseline_difference_matches_hand_computation(report):
     assert got[("rome", "counterfact", "reliability")]["diff"] == pytest.approx(12.5)
     assert got[("rome", "zsre", "reliability")]["diff"] == pytest.approx(5.0)
     assert got[("rome", "zsre", "reliability")]["n"] == 5
-    # exact sign-flip p-value: two non-zero differences of 0.5 -> p = 2/4
-    assert got[("rome", "counterfact", "reliability")]["p"] == pytest.approx(0.5)
-    assert got[("rome", "counterfact", "reliability")]["mark"] == "·"
-    # none is significantly worse than ft on counterfact reliability: 8 negative differences, p = 2/256
-    assert got[("none", "counterfact", "reliability")]["mark"] == "▼"
-    assert got[("none", "counterfact", "reliability")]["p"] == pytest.approx(2 / 256, abs=1e-6)
+    # the interval and p come from the core's bootstrap of the paired differences (seed 0)
+    d = np.array([0, 0, 0.5, 0, 0, 0.5, 0, 0])
+    c = got[("rome", "counterfact", "reliability")]
+    lo, hi = bootstrap_ci(d * 100)
+    assert c["ci"] == [pytest.approx(lo, abs=1e-3), pytest.approx(hi, abs=1e-3)]
+    assert c["p"] == pytest.approx(interval_pvalue(bootstrap_means(d, N_BOOTSTRAP, 0)), abs=1e-6)
+    assert c["mark"] == "·" and lo <= 0  # two cases of eight: the interval reaches 0
+    # the no-edit reference row is compared but never marked
+    assert got[("none", "counterfact", "reliability")]["diff"] == pytest.approx(-75.0)
+    assert got[("none", "counterfact", "reliability")]["mark"] == ""
     # and the HTML shows the same difference
     (table,) = tables(report / "index.html", "comparison")
     cell = next(c for c in table["td"] if c["attrs"].get("data-run") == "rome"
@@ -234,17 +278,27 @@ def test_baseline_difference_matches_hand_computation(report):
 def test_missing_baseline_is_noted_not_an_error(tmp_path):
     build_report([NONE, ROME], tmp_path, baseline="ft")
     html = (tmp_path / "index.html").read_text()
-    assert "Baseline editor &#39;ft&#39; is not among the runs" in html
+    assert "Baseline &#39;ft&#39; is not among the runs" in html
     assert not tables(tmp_path / "index.html", "comparison")
 
 
-def test_signflip_pvalue():
-    assert signflip_pvalue(np.zeros(5)) == 1.0
-    assert signflip_pvalue(np.ones(6)) == pytest.approx(2 / 64)
-    assert signflip_pvalue(np.array([1.0, -1.0])) == 1.0
-    p = signflip_pvalue(np.full(30, 0.5))  # Monte Carlo path
-    assert p == pytest.approx(1 / 10_001)
-    assert 0.2 < signflip_pvalue(np.r_[np.ones(20), -np.ones(18)]) <= 1.0
+def test_interval_pvalue_agrees_with_the_interval():
+    """p < ALPHA exactly when the core's 95% percentile interval excludes zero, on random data."""
+    rng = np.random.default_rng(7)
+    seen = {True: 0, False: 0}
+    for k in range(300):
+        n = int(rng.integers(5, 40))
+        d = rng.normal(rng.normal(0, 0.3), 1, n).round(1)
+        lo, hi = bootstrap_ci(d)
+        p = interval_pvalue(bootstrap_means(d, N_BOOTSTRAP, 0))
+        excludes = lo > 0 or hi < 0
+        assert (p < ALPHA) == excludes, (k, p, lo, hi)
+        seen[excludes] += 1
+    assert min(seen.values()) > 20  # both outcomes were exercised
+    assert interval_pvalue(np.zeros(N_BOOTSTRAP)) == 1.0
+    assert interval_pvalue(np.ones(N_BOOTSTRAP)) == 0.0
+    # Holm: the smallest p times m, then non-decreasing
+    assert holm([0.01, 0.04, 0.03, None]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06), None]
 
 
 def test_script_in_data_is_escaped(report, tmp_path):
@@ -290,8 +344,8 @@ def test_different_models_go_to_separate_tables(tmp_path):
               for g in doc["groups"]]
     assert len(groups) == 3
     assert groups[0][:2] == ("smollm2-135m", "easyedit-token-accuracy/v1") and len(groups[0][2]) == 3
-    assert groups[1] == ("gpt2", "easyedit-token-accuracy/v1", [str(other)])
-    assert groups[2] == ("smollm2-135m", "exact-match/v2", [str(defs)])
+    assert groups[1] == ("gpt2", "easyedit-token-accuracy/v1", [other.name])  # run paths: names only
+    assert groups[2] == ("smollm2-135m", "exact-match/v2", [defs.name])
     ov = tables(out, "overview")
     assert len(ov) == 3
     assert "gpt2" in ov[1]["heading"] and "exact-match/v2" in ov[2]["heading"]
@@ -353,15 +407,15 @@ def test_no_case_text_leaves_the_data_records_out_of_the_drill_down(tmp_path, re
     page = (tmp_path / "cases-ft-counterfact.html").read_text()
     full = (report / "cases-ft-counterfact.html").read_text()
     assert "Case texts (prompts, targets, ground truths) are left out" in page
-    assert 'id="failonly"' in page
+    assert 'id="failfilter"' in page
     for rec in records:
         case = rec["case"]
         texts = [case["prompt"], *case.get("rephrase_prompts", []),
                  *(q["prompt"] for q in case.get("locality", []))]
         predicted = json.dumps(rec["predictions"])
         # A short target can legitimately show up as the edited model's own prediction.
-        texts += [t for t in (case["target_new"], case.get("ground_truth")) if t and t not in predicted]
-        for text in map(str, map(escape, texts)):  # as the templates write it
+        texts += [t.strip() for t in (case["target_new"], case.get("ground_truth")) if t and t.strip() not in predicted]
+        for text in map(str, map(escape, texts)):  # as the templates write it (a leading space shows as ·)
             assert text in full  # the ordinary report shows it ...
             assert text not in page  # ... the published one does not
         assert f'data-case="{rec["case_id"]}"' in page
@@ -451,4 +505,392 @@ def test_a_run_on_the_built_in_sample_is_marked_in_every_format(tmp_path):
         assert {r["editor"]: r["data"] for r in csv.DictReader(f)} == {"ft": "built-in sample", "none": "real"}
     assert "(built-in sample: not comparable)" in (out / "leaderboard.md").read_text()
     overview = tables(out / "index.html", "overview")[0]
-    assert any("built-in sample" in c["text"] for c in overview["td"])
+    assert any("built-in sample" in c["text"] for c in overview["th"] if c["attrs"].get("scope") == "row")
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15: what the leaderboard tells a reader
+# --------------------------------------------------------------------------------------------
+
+def _harmonic(values) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    return np.where((v > 0).all(axis=0), len(v) / np.where(v > 0, 1 / np.where(v > 0, v, 1), 0).sum(axis=0), 0.0)
+
+
+def _score_by_hand(run: Path, task: str, seed: int = 0) -> tuple[float, np.ndarray]:
+    """ROME's Score (harmonic mean of the reliability, generality and locality means) of the run's
+    finished cases of `task`, and its 2,000 bootstrap resamples: the cases drawn with
+    numpy's generator seeded `seed`, the same draw for the three columns."""
+    terms = ("reliability", "generality", "locality")
+    rows = [c["post"] for c in cases(run) if c["task"] == task and not c.get("error") and c.get("post")
+            and all(m in c["post"] for m in terms)]
+    cols = np.array([[r[m] for r in rows] for m in terms])
+    value = float(_harmonic(cols.mean(axis=1))) * 100
+    idx = np.random.default_rng(seed).integers(0, len(rows), size=(N_BOOTSTRAP, len(rows)))
+    return value, _harmonic(cols[:, idx].mean(axis=2)) * 100
+
+
+def test_composite_and_its_interval_equal_an_independent_computation(report):
+    doc = doc_of(report)
+    rows = {r["editor"]: r for r in doc["groups"][0]["rows"]}
+    (table,) = tables(report / "index.html", "overview")
+    cells = {(c["attrs"]["data-run"], c["attrs"]["data-task"], c["attrs"]["data-metric"]): c
+             for c in table["td"] if "data-metric" in c["attrs"]}
+    for run in ALL:
+        editor = run.name.split("-")[0]
+        task_values, task_resamples = [], []
+        for task in ("counterfact", "zsre"):
+            value, res = _score_by_hand(run, task)
+            got = rows[editor]["tasks"][task]["score"]
+            assert got["post"] == pytest.approx(value, abs=1e-3)
+            assert got["ci"][0] == pytest.approx(np.quantile(res, 0.025), abs=1e-3)
+            assert got["ci"][1] == pytest.approx(np.quantile(res, 0.975), abs=1e-3)
+            cell = cells[(editor, task, "score")]
+            assert float(cell["attrs"]["data-v"]) == pytest.approx(value, abs=1e-9)
+            assert f"[{np.quantile(res, 0.025):.1f}, {np.quantile(res, 0.975):.1f}]" in cell["text"]
+            task_values.append(value)
+            task_resamples.append(_score_by_hand(run, task, seed=zlib.crc32(task.encode()))[1])  # overall
+        overall = rows[editor]["score"]
+        assert overall["value"] == pytest.approx(np.mean(task_values), abs=1e-3)
+        mean_res = np.mean(task_resamples, axis=0)
+        assert overall["ci"] == [pytest.approx(np.quantile(mean_res, 0.025), abs=1e-3),
+                                 pytest.approx(np.quantile(mean_res, 0.975), abs=1e-3)]
+    # the CSV has the same numbers
+    df = pd.read_csv(report / "leaderboard.csv")
+    for editor, row in rows.items():
+        line = df[df["editor"] == editor].iloc[0]
+        assert line["zsre/score"] == pytest.approx(row["tasks"]["zsre"]["score"]["post"])
+        assert line["score"] == pytest.approx(row["score"]["value"])
+    # a no-op cannot win: the no-edit run's Score is far below every editor's
+    assert all(rows["none"]["score"]["value"] < rows[e]["score"]["value"] - 30 for e in EDITORS[1:])
+
+
+def test_the_no_edit_row_is_a_reference_not_a_competitor(report):
+    doc = doc_of(report)
+    g = doc["groups"][0]
+    none = next(r for r in g["rows"] if r["editor"] == "none")
+    assert none["rank"] is None and none["reference"] is True and g["rows"][-1] is none
+    assert all(r["rank"] is not None for r in g["rows"] if r["editor"] != "none")
+    # the page: no rank number, a reference badge, the last row; no best-of-column highlight
+    (table,) = tables(report / "index.html", "overview")
+    html = (report / "index.html").read_text()
+    row = re.search(r'<tr data-run="none" class="reference">\s*<td class="num" data-v="">(.*?)</td>', html, re.S)
+    assert row and "ref" in row.group(1) and not re.search(r"\d", re.sub(r"<[^>]+>", "", row.group(1)))
+    assert html.index('<tr data-run="none" class="reference">') > html.index('<tr data-run="ft">')
+    assert not any("best" in c["attrs"].get("class", "") for c in table["td"] if c["attrs"].get("data-run") == "none")
+    # its locality of 100 is no "best" for anyone; no significance marks on its comparison row
+    for c in g["baseline_comparison"]["comparisons"]:
+        if c["run"] == "none":
+            assert c["mark"] == "" and c["p_holm"] is None
+    (cmp_table,) = tables(report / "index.html", "comparison")
+    assert not any(c["attrs"].get("data-mark") for c in cmp_table["td"] if c["attrs"].get("data-run") == "none")
+    # not a competitor in the pairwise tests, drawn as a dashed reference line in the bar charts
+    assert all("none" not in (p["a"], p["b"]) for p in g["pairwise"]["comparisons"])
+    assert "none (no edit, reference) · " in html and 'class="ref"' in html
+    assert not re.search(r'<rect [^>]*fill="[^"]+"><title>none · ', html)
+    # the Markdown says the same
+    assert "| ref | none (no edit: reference) |" in (report / "leaderboard.md").read_text()
+
+
+def test_mark_and_interval_never_disagree(report):
+    doc = doc_of(report)
+    g = doc["groups"][0]
+    comps = [c for c in g["baseline_comparison"]["comparisons"] if c["run"] != "none"] + g["pairwise"]["comparisons"]
+    assert len(comps) > 40
+    marked = 0
+    for c in comps:
+        lo, hi = c["ci"]
+        if lo is None:
+            assert c["mark"] == "·" and c["p"] is None
+            continue
+        sign = 1 if lo > 0 else -1 if hi < 0 else 0
+        assert MARKS[c["mark"]] == sign, c
+        assert (c["p"] < ALPHA) == (sign != 0), c
+        assert c["p_holm"] >= c["p"] - 1e-12
+        if c["mark"] in "▲▼":
+            assert c["p_holm"] < ALPHA
+        if c["mark"] in "△▽":
+            assert c["p_holm"] >= ALPHA
+        marked += sign != 0
+    assert marked >= 5
+    # Holm over one table: n_tests comparisons, the adjusted p of the smallest raw p is m * p
+    base = [c for c in g["baseline_comparison"]["comparisons"] if c["run"] != "none" and c["p"] is not None]
+    assert g["baseline_comparison"]["n_tests"] == len(base)
+    smallest = min(base, key=lambda c: c["p"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, len(base) * smallest["p"]), abs=1e-5)
+    # the HTML cells carry the same mark as their interval
+    html_cells = [c for t in ("comparison", "pairwise") for tb in tables(report / "index.html", t) for c in tb["td"]
+                  if c["attrs"].get("data-mark")]
+    assert len(html_cells) >= len(comps)
+    for c in html_cells:
+        lo, hi = float(c["attrs"]["data-lo"]), float(c["attrs"]["data-hi"])
+        assert MARKS[c["attrs"]["data-mark"]] == (1 if lo > 0 else -1 if hi < 0 else 0), c
+        assert c["attrs"]["data-mark"] in c["text"]
+
+
+def test_pairwise_tests_between_any_two_editors(report):
+    doc = doc_of(report)
+    pairs = {(p["a"], p["b"], p["task"]): p for p in doc["groups"][0]["pairwise"]["comparisons"]}
+    assert {("mend", "instructedit", t) for t in ("all", "counterfact", "zsre")} <= set(pairs)
+    tabs = tables(report / "index.html", "pairwise")
+    assert len(tabs) == 3
+    for t in tabs:
+        assert row_headers(t) == {"ft", "rome", "mend", "instructedit"}
+    md = (report / "leaderboard.md").read_text()
+    assert "**Pairwise comparisons**" in md and "| instructedit |" in md[md.index("**Pairwise comparisons**"):]
+
+
+def test_counterfact_probability_scores_reach_every_format(report):
+    s = summary(FT)["tasks"]["counterfact"]
+    # HTML overview
+    (table,) = tables(report / "index.html", "overview")
+    cells = {(c["attrs"]["data-run"], c["attrs"]["data-task"], c["attrs"]["data-metric"]): c
+             for c in table["td"] if "data-metric" in c["attrs"]}
+    for m in CF_METRICS:
+        assert float(cells[("ft", "counterfact", m)]["attrs"]["data-v"]) == s[m]["post"]
+    assert ("ft", "counterfact", "cf_score") in cells
+    heads = " ".join(th["text"] for th in table["th"])
+    assert all(a in heads for a in ("Eff", "Para", "Nbr", "CF-Score"))
+    # JSON, CSV, Markdown
+    row = next(r for r in doc_of(report)["groups"][0]["rows"] if r["editor"] == "ft")
+    df = pd.read_csv(report / "leaderboard.csv")
+    line = df[df["editor"] == "ft"].iloc[0]
+    md = (report / "leaderboard.md").read_text()
+    cf_table = md[md.index("**CounterFact (probability comparison)**"):]
+    for m, abbr in zip(CF_METRICS, ("Eff", "Para", "Nbr")):
+        assert row["tasks"]["counterfact"][m]["post"] == s[m]["post"]
+        assert line[f"counterfact/{m}"] == s[m]["post"] and line[f"counterfact/{m}/n"] == s[m]["n"]
+        assert f"counterfact {abbr}" in cf_table and f"{s[m]['post']:.1f} [" in cf_table
+    # the wild metrics too, in their own family
+    mend = summary(MEND)["tasks"]["zsre"]["wild_reliability"]
+    assert next(r for r in doc_of(report)["groups"][0]["rows"] if r["editor"] == "mend")[
+        "tasks"]["zsre"]["wild_reliability"]["post"] == mend["post"]
+    assert df[df["editor"] == "mend"].iloc[0]["zsre/wild_reliability"] == mend["post"]
+    assert "**In the wild (generated answers)**" in md
+    assert ("mend", "zsre", "wild_reliability") in cells
+    assert 'class="tog-wild"' in (report / "index.html").read_text()
+
+
+def test_a_locality_failure_is_listed_by_the_failures_filter(report):
+    """ft's counterfact case cf-0: reliability 1 but locality 1 -> 0.5: a failure (it broke
+    something), with its reason, in the rows the failures filter keeps."""
+    rec = next(c for c in cases(FT) if c["case_id"] == "cf-0")
+    assert rec["post"]["reliability"] == 1 and rec["post"]["locality"] < rec["pre"]["locality"]
+    page = (report / "cases-ft-counterfact.html").read_text()
+    row = re.search(r'<tr class="([^"]*)" data-case="cf-0">(.*?)<tr class=', page, re.S)
+    classes = row.group(1).split()
+    assert "fail" in classes and "k-broke" in classes and "k-edit" not in classes
+    assert "Loc dropped 1 → 0.5" in row.group(2)
+    # the filter hides .ok rows (CSS) and counts .fail rows; cf-1 (nothing broke) is ok
+    assert re.search(r'<tr class="ok" data-case="cf-1">', page)
+    assert "table.show-fail tbody tr.ok" in page and '<option value="broke">' in page
+    assert "locality-type score (locality, wild locality, neighborhood) is lower after the edit" in page
+    n_fail = len(re.findall(r'<tr class="fail', page))
+    assert f"{n_fail} failures" in page
+
+
+def test_drill_down_shows_whitespace_special_tokens_and_empty_predictions(report):
+    page = (report / "cases-instructedit-counterfact.html").read_text()
+    rows = {re.match(r'[^"]*" data-case="([^"]+)"', chunk).group(1): chunk
+            for chunk in page.split('<tr class="')[1:] if ' data-case="' in chunk[:80]}
+    cell = rows.__getitem__
+    assert '<span class="ws" title="newline">⏎</span>' in cell("cf-0")
+    assert '<span class="repl"' in cell("cf-1") and "\ufffd" in cell("cf-1")
+    assert '<span class="special" title="special token">&lt;|im_end|&gt;</span>' in cell("cf-3")
+    assert '<span class="empty">(empty)</span>' in cell("cf-4")
+    assert "<strong>Predictions</strong> are teacher forced: the model's argmax token" in page
+    assert "Generated answers</strong> are the wild protocol's" in page
+    # the legend explains every sign
+    for sign in ("⏎", "·", "⇥", "(empty)", "special token"):
+        assert sign in page[page.index('<dl class="legend"'):page.index("</dl>")]
+
+
+def test_baseline_is_an_editor_a_run_or_off(tmp_path):
+    by_dir = doc_of(build_report(ALL, tmp_path / "dir", baseline="rome-fixture").parent)
+    assert by_dir["groups"][0]["baseline_comparison"]["baseline_run"] == "rome"
+    off = build_report(ALL, tmp_path / "off", baseline="none", fmt="all").parent
+    doc = doc_of(off)
+    assert doc["groups"][0]["baseline_comparison"]["comparisons"] == []
+    assert not tables(off / "index.html", "comparison")
+    assert "No baseline chosen" in (off / "leaderboard.md").read_text()
+    # two runs of the baseline editor in one group: an error naming both, until one is chosen
+    second = tmp_path / "ft-second"
+    shutil.copytree(FT, second)
+    with pytest.raises(BenchError) as e:
+        build_report([FT, second, ROME], tmp_path / "two", baseline="ft")
+    msg = str(e.value)
+    assert "ft-fixture" in msg and "ft-second" in msg and "\n" not in msg
+    doc = doc_of(build_report([FT, second, ROME], tmp_path / "chosen", baseline="ft-second").parent)
+    cmp = doc["groups"][0]["baseline_comparison"]
+    assert cmp["baseline_run_dir"] == "ft-second" and {c["run"] for c in cmp["comparisons"]} == {"ft (fixture)", "rome"}
+    label = doc_of(build_report([FT, second, ROME], tmp_path / "label", baseline="ft (second)").parent)
+    assert label["groups"][0]["baseline_comparison"]["baseline_run_dir"] == "ft-second"
+
+
+def test_provenance_command_extensions_overrides_and_no_absolute_paths(tmp_path):
+    run = tmp_path / "rome-abs"
+    shutil.copytree(ROME, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["command"] += " --output-dir /home/someone/runs --data-dir /srv/data/x"
+    cfg["data_dir"] = "/srv/data/x"
+    cfg["notes"] = {"stats_cache": "/root/.cache/instructedit-bench/stats/layer5.safetensors",
+                    "hub": "hf://datasets/owner/name/file.json"}
+    (run / "config.json").write_text(json.dumps(cfg))
+    out = build_report([run, FT], tmp_path / "out", fmt="all").parent
+    for name in ("index.html", "leaderboard.json", "leaderboard.csv", "leaderboard.md", "cases-rome-zsre.html"):
+        text = (out / name).read_text()
+        for bad in ("/home/someone", "/srv/data", "/root/", str(tmp_path)):
+            assert bad not in text, (name, bad)
+    html = (out / "index.html").read_text()
+    assert "--output-dir …/runs --data-dir …/x" in html and "…/layer5.safetensors" in html
+    assert "hf://datasets/owner/name/file.json" in html  # not a path on this machine
+    # the command as recorded, and the --resume extension that took it from 6 to 8 cases per task
+    assert "bench run --editor rome --task counterfact,zsre --holdout zsre --limit 6 --hparam v_lr=0.5" in html
+    assert "extended: <code>bench run --resume rome-abs --limit 8</code>" in html
+    assert "hyperparameters set for this run" in html and "{&#34;v_lr&#34;: 0.5}" in html
+    assert scrub_paths(["C:\\Users\\x\\runs", "a=/tmp/q/r", "./rel/path"]) == ["…/runs", "a=…/r", "./rel/path"]
+
+
+def test_cost_columns(report):
+    doc = doc_of(report)
+    rows = {r["editor"]: r for r in doc["groups"][0]["rows"]}
+    # ft computed its counterfact edits four at a time: each case gets its call's mean
+    recs = [c for c in cases(FT) if not c.get("error")]
+    per_case = []
+    for task in ("counterfact", "zsre"):
+        ts = [c["time"]["edit_s"] for c in recs if c["task"] == task]
+        if task == "counterfact":
+            per_case += [sum(ts[k:k + 4]) / 4 for k in range(0, len(ts), 4) for _ in range(4)]
+        else:
+            per_case += ts
+    assert rows["ft"]["cost"]["median_edit_s"] == pytest.approx(float(np.median(per_case)), abs=1e-4)
+    assert all(r["cost"]["peak_memory_mb"] is None for r in rows.values())
+    html = (report / "index.html").read_text()
+    assert "peak memory" in html and "the runs do not record it yet" in html
+    df = pd.read_csv(report / "leaderboard.csv")
+    assert df[df["editor"] == "ft"].iloc[0]["median_edit_s"] == pytest.approx(rows["ft"]["cost"]["median_edit_s"])
+
+
+def test_markdown_parity(report):
+    md = (report / "leaderboard.md").read_text()
+    assert "n=8" in md and "(pre " in md  # n and pre-edit values
+    cmp = md[md.index("**Versus baseline"):]
+    assert re.search(r"\+\d+\.\d [▲△▼▽·] \[[+-]\d+\.\d, [+-]\d+\.\d\] p(<0\.001|=\d\.\d{3})", cmp)  # CI of the difference
+    assert "p=0.000" not in md and "p=<" not in md and "p<0.001" in md  # the HTML's p format
+    html = (report / "index.html").read_text()
+    assert "p&lt;0.001" in html and "p=&lt;" not in html
+    assert md.count("**Best on the held-out task zsre:") == 1
+    # links from the page to the machine-readable files
+    for f in ("leaderboard.json", "leaderboard.csv", "leaderboard.md"):
+        assert f'<a href="{f}">' in html
+
+
+def test_accessibility_of_tables_and_charts(report):
+    html = (report / "index.html").read_text()
+    for t in parse(report / "index.html").tables:
+        assert t.get("caption"), t["class"]
+        for th in t["th"]:
+            assert th["attrs"].get("scope") in ("col", "colgroup", "row"), th
+    (table,) = tables(report / "index.html", "overview")
+    assert row_headers(table) == set(EDITORS)
+    assert html.count('<button type="button" class="sort">') > 20 and 'aria-sort="none"' in html
+    for svg in re.findall(r"<svg .*?</svg>", html, re.S):
+        assert re.search(r'^<svg [^>]*role="img" aria-labelledby="svgt\d+ svgd\d+"><title id=', svg)
+        assert "<desc id=" in svg
+    # pre-edit values are on the page, not only in tooltips
+    cell = next(c for c in table["td"] if c["attrs"].get("data-run") == "ft" and c["attrs"].get("data-metric") == "reliability"
+                and c["attrs"].get("data-task") == "counterfact")
+    assert "pre 12.5" in cell["text"]
+
+
+def test_sequential_runs_are_never_ranked_with_single_ones(tmp_path):
+    seq = tmp_path / "ft-sequential"
+    shutil.copytree(FT, seq)
+    cfg = json.loads((seq / "config.json").read_text())
+    cfg["mode"] = "sequential"
+    (seq / "config.json").write_text(json.dumps(cfg))
+    s = json.loads((seq / "summary.json").read_text())
+    s["sequential"] = {"n_edits": 14, "checkpoints": [
+        {"n_edits": n, "n_applied": n, "tasks": {"counterfact": {"reliability": {"pre": 10.0, "post": v, "ci": [v - 5, v], "n": 8},
+                                                                "locality": {"pre": 100.0, "post": 100 - n, "ci": [90, 100], "n": 8}}}}
+        for n, v in ((4, 90.0), (8, 80.0), (14, 70.0))]}
+    (seq / "summary.json").write_text(json.dumps(s))
+    out = build_report([NONE, FT, seq], tmp_path / "out", baseline="ft", fmt="all")
+    doc = doc_of(out.parent)
+    modes = [(g["mode"], sorted(r["editor"] for r in g["rows"])) for g in doc["groups"]]
+    assert modes == [("single", ["ft", "none"]), ("sequential", ["ft"])]
+    assert "sequential edits (every edit kept)" in doc["groups"][1]["heading"]
+    html = out.read_text()
+    assert "Sequential editing: scores as edits accumulate" in html and "70.0 after 14 edits" in html
+    assert len(tables(out, "overview")) == 2
+
+
+def _lin(c):
+    c = np.asarray(c, dtype=float)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def _lab(rgb):
+    m = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]])
+    x = (m @ _lin(rgb)) / (m @ np.ones(3))
+    f = np.where(x > (6 / 29) ** 3, np.cbrt(x), x / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def _ciede2000(l1, l2) -> float:
+    (L1, a1, b1), (L2, a2, b2) = l1, l2
+    cb = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - np.sqrt(cb ** 7 / (cb ** 7 + 25 ** 7)))
+    a1p, a2p = (1 + g) * a1, (1 + g) * a2
+    c1, c2 = np.hypot(a1p, b1), np.hypot(a2p, b2)
+    h1, h2 = np.degrees(np.arctan2(b1, a1p)) % 360, np.degrees(np.arctan2(b2, a2p)) % 360
+    dh = 0.0 if c1 * c2 == 0 else (h2 - h1 + 180) % 360 - 180
+    dH = 2 * np.sqrt(c1 * c2) * np.sin(np.radians(dh / 2))
+    lb, cbp = (L1 + L2) / 2, (c1 + c2) / 2
+    hb = h1 + h2 if c1 * c2 == 0 else (h1 + h2) / 2 if abs(h1 - h2) <= 180 else \
+        (h1 + h2 + 360) / 2 if h1 + h2 < 360 else (h1 + h2 - 360) / 2
+    t = (1 - 0.17 * np.cos(np.radians(hb - 30)) + 0.24 * np.cos(np.radians(2 * hb))
+         + 0.32 * np.cos(np.radians(3 * hb + 6)) - 0.20 * np.cos(np.radians(4 * hb - 63)))
+    rt = -np.sin(np.radians(60 * np.exp(-((hb - 275) / 25) ** 2))) * 2 * np.sqrt(cbp ** 7 / (cbp ** 7 + 25 ** 7))
+    sl = 1 + 0.015 * (lb - 50) ** 2 / np.sqrt(20 + (lb - 50) ** 2)
+    sc, sh = 1 + 0.045 * cbp, 1 + 0.015 * cbp * t
+    return float(np.sqrt(((L2 - L1) / sl) ** 2 + ((c2 - c1) / sc) ** 2 + (dH / sh) ** 2 + rt * ((c2 - c1) / sc) * (dH / sh)))
+
+
+# Machado, Oliveira & Fernandes (2009), severity 1.0, applied to linear RGB
+MACHADO = {"deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+           "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+           "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]]}
+
+
+def test_palette_is_colour_blind_safe_and_fixed_per_editor(tmp_path):
+    """Every pair of chart colours (the reference grey included) differs by CIEDE2000 >= 15 under
+    normal vision and simulated deuteranopia, protanopia and tritanopia; every colour has >= 3:1
+    contrast on white; colours follow the editor, not the order of the runs."""
+    # the CIEDE2000 implementation against Sharma, Wu & Dalal (2005)'s test data
+    assert _ciede2000((50, 2.6772, -79.7751), (50, 0, -82.7485)) == pytest.approx(2.0425, abs=1e-4)
+    assert _ciede2000((50, 2.49, -0.001), (50, -2.49, 0.0011)) == pytest.approx(7.2195, abs=1e-4)
+    assert _ciede2000((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387)) == pytest.approx(1.2644, abs=1e-4)
+    colors = list(PALETTE) + [REFERENCE_COLOR]
+    rgb = {c: np.array([int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)]) for c in colors}
+    for c, v in rgb.items():
+        assert 1.05 / (float(np.array([0.2126, 0.7152, 0.0722]) @ _lin(v)) + 0.05) >= 3.0, c
+    worst = {}
+    for vision, m in [("normal", None), *MACHADO.items()]:
+        def seen(v):
+            if m is None:
+                return v
+            lin = np.clip(np.array(m) @ _lin(v), 0, 1)
+            return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+        worst[vision] = min(_ciede2000(_lab(seen(rgb[a])), _lab(seen(rgb[b]))) for a, b in itertools.combinations(colors, 2))
+    assert min(worst.values()) >= 15, worst
+    # fixed per editor name: the same colours whatever the order of the runs
+    a = tables(build_report([ROME, FT, NONE], tmp_path / "a"), "overview")[0]
+    b = tables(build_report([NONE, FT, ROME], tmp_path / "b"), "overview")[0]
+    assert {e: EDITOR_COLORS[e] for e in ("ft", "rome")} == {"ft": PALETTE[0], "rome": PALETTE[1]}
+    html_a, html_b = (tmp_path / "a" / "index.html").read_text(), (tmp_path / "b" / "index.html").read_text()
+    for editor in ("ft", "rome", "none"):
+        pat = rf'<span class="swatch" style="background:(#[0-9a-f]+)" aria-hidden="true"></span><a href="#run-{editor}">'
+        assert re.search(pat, html_a).group(1) == re.search(pat, html_b).group(1) == EDITOR_COLORS[editor]
+    assert a and b

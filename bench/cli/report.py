@@ -12,7 +12,10 @@ def register(sub) -> None:
     p = sub.add_parser("report", help="render an HTML/Markdown leaderboard from run directories")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", required=True, help="output directory (e.g. leaderboards/NAME)")
-    p.add_argument("--baseline", default="ft", help="editor the others are compared with (default ft)")
+    p.add_argument("--baseline", default="ft",
+                   help="the run the others are compared with: a run directory name, a run label or an editor "
+                        "name (an editor with several runs in one group is an error listing them); "
+                        "'none' turns the comparison off (default ft)")
     p.add_argument("--format", choices=["html", "md", "all"], default="html")
     p.add_argument("--title", default=None)
     p.add_argument("--no-case-text", action="store_true",
