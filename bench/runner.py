@@ -304,8 +304,11 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
                 records = run.read_cases()
             summary = summarize_run(config, records)
             if sequential:
+                # A complete run's table is its cases' scores after all N edits (each case's own
+                # locality prompts included); an unfinished one shows its last checkpoint.
                 checkpoints = run.read_checkpoints()
-                summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
+                if not checkpoints or checkpoints[-1]["n_edits"] != len(todo):
+                    summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
                 summary["sequential"] = sequential_summary(config, checkpoints, len(todo))
             summary["wall_time_s"] = round(time.perf_counter() - started, 2)
             run.write_summary(summary)

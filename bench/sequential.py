@@ -37,11 +37,12 @@ from bench.core.cases import EditCase
 from bench.core.errors import BenchError
 from bench.core.generation import Generation, generate, regenerate
 from bench.core.metrics import case_scores, summarize_task
-from bench.core.probes import evaluate_cases, score_probes
+from bench.core.probes import CaseEval, ProbeResult, evaluate_cases, score_probes
 from bench.core.prompts import format_case, format_prompt
 from bench.core.runfiles import RunDir
 from bench.core.scorers import normalize_answer
-from bench.core.wild import fluency_texts, generate_cases, locality_verdicts, ngram_entropy, score_generations
+from bench.core.wild import (fluency_texts, generate_cases, generated_texts, locality_verdicts, ngram_entropy,
+                             score_generations)
 from bench.evaluation import EvalState, Job, Protocol, RunHook, case_record, evaluate_forced, evaluate_wild
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
@@ -145,12 +146,22 @@ def probe_scores(pre: dict, now: dict | None) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int) -> list[dict]:
-    """Per job, its scores on the current model (`post`) and, in the wild, its generated answers:
-    reliability, generality and portability probes only (locality is the fixed probes' part),
-    every job's probes batched together."""
+def _unedited_locality(ids: list[list[int]]) -> CaseEval:
+    """A stand-in for a case's unedited evaluation that holds what case_scores compares
+    locality with: the argmax ids over each locality answer."""
+    blank = ProbeResult([], [], 0.0)
+    return CaseEval(reliability=blank, locality=[ProbeResult([], list(x), 0.0) for x in ids])
+
+
+def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
+              pre: list[dict] | None = None) -> list[dict]:
+    """Per job, its scores on the current model (`post`) and, in the wild, its generated answers
+    (`wild`: generations and verdicts), every job's probes batched together. Reliability,
+    generality and portability only (locality is the fixed probes' part), unless the jobs' `pre`
+    records are given (the last checkpoint): then each case's own locality prompts are scored
+    too, against its unedited readings, as single mode and EasyEdit's sequential evaluation do."""
     model, tok = lm.model, lm.tokenizer
-    cases = [replace(job.case, locality=()) for job in jobs]
+    cases = [job.case if pre is not None else replace(job.case, locality=()) for job in jobs]
     out: list[dict] = [{"post": {}} for _ in jobs]
     if protocol.teacher_forced:
         for cf in (False, True):
@@ -160,7 +171,8 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int) -> list[
             evals = evaluate_cases(model, tok, [format_case(tok, cases[i], protocol.prompt_format) for i in idx],
                                    counterfact=cf, batch_size=batch_size)
             for i, ev in zip(idx, evals):
-                out[i]["post"].update(case_scores(ev))
+                before = _unedited_locality(pre[i]["pre_locality_ids"]) if pre is not None else None
+                out[i]["post"].update(case_scores(ev, before))
     groups: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
         if job.wild is not None:
@@ -171,7 +183,8 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int) -> list[
         flu = (fluency_texts(model, tok, [cases[i] for i in idx], settings, batch_size)
                if settings.fluency_tokens else [None] * len(idx))
         for i, g, f in zip(idx, gens, flu):
-            scores, record = score_generations(cases[i], g, settings)
+            unedited = generated_texts(pre[i]["wild"], "pre") if pre is not None else None
+            scores, record = score_generations(cases[i], g, settings, unedited)
             if f is not None:
                 scores["fluency"] = float(np.mean([ngram_entropy(x.text) for x in f]))
             out[i]["post"].update(scores)
@@ -185,7 +198,8 @@ def checkpoint_summary(tasks: list[str], pre: dict[tuple[str, str], dict], recor
     out = {}
     for task in tasks:
         recs = [{"pre": {k: v for k, v in pre[(task, c["case_id"])]["pre"].items() if k not in LOCALITY_METRICS},
-                 "post": c["post"]} for c in record["cases"] if c["task"] == task]
+                 "post": {k: v for k, v in c["post"].items() if k not in LOCALITY_METRICS}}
+                for c in record["cases"] if c["task"] == task]
         recs += [{"pre": p["pre"], "post": p["post"]} for p in record["probes"] if p["task"] == task]
         out[task] = summarize_task(recs)
     return out
@@ -274,6 +288,8 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
         evaluate_wild(lm, [jobs[i] for i in chunk], states, opts.batch_size)
         for i, st in zip(chunk, states):
             rec = case_record(jobs[i], tok, st)
+            if st.forced is not None:  # what the last checkpoint compares each case's locality with
+                rec["pre_locality_ids"] = [r.pred_ids for r in st.forced.locality]
             run.append_pre(rec)
             pre[keys[i]] = rec
 
@@ -309,7 +325,9 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
         progress(f"checkpoint at {n} edits")
         applied = [i for i in range(n) if not errors.get(keys[i])]
         kept_jobs = [jobs[i] for i in applied]
-        results = retention(lm, kept_jobs, protocol, opts.batch_size)
+        final = n == total  # the last checkpoint also scores each case's own locality prompts
+        results = retention(lm, kept_jobs, protocol, opts.batch_size,
+                            pre=[pre[keys[i]] for i in applied] if final else None)
         now = read_probes(lm, probes, jobs_by_task, protocol, opts.batch_size, earlier=readings)
         record = {
             "n_edits": n, "n_applied": len(applied),
@@ -367,7 +385,7 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
                 batch_info = {k: v for k, v in handle.info.items() if k != "cases"}
             del handle  # the run never restores single edits: drop their saved weights
             for k, i in enumerate(idx):
-                record = dict(pre[keys[i]])
+                record = {k: v for k, v in pre[keys[i]].items() if k != "pre_locality_ids"}
                 record.update(error=errs[k], order=i)
                 if infos[k] or (k == 0 and batch_info):
                     record["edit"] = {**infos[k], **({"batch": batch_info} if k == 0 and batch_info else {})}
@@ -384,15 +402,18 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
             for name, value in originals.items():
                 params[name].copy_(value)
 
-    # Every case record gets its scores at the last checkpoint (the model with every edit).
+    # Every case record gets its scores at the last checkpoint (the model with every edit): the
+    # record then reads as a single-mode one, with "post" after all N edits.
     if checkpoints and checkpoints[-1]["n_edits"] == total:
         final = {(c["task"], c["case_id"]): c for c in checkpoints[-1]["cases"]}
         for record in records:
             got = final.get(_key(record))
-            if got is not None:
-                record["post"] = got["post"]
-                if "wild" in got and "wild" in record:
-                    record["wild"] = {**record["wild"], "final": got["wild"]}
+            if got is None:
+                continue
+            record["post"] = got["post"]
+            if "wild" in got and "wild" in record:
+                record["wild"]["generations"]["post"] = got["wild"]["generations"]
+                record["wild"]["verdicts"]["post"] = got["wild"]["verdicts"]
         run.write_cases(records)
     return records, checkpoints
 

@@ -235,39 +235,60 @@ def svg_scatter(g: Group) -> Markup:
 
 
 def svg_curves(g: Group, curves: dict) -> Markup:
-    """Sequential runs: each run's post-edit mean after each number of edits, one small chart
-    per task and metric."""
+    """Sequential runs: each run's post-edit mean after each number of edits (from the unedited
+    model at 0), one small titled chart per task and metric, then one per regression metric
+    (its own scale)."""
     charts = []
     for s in curves["series"]:
         pts = [(r, p) for r, p in s["runs"] if p]
         if not pts:
             continue
-        xmax = max(n for _, p in pts for n, _ in p) or 1
-        size_w, size_h, left, top = 300, 180, 46, 16
+        xs = sorted({n for _, p in pts for n, _ in p})
+        xmax = max(xs) or 1
+        values = [v for _, p in pts for _, v in p]
+        if s["percent"]:
+            lo, hi, ticks = 0.0, 100.0, [0, 50, 100]
+        else:
+            lo, hi = min(values), max(values)
+            pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 1.0
+            lo, hi = lo - pad, hi + pad
+            ticks = [lo + (hi - lo) * k / 2 for k in range(3)]
+        size_w, size_h, left, top = 300, 170, 52, 30
         legend, legend_bottom = _legend([r for r, _ in pts], 12, top + size_h + 50, size_w + 30, ref_line=False)
         width, height = left + size_w + 16, legend_bottom + 8
-        name = f"{s['task']} {METRIC_ABBR.get(s['metric'], s['metric'])}"
-        p = _open(width, height, f"{name} as edits accumulate",
-                  f"Post-edit {s['metric']} (%) on {s['task']} of the edits made so far, after each number of edits.")
+        metric = METRIC_ABBR.get(s["metric"], s["metric"])
+        title = (f"{s['task']}: {s['metric']}" + (" (%)" if s["percent"] else "")
+                 + (" · lm-eval regression" if s["regression"] else ""))
+        p = _open(width, height, f"{s['task']} {metric} as edits accumulate",
+                  (f"Post-edit {s['metric']} (%) on {s['task']}: of every edit made so far (locality: on the "
+                   f"run's fixed probes), after each number of edits; 0 = the unedited model."
+                   if s["percent"] else
+                   f"lm-eval {s['task']} {s['metric']} of the edited model after each number of edits; "
+                   f"0 = the unedited model."))
+        p.append(f'<text x="{left}" y="16" font-weight="600">{escape(title)}</text>')
 
         def sx(n):
             return left + size_w * n / xmax
 
         def sy(v):
-            return top + size_h * (1 - max(0.0, min(100.0, v)) / 100)
+            return top + size_h * (1 - (max(lo, min(hi, v)) - lo) / (hi - lo))
 
-        for v in (0, 50, 100):
+        for v in ticks:
+            label = f"{v:.0f}" if s["percent"] else f"{v:.3g}"
             p.append(f'<line x1="{left}" x2="{left + size_w}" y1="{_f(sy(v))}" y2="{_f(sy(v))}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{_f(sy(v) + 4)}" text-anchor="end">{v}</text>')
-        p.append(f'<text x="{left + size_w / 2}" y="{top + size_h + 32}" text-anchor="middle">edits made</text>'
-                 f'<text x="{left}" y="{top + size_h + 16}" text-anchor="middle">0</text>'
-                 f'<text x="{left + size_w}" y="{top + size_h + 16}" text-anchor="middle">{xmax}</text>')
+                     f'<text x="{left - 6}" y="{_f(sy(v) + 4)}" text-anchor="end">{label}</text>')
+        shown = xs if len(xs) <= 6 else [xs[0]] + xs[len(xs) // 2: len(xs) // 2 + 1] + [xs[-1]]
+        for n in shown:
+            p.append(f'<text x="{_f(sx(n))}" y="{top + size_h + 16}" text-anchor="middle">{n}</text>')
+        p.append(f'<text x="{left + size_w / 2}" y="{top + size_h + 32}" text-anchor="middle">edits made</text>')
         for r, series in pts:
             color = REFERENCE_COLOR if r.reference else r.color
             d = "M" + "L".join(f"{_f(sx(n))} {_f(sy(v))}" for n, v in series)
-            p.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+            dash = ' stroke-dasharray="5 3"' if r.reference else ""
+            p.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>')
             for n, v in series:
-                p.append(marker(r.marker, sx(n), sy(v), 3.5, color, tip=f"{r.label}: {v:.1f} after {n} edits"))
+                value = f"{v:.1f}" if s["percent"] else f"{v:.4g}"
+                p.append(marker(r.marker, sx(n), sy(v), 3.5, color, tip=f"{r.label}: {value} after {n} edits"))
         p += legend
         p.append("</svg>")
         charts.append("".join(p))

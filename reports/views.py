@@ -580,28 +580,48 @@ def verdicts(g: Group, ov: list[dict], ho: dict, cmp: dict, pairing: Pairing | N
     return lines
 
 
+CURVE_METRICS = ("reliability", "generality", "locality", "wild_reliability", "wild_generality", "wild_locality")
+
+
 def sequential_curves(g: Group) -> dict:
     """A sequential group's checkpoints: per task and metric, each run's post-edit mean after
-    each number of edits (summary.json `sequential.checkpoints`)."""
-    series: dict[tuple[str, str], list[tuple[Run, list[tuple[int, float]]]]] = {}
+    each number of edits, starting from the unedited model at 0 edits (summary.json
+    `sequential.checkpoints`); and per regression task and metric, the suite's value after each
+    checkpoint (its `before` at 0 edits). Percent metrics are in [0, 100]; a regression
+    metric's series has `unit` = None (its own scale)."""
+    series: dict[tuple[str, str], dict] = {}
+
+    def add(key: tuple[str, str], percent: bool, run: Run, n: int, v) -> None:
+        v = finite_or_none(v)
+        if v is None:
+            return
+        entry = series.setdefault(key, {"task": key[0], "metric": key[1], "percent": percent, "runs": {}})
+        entry["runs"].setdefault(id(run), (run, {}))[1][n] = v
+
     for r in g.runs:
         for cp in r.checkpoints:
+            n = int(cp["n_edits"])
             for t, ms in (cp.get("tasks") or {}).items():
                 if not isinstance(ms, dict):
                     continue
-                for m in ("reliability", "locality", "wild_reliability", "wild_locality"):
+                for m in CURVE_METRICS:
                     s = ms.get(m)
-                    v = finite_or_none(s.get("post")) if isinstance(s, dict) else None
-                    if v is None:
-                        continue
-                    lst = series.setdefault((t, m), [])
-                    entry = next((e for e in lst if e[0] is r), None)
-                    if entry is None:
-                        entry = (r, [])
-                        lst.append(entry)
-                    entry[1].append((int(cp["n_edits"]), v))
-    return {"series": [{"task": t, "metric": m, "runs": [(r, sorted(pts)) for r, pts in lst]}
-                       for (t, m), lst in series.items()]}
+                    if isinstance(s, dict):
+                        add((t, m), True, r, 0, s.get("pre"))
+                        add((t, m), True, r, n, s.get("post"))
+            for lm_task, ms in (cp.get("regression") or {}).items():
+                for m, s in (ms or {}).items():
+                    if isinstance(s, dict):
+                        add((lm_task, m), False, r, 0, s.get("before"))
+                        add((lm_task, m), False, r, n, s.get("after"))
+    out = []
+    for (t, m), e in series.items():
+        runs = [(r, sorted(pts.items())) for r, pts in e["runs"].values()]
+        out.append({"task": t, "metric": m, "percent": e["percent"], "regression": not e["percent"], "runs": runs})
+    # edit metrics first (task by task, in CURVE_METRICS order), then the regression suite
+    order = {m: i for i, m in enumerate(CURVE_METRICS)}
+    out.sort(key=lambda x: (x["regression"], x["task"], order.get(x["metric"], len(order)), x["metric"]))
+    return {"series": out}
 
 
 # --------------------------------------------------------------------------------------------

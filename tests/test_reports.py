@@ -814,6 +814,9 @@ def test_sequential_runs_are_never_ranked_with_single_ones(tmp_path):
         {"n_edits": n, "n_applied": n, "tasks": {"counterfact": {"reliability": {"pre": 10.0, "post": v, "ci": [v - 5, v], "n": 8},
                                                                 "locality": {"pre": 100.0, "post": 100 - n, "ci": [90, 100], "n": 8}}}}
         for n, v in ((4, 90.0), (8, 80.0), (14, 70.0))]}
+    for cp, bpb in zip(s["sequential"]["checkpoints"], (0.91, 0.95, 1.02)):
+        cp["regression"] = {"bench_perplexity": {"bits_per_byte": {"before": 0.9, "after": bpb, "diff": bpb - 0.9,
+                                                                   "diff_stderr": 0.01}}}
     (seq / "summary.json").write_text(json.dumps(s))
     out = build_report([NONE, FT, seq], tmp_path / "out", baseline="ft", fmt="all")
     doc = doc_of(out.parent)
@@ -822,6 +825,10 @@ def test_sequential_runs_are_never_ranked_with_single_ones(tmp_path):
     assert "sequential edits (every edit kept)" in doc["groups"][1]["heading"]
     html = out.read_text()
     assert "Sequential editing: scores as edits accumulate" in html and "70.0 after 14 edits" in html
+    # each chart is titled; curves start at the unedited model; the regression suite has its own
+    assert "counterfact: reliability (%)" in html and "10.0 after 0 edits" in html
+    assert "bench_perplexity: bits_per_byte · lm-eval regression" in html and "1.02 after 14 edits" in html
+    assert "0.9 after 0 edits" in html
     assert len(tables(out, "overview")) == 2
 
 

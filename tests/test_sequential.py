@@ -62,6 +62,15 @@ def without_time(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "time"}
 
 
+def fresh_after(cases: list[EditCase], n: int, editor: Editor):
+    """A fresh tiny model with the first n edits applied in order, seeded as the run seeds them."""
+    lm = tiny_model("llama")
+    for i in range(n):
+        torch.manual_seed(i)  # the run seeds each position with seed + position
+        editor.apply_batch(lm.model, lm.tokenizer, [cases[i]])
+    return lm
+
+
 def test_every_case_applied_once_and_checkpoints_score_all_edits_so_far(tmp_path, tiny_load, monkeypatch):
     models = []
     import bench.session
@@ -92,10 +101,7 @@ def test_every_case_applied_once_and_checkpoints_score_all_edits_so_far(tmp_path
     cases = [case_from(r) for r in records]
     n = 6
     editor = build_editor("ft", FT_STRONG, tiny_model("llama").model.config)
-    fresh = tiny_model("llama")
-    for i in range(n):
-        torch.manual_seed(i)  # the run seeds each position with seed + position
-        editor.apply_batch(fresh.model, fresh.tokenizer, [cases[i]])
+    fresh = fresh_after(cases, n, editor)
     first = replace(cases[0], locality=())
     expected = case_scores(evaluate_cases(fresh.model, fresh.tokenizer, [first], counterfact=True)[0])
     got = checkpoints[1]["cases"][0]["post"]
@@ -112,10 +118,21 @@ def test_every_case_applied_once_and_checkpoints_score_all_edits_so_far(tmp_path
     assert summary["config"]["mode"] == "sequential"
     seq = summary["sequential"]
     assert seq["planned_edits"] == N_CASES and [c["n_edits"] for c in seq["checkpoints"]] == [3, 6, 9]
-    assert summary["tasks"] == checkpoints[-1]["summary"]  # the table at N edits
+    # the table at N edits: each case's scores on the model holding all edits, its own locality
+    # prompts included (as single mode reads them); the curve reads locality on the fixed probes
+    assert all("post" in r and "locality" in r["post"] for r in records if r["case"]["locality"])
     assert summary["tasks"]["counterfact"]["reliability"]["n"] == 6
-    assert summary["tasks"]["counterfact"]["locality"]["n"] == 5  # from the fixed probes
-    assert all("post" in r for r in records)  # each case's final scores
+    assert summary["tasks"]["counterfact"]["locality"]["n"] == 6
+    assert summary["tasks"]["counterfact"]["reliability"] == checkpoints[-1]["summary"]["counterfact"]["reliability"]
+    assert checkpoints[-1]["summary"]["counterfact"]["locality"]["n"] == 5
+    assert "locality" not in checkpoints[0]["cases"][0]["post"]
+    # a case's own locality after all edits, computed independently
+    full = fresh_after(cases, N_CASES, editor)
+    ev = evaluate_cases(full.model, full.tokenizer, [cases[0]], counterfact=True)[0]
+    unedited = evaluate_cases(tiny_model("llama").model, full.tokenizer, [cases[0]], counterfact=True)[0]
+    assert records[0]["post"]["locality"] == case_scores(ev, unedited)["locality"]
+    assert records[0]["wild"]["generations"]["post"]["prompt"]["text"] == \
+        checkpoints[-1]["cases"][0]["wild"]["generations"]["prompt"]["text"]
 
 
 def test_edit_batch_calls_the_editor_with_batches(tmp_path, tiny_load, monkeypatch):

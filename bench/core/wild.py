@@ -208,13 +208,30 @@ def wild_result(case: EditCase, pre: list[Generation], post: list[Generation] | 
     return result
 
 
-def score_generations(case: EditCase, gens: list[Generation], settings: WildSettings) -> tuple[dict, dict]:
-    """One state's generations of the case's probes scored on their own (no other state to
-    compare with: a sequential run's checkpoint), and their record: texts and verdicts."""
+def score_generations(case: EditCase, gens: list[Generation], settings: WildSettings,
+                      unedited: list[str] | None = None) -> tuple[dict, dict]:
+    """One state's generations of the case's probes scored, and their record: texts and
+    verdicts. `unedited`: the unedited model's answer to each probe (wild_probes order), from
+    which wild_locality is read; without it the case must have no locality probes to compare
+    (a sequential run's retention check)."""
     probes = wild_probes(case)
     verdicts = _verdicts(settings, probes, gens)
-    return (_scores(probes, verdicts, settings.scorer, None),
+    unchanged = None
+    if unedited is not None:
+        unchanged = [float(normalize_answer(before) == normalize_answer(g.text))
+                     for p, g, before in zip(probes, gens, unedited) if p.slot == "locality"]
+    return (_scores(probes, verdicts, settings.scorer, unchanged),
             {"generations": _texts(probes, gens), "verdicts": _slotted(probes, verdicts)})
+
+
+def generated_texts(record: dict, state: str) -> list[str]:
+    """The generated answers of a case record's `wild` entry for `state` ("pre" or "post"), in
+    wild_probes order."""
+    texts = record["generations"][state]
+    out = [texts["prompt"]["text"]] if "prompt" in texts else []
+    for slot in ("rephrase", "locality", "portability"):
+        out += [e["text"] for e in texts.get(slot, [])]
+    return out
 
 
 def locality_verdicts(settings: WildSettings, prompts: list[str], answers: list[str],
