@@ -34,6 +34,7 @@ from bench.core.prompts import PROMPT_FORMATS, check_prompt_format
 from bench.core.scorers import SCORERS, get_scorer
 from bench.core.wild import WildSettings, default_max_new_tokens
 from bench.core.models import LoadedModel, load_config, load_model, resolve_device, resolve_dtype
+from bench.core.presets import preset_overrides
 from bench.regression import RegressionOptions, check_regression, lm_eval_version
 from editors import get_editor_class, presets
 from editors.base import EditContext, Editor, TrainingData
@@ -293,11 +294,13 @@ def hparams_source(editor: str, hparams_file: str | None) -> dict:
     return load_hparams_file(hparams_file)
 
 
-def build_editor(name: str, overrides: dict, model_config) -> Editor:
-    """The editor with its defaults for this model, the overrides applied and every value
-    checked against the model (before its weights load)."""
+def build_editor(name: str, overrides: dict, model_config, model: str | None = None) -> Editor:
+    """The editor with its defaults for this model (shape-based, then the measured ones of the
+    model preset `model` names, if any), the overrides applied and every value checked against
+    the model (before its weights load)."""
     cls = get_editor_class(name)
-    editor = cls(override_hparams(cls.default_hparams(model_config), overrides))
+    defaults = override_hparams(cls.default_hparams(model_config), preset_overrides(model, name, model_config))
+    editor = cls(override_hparams(defaults, overrides))
     editor.check(model_config)
     return editor
 
@@ -379,7 +382,7 @@ def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = Tr
         raise BenchError("lm-eval regression runs in one process; drop --regression or the launcher")
     device = shard.device_for(opts.device)
     resolve_dtype(opts.dtype, resolve_device(device))  # bad --device / --dtype: fail before loading
-    editor = build_editor(opts.editor, opts.hparams, load_config(opts.model))
+    editor = build_editor(opts.editor, opts.hparams, load_config(opts.model), opts.model)
     lm = load_model(opts.model, device=device, dtype=opts.dtype)
     check_prompt_format(lm.tokenizer, opts.prompt_format)
     ctx = edit_context(opts, editor, data_dir, shard, log)

@@ -165,7 +165,7 @@ def make_editor(name: str, lm: LoadedModel, overrides: dict, cache: Path | None 
                 reference: bool = False, data_dir: Path | None = None):
     """The editor built and checked by bench.session.build_editor, prepared as a run prepares
     it; returns (editor, context, seconds spent in prepare)."""
-    editor = build_editor(name, overrides, lm.model.config)
+    editor = build_editor(name, overrides, lm.model.config, lm.spec)
     if reference:
         editor = ReferenceLikeFT(editor.hparams)
     ctx, prepare_s = prepare(editor, lm, data_dir, cache=cache)
@@ -560,7 +560,7 @@ def main() -> None:
         cases = load_cases(args.task, args.split, data_dir, n_cases, args.offset)
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
         rss_model = max_rss_mib()
-        editor = build_editor(args.editor, overrides, lm.model.config)
+        editor = build_editor(args.editor, overrides, lm.model.config, lm.spec)
         ctx, prepare_s = prepare(editor, lm, data_dir)
         rows = phases(lm, editor, ctx, cases, counterfact)
         notes = scalar_notes(ctx.notes)

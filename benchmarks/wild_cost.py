@@ -40,7 +40,7 @@ def main() -> None:
     data_dir = _common.find_data_dir(args.data_dir)
     lm = load_model(args.model, device="cpu", dtype="float32")
     overrides = {**hparams_source(args.editor, args.hparams_file), **parse_hparam_args(args.hparam)}
-    editor = build_editor(args.editor, overrides, lm.model.config)
+    editor = build_editor(args.editor, overrides, lm.model.config, lm.spec)
     _common.prepare(editor, lm, data_dir)
     protocol = Protocol(teacher_forced=True)
     rows = []

@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from bench.core.errors import BenchError
-from editors.base import EditContext, EditHandle, Editor, TrainingData
+from editors.base import CombinedHandle, EditContext, EditHandle, Editor, TrainingData
 
 ENTRY_POINT_GROUP = "instructedit_bench.editors"
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -21,6 +21,8 @@ BUILTIN = {
     "mend": "editors.mend:Mend",
     "instructedit": "editors.instructedit:InstructEdit",
     "rome": "editors.rome:Rome",
+    "memit": "editors.memit:Memit",
+    "alphaedit": "editors.memit:AlphaEdit",
 }
 
 
@@ -55,5 +57,5 @@ def presets(editor: str) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
-__all__ = ["Editor", "EditHandle", "EditContext", "TrainingData", "get_editor_class",
+__all__ = ["Editor", "EditHandle", "CombinedHandle", "EditContext", "TrainingData", "get_editor_class",
            "available_editors", "presets", "BUILTIN", "PRESETS_DIR"]

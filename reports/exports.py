@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from reports.matrix import matrix_json, metric_tables, training_table
 from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
 from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, METRICS,
                            RANK_RULE, Group)
@@ -44,12 +45,16 @@ def _cmp_json(c: dict) -> dict:
 
 
 def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
-                     cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None) -> dict:
+                     cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None,
+                     mx: dict | None = None) -> dict:
     """The content of leaderboard.json. `ov`, `ho`, `cmp`, `pg`, `pw` and `vd` map a group's gid to
     its overview, held-out view, baseline comparison, teacher-forced vs wild gap, pairwise
-    comparisons and verdicts (reports.views)."""
+    comparisons and verdicts (reports.views); `mx` is the leave-one-task-out matrix, if any
+    (reports.matrix)."""
     doc: dict[str, Any] = {"title": title, "baseline": baseline, "alpha": ALPHA, "ranking": RANK_RULE,
                            "failure_rule": FAILURE_RULE, "groups": []}
+    if mx is not None:
+        doc["holdout_matrix"] = matrix_json(mx)
     for g in groups:
         gd: dict[str, Any] = {
             "heading": g.heading,
@@ -237,13 +242,16 @@ def _run_md(r, reference_note: bool = True) -> str:
 
 
 def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
-                         cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None) -> str:
+                         cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None,
+                         mx: dict | None = None) -> str:
     """The content of leaderboard.md: the same tables as the HTML page (one per metric family),
     without the charts."""
     L = [f"# {_md_escape(title)}", "",
          "Post-edit means in percent with 95% bootstrap interval, n = cases, pre-edit value in parentheses; "
          "the best value of each column (the no-edit reference left out) in bold. " + _md_escape(RANK_RULE), "",
          "Score = ROME's composite: " + "; ".join(f"{v[0]} = {v[3]}" for v in COMPOSITES.values()) + ".", ""]
+    if mx is not None:
+        L += _matrix_markdown(mx)
     for g in groups:
         L += [f"## {_md_escape(g.heading)}", ""]
         for line in (vd or {}).get(g.gid, []):
@@ -338,3 +346,18 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                                                       for x in row["cells"]] for row in gap["rows"]]
             L += _md_table(head, body)
     return "\n".join(L).rstrip() + "\n"
+
+
+def _matrix_markdown(mx: dict) -> list[str]:
+    """The leave-one-task-out matrix (reports.matrix): one table per metric, then the training."""
+    L = ["## Leave-one-task-out matrix", "", _md_escape(mx["rule"]), ""]
+    if mx["missing"]:
+        L += [f"_Missing run directories: {_md_escape(', '.join(mx['missing']))}._", ""]
+    for title, head, body in metric_tables(mx):
+        L += [f"**{_md_escape(title)}**", ""]
+        L += _md_table([_md_escape(h) for h in head], [[_md_escape(c) for c in row] for row in body])
+    head, body = training_table(mx)
+    L += ["**Training** (each run's editor; Score on its training tasks: mean over them of the per-task Score)", ""]
+    L += _md_table(head, [[_md_escape(c) for c in row] for row in body],
+                   [":---", ":---", ":---", "---:", "---:"])
+    return L

@@ -25,6 +25,7 @@ from markupsafe import Markup, escape
 from bench.core.errors import BenchError
 from bench.core.io import write_json_atomic
 from reports.exports import leaderboard_json, leaderboard_markdown, write_leaderboard_csv
+from reports.matrix import matrix_view, metric_grid, read_matrix, run_dirs as matrix_run_dirs, training_table
 from reports.runs import Run, assign_labels, load_run, scrub_paths, slugify
 from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
 from reports.svg import svg_bars, svg_curves, svg_scatter, svg_scores
@@ -135,7 +136,7 @@ def _run_details(r: Run) -> dict:
 
 
 def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft", fmt: str = "html",
-                 title: str | None = None, case_text: bool = True) -> Path:
+                 title: str | None = None, case_text: bool = True, matrix: Path | None = None) -> Path:
     """Write the leaderboard for `run_dirs` into `out_dir` and return the main file's path.
 
     fmt "html": index.html (+ per run/task case pages), leaderboard.json, leaderboard.csv;
@@ -143,11 +144,15 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     fmt "all":  everything. `baseline` names the run the others are compared with: a run
     directory name, a run label or an editor name (an editor with several runs in one group is a
     BenchError listing them); None or "none": no comparison. case_text=False: drill-down pages
-    without the data records' texts (see reports.views.case_rows). Raises BenchError for unusable
-    input (missing/malformed run files, no runs). The run directories are only read, never
-    modified."""
+    without the data records' texts (see reports.views.case_rows). `matrix`: a matrix.json of
+    `bench holdout-matrix`; its runs join `run_dirs` and the page opens with the matrix
+    (reports.matrix). Raises BenchError for unusable input (missing/malformed run files, no runs).
+    The run directories are only read, never modified."""
     if fmt not in FORMATS:
         raise BenchError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
+    matrix_doc = read_matrix(Path(matrix)) if matrix is not None else None
+    if matrix_doc is not None:
+        run_dirs = list(run_dirs) + matrix_run_dirs(matrix_doc, Path(matrix).parent)
     if not run_dirs:
         raise BenchError("no run directories given")
     title = title or DEFAULT_TITLE
@@ -168,6 +173,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     pg = {g.gid: protocol_gap(g) for g in groups}
     pw = {g.gid: pairwise(g, pairings[g.gid]) for g in groups}
     vd = {g.gid: verdicts(g, ov[g.gid], ho[g.gid], cmp[g.gid], pairings[g.gid]) for g in groups}
+    mx = matrix_view(matrix_doc, Path(matrix).parent, runs) if matrix_doc is not None else None
 
     out_dir = Path(out_dir)
     try:
@@ -175,7 +181,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     except OSError as e:
         raise BenchError(f"cannot create {out_dir}: {e.strerror}") from None
 
-    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd}
+    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd, "mx": mx}
     write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, **views))
     write_leaderboard_csv(out_dir / "leaderboard.csv", groups, ov)
     files = ["leaderboard.json", "leaderboard.csv"]
@@ -195,7 +201,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
                      "bars": svg_bars(g), "scatter": svg_scatter(g),
                      "curves": svg_curves(g, sequential_curves(g)) if g.mode == "sequential" else None}
                     for g in groups],
-            details={r.slug: _run_details(r) for r in runs}, task_file=_task_file)
+            details={r.slug: _run_details(r) for r in runs}, task_file=_task_file,
+            matrix=mx, matrix_grid=metric_grid(mx) if mx else [],
+            matrix_training=training_table(mx) if mx else None)
         main = out_dir / "index.html"
         main.write_text(page, encoding="utf-8")
         tpl = env.get_template("cases.html.j2")

@@ -39,6 +39,11 @@ A split rule names one file key and exactly one selector:
     {file: k, slice: [start, stop]}                       # record indices, stop null = end
     {file: k, all: true}
     {file: k, hash: {salt: s, buckets: n, keep: [lo, hi]}} # sha256(salt:case_id) % n in [lo, hi)
+and optionally, when a split's records may repeat records evaluated elsewhere (CounterFact
+repeats some edits under other record ids):
+    disjoint: {file: k, slice: [start, stop] | all: true, by: [subject, target_new]}
+        # skip a record whose case has the same values of the `by` fields as one of those
+        # records (mapped by this card's fields); the skip names the record it repeats
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class SplitRule:
     salt: str | None = None
     buckets: int | None = None
     keep: tuple[int, int] | None = None
+    # `disjoint`: records this split must not repeat (a file and a slice or all of it), and the
+    # case fields that say two cases are the same edit
+    avoid: SplitRule | None = None
+    avoid_by: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -167,31 +176,44 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _parse_disjoint(where: str, d: Any, file_keys: set[str]) -> dict[str, Any]:
+    """A rule's `disjoint: {file, slice | all, by: [case field, ...]}`."""
+    d = _expect_keys(where, d, {"file", "by"}, {"slice", "all"})
+    by = d["by"]
+    if not (isinstance(by, list) and by and all(isinstance(f, str) and f in CASE_FIELDS for f in by)):
+        raise BenchError(f"{where}: by must be a non-empty list of case fields ({', '.join(CASE_FIELDS)})")
+    if not ("slice" in d or "all" in d):
+        raise BenchError(f"{where}: give slice or all (the records to keep clear of)")
+    avoid = _parse_rule(where, {k: v for k, v in d.items() if k != "by"}, file_keys)
+    return {"avoid": avoid, "avoid_by": tuple(dict.fromkeys(by))}
+
+
 def _parse_rule(where: str, d: Any, file_keys: set[str]) -> SplitRule:
-    d = _expect_keys(where, d, {"file"}, {"slice", "all", "hash"})
+    d = _expect_keys(where, d, {"file"}, {"slice", "all", "hash", "disjoint"})
     if not isinstance(d["file"], str) or d["file"] not in file_keys:
         raise BenchError(f"{where}: file {d['file']!r} is not one of {sorted(file_keys)}")
     selectors = [k for k in ("slice", "all", "hash") if k in d]
     if len(selectors) != 1:
         raise BenchError(f"{where}: give exactly one of slice, all, hash")
+    extra = _parse_disjoint(f"{where}.disjoint", d["disjoint"], file_keys) if "disjoint" in d else {}
     if "slice" in d:
         s = d["slice"]
         if not (isinstance(s, list) and len(s) == 2 and _is_int(s[0]) and s[0] >= 0
                 and (s[1] is None or (_is_int(s[1]) and s[1] >= s[0]))):
             raise BenchError(f"{where}: slice must be [start, stop] with 0 <= start <= stop "
                              f"(stop may be null)")
-        return SplitRule(file=d["file"], slice=(s[0], s[1]))
+        return SplitRule(file=d["file"], slice=(s[0], s[1]), **extra)
     if "all" in d:
         if d["all"] is not True:
             raise BenchError(f"{where}: all must be true")
-        return SplitRule(file=d["file"], all=True)
+        return SplitRule(file=d["file"], all=True, **extra)
     h = _expect_keys(f"{where}.hash", d["hash"], {"salt", "buckets", "keep"})
     keep = h["keep"]
     if not (_is_int(h["buckets"]) and h["buckets"] > 0 and isinstance(keep, list) and len(keep) == 2
             and _is_int(keep[0]) and _is_int(keep[1]) and 0 <= keep[0] < keep[1] <= h["buckets"]):
         raise BenchError(f"{where}.hash: need buckets > 0 and keep [lo, hi] within it")
     return SplitRule(file=d["file"], salt=str(h["salt"]), buckets=h["buckets"],
-                     keep=(keep[0], keep[1]))
+                     keep=(keep[0], keep[1]), **extra)
 
 
 def _parse_splits(where: str, d: Any, file_keys: set[str]) -> dict[str, SplitRule]:

@@ -182,9 +182,41 @@ def _rule_for(card: TaskCard, split: str, holdout: bool, sample: bool) -> SplitR
     return rule
 
 
+def _same_edit(case, fields: tuple[str, ...]) -> tuple:
+    """The values that make two cases the same edit (a rule's `disjoint.by`)."""
+    return tuple(getattr(case, f) for f in fields)
+
+
+def _in_slice(rule: SplitRule, index: int) -> bool:
+    if rule.slice is None:
+        return True
+    start, stop = rule.slice
+    return start <= index and (stop is None or index < stop)
+
+
+def _edits_of(card: TaskCard, rule: SplitRule, path: Path, options: dict[str, Any]) -> dict[tuple, int]:
+    """{the `avoid_by` values of a case: its record index} over the records `rule.avoid` selects
+    (a slice or all of a file), mapped by the card's fields; records that do not map are left out
+    (they are no case anywhere)."""
+    mapper = FieldMapper(card.name, card.fields, options)
+    out: dict[tuple, int] = {}
+    for raw in get_loader(card.schema)(path, options):
+        if raw.data is None or not _in_slice(rule.avoid, raw.index):
+            continue
+        try:
+            case = mapper.to_case(raw.data, {"_index": raw.index, "_file": rule.avoid.file})
+        except RecordError:
+            continue
+        out.setdefault(_same_edit(case, rule.avoid_by), raw.index)
+    return out
+
+
 def _build(card: TaskCard, split: str, rule: SplitRule, path: Path, source: str,
-           options: dict[str, Any]) -> TaskSplit:
+           options: dict[str, Any], avoid: tuple[dict[tuple, int], str] | None = None) -> TaskSplit:
+    """The split's cases; with `avoid` ({edit: record index}, the file's name) from the rule's
+    `disjoint`, a record whose case is one of those edits is skipped, naming the record."""
     raws = get_loader(card.schema)(path, options)
+    taken, taken_source = avoid if avoid is not None else ({}, "")
     originals = read_records(path)
     mapper = FieldMapper(card.name, card.fields, options)
     out = TaskSplit(task=card.name, split=split)
@@ -222,6 +254,9 @@ def _build(card: TaskCard, split: str, rule: SplitRule, path: Path, source: str,
         if case.case_id in seen_ids:
             skip(i, f"duplicate case_id {case.case_id}")
             continue
+        if taken and (other := taken.get(_same_edit(case, rule.avoid_by))) is not None:
+            skip(i, f"same {'/'.join(rule.avoid_by)} as record {other} of {taken_source}")
+            continue
         seen_ids.add(case.case_id)
         out.cases.append(case)
     return out
@@ -241,10 +276,14 @@ def load_split(name: str, split: str, data_dir: Path | None, holdout: bool = Fal
     sample = _uses_sample(card, data_dir)
     rule = _rule_for(card, split, holdout, sample)
     path, source = _file_path(card, rule.file, data_dir)
+    # a split kept clear of other records depends on their file too
+    avoid_path, avoid_source = _file_path(card, rule.avoid.file, data_dir) if rule.avoid else (None, "")
     # options change the cases, so they are part of the key (as canonical JSON: values may be lists)
-    key = (card.name, split, rule, _file_key(path), json.dumps(opts, sort_keys=True, default=repr))
+    key = (card.name, split, rule, _file_key(path), avoid_path and _file_key(avoid_path),
+           json.dumps(opts, sort_keys=True, default=repr))
     if key not in _SPLIT_CACHE:
-        _SPLIT_CACHE[key] = _build(card, split, rule, path, source, opts)
+        avoid = (_edits_of(card, rule, avoid_path, opts), avoid_source) if rule.avoid else None
+        _SPLIT_CACHE[key] = _build(card, split, rule, path, source, opts, avoid)
     cached = _SPLIT_CACHE[key]
     # hand out fresh lists so a caller that trims them cannot corrupt the cache
     return TaskSplit(task=cached.task, split=split, cases=list(cached.cases),
@@ -261,6 +300,13 @@ def _rules_used(card: TaskCard, sample: bool, split: str | None = None) -> dict[
     if split is not None:
         rules = {k: v for k, v in rules.items() if k == split or (split == "eval" and k == "holdout_eval")}
     return rules
+
+
+def _files_read(card: TaskCard, sample: bool, split: str | None = None) -> list[str]:
+    """The file keys a split reads (all splits when None): its rules' files, and those of the
+    records a rule keeps clear of (they decide which records are left out)."""
+    rules = _rules_used(card, sample, split).values()
+    return sorted({r.file for r in rules} | {r.avoid.file for r in rules if r.avoid is not None})
 
 
 def task_status(name: str, data_dir: Path | None) -> dict:
@@ -320,7 +366,7 @@ def data_file_hashes(name: str, data_dir: Path | None, split: str | None = None)
     of a cached published copy)."""
     card = get_card(name)
     out = {}
-    for key in sorted({r.file for r in _rules_used(card, _uses_sample(card, data_dir), split).values()}):
+    for key in _files_read(card, _uses_sample(card, data_dir), split):
         path, rel = _file_path(card, key, data_dir)
         out[rel] = file_sha256(path)
     return out

@@ -126,7 +126,7 @@ def test_more_errors_in_process(capsys, tmp_path, monkeypatch):
     assert "invalid choice: 'maybe'" in one_line_error(capsys, ["run", "--instruction", "maybe"])
     assert "must be >= 0" in one_line_error(capsys, ["run", "--limit", "-1"])
     assert "expected a comma-separated list" in one_line_error(capsys, ["run", "--task", ","])
-    assert "invalid choice" in one_line_error(capsys, ["list", "models"])
+    assert "invalid choice" in one_line_error(capsys, ["list", "nope"])
     assert "required" in one_line_error(capsys, [])
     assert one_line_error(capsys, ["model", "--model", "not-a-model"]).startswith(
         "bench: error: unknown model 'not-a-model'")

@@ -300,6 +300,26 @@ def test_retrain_ignores_the_cache(tmp_path):
     assert ctx.notes["checkpoint_source"] == "trained"
 
 
+@pytest.mark.parametrize("cls", [Mend, InstructEdit])
+def test_checkpoints_are_per_model(cls, tmp_path):
+    """The cache key holds the model's identity (spec, weights hash, dtype): a checkpoint trained
+    on one model is neither found for, nor loaded into, another model of the same shape."""
+    lm = tiny_model("llama")
+    other = dataclasses.replace(lm, spec="another-model", source_hash="f" * 64)  # same shape and weights
+    hp = small_hparams(lm, max_steps=1, val_cases=0)
+    ctx = ctx_for(tmp_path)
+    stem = cls(hp).checkpoint_stem(lm, ctx)
+    assert cls(hp).checkpoint_stem(other, ctx) != stem
+    assert cls(hp).checkpoint_stem(dataclasses.replace(lm, dtype=torch.bfloat16), ctx) != stem
+    cls(hp).prepare(lm, ctx)
+    again = ctx_for(tmp_path)
+    cls(hp).prepare(other, again)  # not the first model's checkpoint: trains its own
+    assert again.notes["checkpoint_source"] == "trained" and again.notes["checkpoint"] != ctx.notes["checkpoint"]
+    explicit = cls(dataclasses.replace(hp, checkpoint=str(stem)))
+    with pytest.raises(BenchError, match=r"checkpoint was trained on random:llama@.*, not on another-model@ffff"):
+        explicit.prepare(other, ctx_for(tmp_path))
+
+
 # --------------------------------------------------------------------------------------------
 # Editing
 # --------------------------------------------------------------------------------------------
@@ -337,14 +357,15 @@ def test_bench_train_then_run_uses_the_cached_checkpoint(tiny_model_dir, tmp_pat
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     common = ["--model", str(tiny_model_dir), "--data-dir", str(FIXTURES),
               "--hparam", "rank=8", "--hparam", "val_cases=2", "--hparam", "batch_size=2"]
-    assert main(["train", "--editor", "instructedit", "--max-steps", "2", "--time-budget", "0",
-                 "--holdout", "recast"] + common) == 0
+    # no task held out: the run below (no --holdout either) trains on the same tasks
+    assert main(["train", "--editor", "instructedit", "--max-steps", "2", "--time-budget", "0"]
+                + common) == 0
     out = capsys.readouterr().out
-    assert "checkpoint:" in out and "convsent, counterfact, recent, zsre" in out
+    assert "checkpoint:" in out and "convsent, counterfact, recast, recent, zsre" in out
     assert main(["run", "--editor", "instructedit", "--limit", "1", "--task", "counterfact",
                  "--output-dir", str(tmp_path / "runs"), "--hparam", "max_steps=2",
                  "--hparam", "time_budget_s=0"] + common) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["notes"]["checkpoint_source"] == "cache"
-    assert config["notes"]["train_tasks"] == ["convsent", "counterfact", "recent", "zsre"]
+    assert config["notes"]["train_tasks"] == ["convsent", "counterfact", "recast", "recent", "zsre"]

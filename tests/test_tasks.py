@@ -73,7 +73,7 @@ def test_unknown_split_and_missing_train():
     with pytest.raises(BenchError, match="unknown split 'test'"):
         load_split("counterfact", "test", None)
     with pytest.raises(BenchError, match="no train split"):
-        load_split("recast", "train", None)
+        load_split("zsre_knowedit", "train", None)
     with pytest.raises(BenchError, match="held out"):
         load_split("zsre", "train", None, holdout=True)
 
@@ -278,6 +278,68 @@ def test_recast_cases_from_sample():
     assert case.subject in case.prompt
 
 
+def assert_recast_disjoint(train, *evals) -> None:
+    """No case id and no underlying CounterFact record is shared between recast's train split and
+    `evals`: neither the record id nor the edit (subject + target_new, which also rules out the
+    same subject + prompt + target_new)."""
+    def record_id(case_id: str) -> str:
+        return case_id.removeprefix("recast-train-").removeprefix("recast-")
+
+    def edits(split):
+        return {(c.subject, c.target_new) for c in split.cases}
+
+    assert train.cases and all(c.case_id.startswith("recast-train-") for c in train.cases)
+    for ev in evals:
+        assert ev.cases and not set(ids(train)) & set(ids(ev))
+        assert not {record_id(i) for i in ids(train)} & {record_id(i) for i in ids(ev)}
+        assert not edits(train) & edits(ev)
+
+
+def test_recast_train_split_disjoint_from_eval_on_fixture_data(tmp_path):
+    """recast trains on counterfact-train.json recast, never on an edit that recast or counterfact
+    evaluates: disjoint by case id, by record id and by edit, on the fixture records (the eval
+    slice starts at record 5000, so the fixture's edit records are placed there) and on the
+    built-in sample."""
+    train = json.loads((FIXTURES / "counterfact" / "counterfact-train.json").read_text())
+    edit = json.loads((FIXTURES / "counterfact" / "counterfact-edit.json").read_text())
+    repeat = {**train[0], "case_id": 777}  # train record 101's edit again, under another id
+    filler = [{**edit[0], "case_id": 300000 + i, "subject": f"Filler {i}", "prompt": f"Filler {i} is in"}
+              for i in range(5000)]
+    write_data(tmp_path, "counterfact/counterfact-train.json", train)
+    write_data(tmp_path, "counterfact/counterfact-edit.json", filler + edit + [repeat])
+    recast_train = load_split("recast", "train", tmp_path)
+    recast_eval = load_split("recast", "eval", tmp_path)
+    assert ids(recast_train) == ["recast-train-104"]  # 102, 103 broken; 101 repeated by eval record 777
+    assert reasons(recast_train) == {0: "same subject/target_new as record 5006 of counterfact/counterfact-edit.json",
+                                     1: "empty target_new", 2: "missing field 'locality_ground_truth'"}
+    assert ids(recast_eval) == [f"recast-{r['case_id']}" for r in edit] + ["recast-777"]
+    assert_recast_disjoint(recast_train, recast_eval, load_split("counterfact", "eval", tmp_path))
+    # the train cases are the counterfact train records, recast by the same rule as eval
+    (case,) = recast_train.cases
+    cf = {c.case_id: c for c in load_split("counterfact", "train", tmp_path).cases}["104"]
+    assert (case.prompt, case.rephrase_prompts, case.locality[0].prompt) == \
+        (fill_blank(cf.prompt), (fill_blank(cf.rephrase_prompts[0]),), fill_blank(cf.locality[0].prompt))
+    assert case.task == "recast" and case.target_new == cf.target_new
+    assert set(data_file_hashes("recast", tmp_path, "train")) == {
+        "counterfact/counterfact-train.json", "counterfact/counterfact-edit.json"}  # eval decides the skips
+    # the built-in sample: recast trains on counterfact's sample train records
+    sample_train, sample_eval = load_split("recast", "train", None), load_split("recast", "eval", None)
+    assert ids(sample_train) == [f"recast-train-{900000 + i}" for i in range(4)]
+    assert_recast_disjoint(sample_train, sample_eval, load_split("counterfact", "eval", None))
+
+
+def test_disjoint_rule_is_checked(tmp_path):
+    text = (REPO / "tasks" / "cards" / "recast.yaml").read_text()
+    bad = tmp_path / "recast.yaml"
+    bad.write_text(text.replace("by: [subject, target_new]}}\n  eval", "by: [colour]}}\n  eval"))
+    with pytest.raises(BenchError, match="by must be a non-empty list of case fields"):
+        parse_card(bad)
+    bad.write_text(text.replace("disjoint: {file: edit, all: true,", "disjoint: {file: nope, all: true,"))
+    with pytest.raises(BenchError, match="file 'nope' is not one of"):
+        parse_card(bad)
+    assert parse_card(REPO / "tasks" / "cards" / "recast.yaml").splits["train"].avoid_by == ("subject", "target_new")
+
+
 def test_knowedit_filters():
     assert first_alias("a") == "a" and first_alias(["b", "c"]) == "b" and first_alias([["d", "e"], ["f"]]) == "d"
     assert probes({"X": [{"prompt": ["p"], "ground_truth": [["a"]]}]}) == [{"prompt": "p", "answer": "a"}]
@@ -321,7 +383,7 @@ def test_task_status_sample_and_missing(tmp_path):
     s = task_status("counterfact", None)
     assert s["found"] and s["counts"] == {"train": 4, "eval": 4} and s["skipped"] == {"train": 0, "eval": 0}
     assert s["instructions"] == {"seen": 9, "unseen": 1} and "counterfact" in s["metrics"]
-    assert task_status("recast", None)["counts"] == {"train": None, "eval": 4}
+    assert task_status("recast", None)["counts"] == {"train": 4, "eval": 4}
     assert task_status("zsre", None)["holdout_eval"] == 12
     missing = task_status("counterfact", tmp_path)
     assert not missing["found"] and "counterfact" in missing["missing"]
@@ -351,6 +413,11 @@ def test_real_data_counts():
     cf_ids = [set(ids(s)) for s in (cf_train, cf_eval)]
     recast_ids = {i.removeprefix("recast-") for i in ids(recast)}
     assert not cf_ids[0] & cf_ids[1] and not cf_ids[1] & recast_ids and not cf_ids[0] & recast_ids
+    # recast's train split: counterfact-train.json recast, without the 29 records that repeat an
+    # edit (subject, target_new) of counterfact-edit.json (12 of recast's eval, 17 of counterfact's)
+    recast_train = load_split("recast", "train", REAL_DATA)
+    assert (len(recast_train.cases), len(recast_train.skipped)) == (9971, 29)
+    assert_recast_disjoint(recast_train, recast, cf_eval)
     zs_train, zs_eval = load_split("zsre", "train", REAL_DATA), load_split("zsre", "eval", REAL_DATA)
     assert len(zs_train.cases) + len(zs_eval.cases) == 998
     assert not set(ids(zs_train)) & set(ids(zs_eval))

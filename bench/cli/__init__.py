@@ -7,11 +7,11 @@ import sys
 
 import torch
 
-from bench.cli import ablate, data, listing, model, regress, report, run, train
+from bench.cli import ablate, data, holdout_matrix, listing, model, regress, report, run, train
 from bench.cli.common import Parser
 from bench.core.errors import BenchError
 
-SUBCOMMANDS = (run, train, regress, ablate, listing, data, report, model)
+SUBCOMMANDS = (run, train, regress, ablate, holdout_matrix, listing, data, report, model)
 
 
 def build_parser() -> Parser:

@@ -45,7 +45,8 @@ def limit(value: str) -> int | None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"{DEFAULT_MODEL}, a local checkpoint directory, a .gguf file or a hub id")
+                   help=f"a model preset (bench list models; default {DEFAULT_MODEL}), a local "
+                        "checkpoint directory, a .gguf file or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 

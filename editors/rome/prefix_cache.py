@@ -21,12 +21,15 @@ class PrefixCache:
     cache: object  # a transformers Cache (supports crop)
     mask: torch.Tensor  # (rows, width): 1 at real prefix tokens
     versions: dict = field(default_factory=dict)  # parameter name -> tensor version when built
-    watched: dict = field(default_factory=dict)  # copy of the weight ROME edits, when built
+    watched: dict = field(default_factory=dict)  # copies of the weights the editor edits, when built
 
-    def snapshot(self, model, watch: str) -> None:
+    def snapshot(self, model, watch: str | list[str]) -> None:
+        """Remember the weights' versions, and a copy of the weight(s) an editor changes and
+        restores between edits (one name, or several for editors that edit several layers)."""
         params = dict(model.named_parameters())
         self.versions = {n: p._version for n, p in params.items()}
-        self.watched = {watch: params[watch].detach().clone()}
+        names = [watch] if isinstance(watch, str) else list(watch)
+        self.watched = {n: params[n].detach().clone() for n in names}
 
     def valid_for(self, model) -> bool:
         """True while the model's weights are those the cache was computed with: unchanged

@@ -1,0 +1,56 @@
+"""`bench holdout-matrix`: leave-one-task-out evaluation of learned editors (bench/holdout.py,
+docs/holdout.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.cli.common import add_model_arguments, csv_list, limit, task_options
+from bench.core.defaults import DEFAULT_LIMIT, PROTOCOLS
+from bench.core.hparams import parse_hparam_args
+from bench.holdout import EQUAL_STEPS, MatrixPlan, check_inputs, print_matrix, run_matrix
+from bench.session import RunOptions
+
+DEFAULT_OUTPUT = "runs/holdout-matrix"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("holdout-matrix",
+                       help="leave-one-task-out: train each editor on all tasks but one, evaluate on it")
+    p.add_argument("--editors", type=csv_list, default=["instructedit", "mend"], metavar="E,E[,E]",
+                   help="learned editors; the matrix shows the first minus each other "
+                        "(default instructedit,mend)")
+    p.add_argument("--tasks", type=csv_list, default=["counterfact", "zsre", "recast"], metavar="T,T[,T]",
+                   help="tasks held out in turn; every other task with train data is trained on "
+                        "(default counterfact,zsre,recast)")
+    p.add_argument("--limit", type=limit, default=DEFAULT_LIMIT,
+                   help=f"eval cases per task (default {DEFAULT_LIMIT}; 0 = all)")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one hyperparameter of every editor (repeatable); by default "
+                        + ", ".join(f"{k}={v}" for k, v in EQUAL_STEPS.items())
+                        + " so every editor trains exactly max_steps steps")
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
+    p.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
+                   help="override one option of a task card (repeatable)")
+    p.add_argument("--protocol", type=csv_list, default=list(PROTOCOLS), metavar="P[,P]",
+                   help="evaluation protocols: teacher_forced and/or wild (default both)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per evaluation batch")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT,
+                   help=f"where the run directories and matrix.json go (default {DEFAULT_OUTPUT})")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    check_inputs(args.editors, args.tasks)
+    base = RunOptions(model=args.model, device=args.device, dtype=args.dtype, limit=args.limit,
+                      seed=args.seed, data_dir=args.data_dir, task_options=task_options(args.task_option),
+                      protocols=args.protocol, batch_size=args.batch_size)
+    plan = MatrixPlan(editors=args.editors, tasks=args.tasks, output_dir=Path(args.output_dir), base=base,
+                      hparams={**EQUAL_STEPS, **parse_hparam_args(args.hparam)})
+    doc = run_matrix(plan, argv=sys.argv[1:])
+    print_matrix(doc, plan.output_dir)
+    return 0

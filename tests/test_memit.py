@@ -1,0 +1,283 @@
+"""MEMIT on tiny random models (Llama, GPT-2 Conv1D, GPT-NeoX layouts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import editors.rome.layer_stats as layer_stats
+from bench.core.cases import EditCase
+from bench.core.errors import BenchError
+from bench.core.tiny import ARCHS, tiny_config, tiny_model
+from bench.runner import Job, run_cases
+from editors import get_editor_class
+from editors.base import EditContext
+from editors.memit import AlphaEdit, Memit
+from editors.memit.rows import CaseRows
+from editors.memit.solve import memit_update, scaled_inverse
+from editors.memit.values import optimise_z
+from editors.rome import Rome
+
+CASE = EditCase(case_id="1", task="t", prompt="The mother tongue of Danielle Darrieux",
+                subject="Danielle Darrieux", target_new="English", ground_truth="French")
+CASE2 = EditCase(case_id="3", task="t", prompt="Toko Yasuda plays the", subject="Toko Yasuda",
+                 target_new="piano")
+CASE3 = EditCase(case_id="4", task="t", prompt="Barack Obama was born in", subject="Barack Obama",
+                 target_new="Paris")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache directory for the module: statistics of each tiny model are computed once."""
+    return tmp_path_factory.mktemp("memit-cache")
+
+
+def tiny_hparams(cls, lm, **changes):
+    hp = cls.default_hparams(lm.model.config)
+    # Random tiny models have hidden states of norm ~5 and near-uniform outputs: let the delta
+    # grow (no clamp, no decay) and write the edit nearly in full (a small lambda).
+    base = dict(layers=[1, 2], mom2_n_samples=400, v_num_grad_steps=20, context_lengths=[4],
+                context_counts=[3], clamp_norm_factor=1e4, v_weight_decay=0.0)
+    if cls is Memit:
+        base["mom2_update_weight"] = 0.1
+    base.update(changes)
+    return dataclasses.replace(hp, **base)
+
+
+def prepared(cls, lm, cache, **changes):
+    editor = cls(tiny_hparams(cls, lm, **changes))
+    editor.prepare(lm, EditContext(cache_dir=cache, log=lambda s: None))
+    return editor
+
+
+def next_token(lm, prompt):
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return lm.model(ids).logits[0, -1].argmax().item()
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same(model, before):
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_layer_one_edit_moves_the_prediction_and_restores(arch, shared_cache):
+    lm = tiny_model(arch)
+    editor = prepared(Memit, lm, shared_cache, layers=[1], v_num_grad_steps=30)
+    before = snapshot(lm.model)
+    target = lm.tokenizer(" " + CASE.target_new).input_ids[0]
+    assert next_token(lm, CASE.prompt) != target
+
+    handle = editor.apply(lm.model, lm.tokenizer, CASE)
+
+    changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == handle.changed == [lm.layout.layers[1].mlp_out_name + ".weight"]
+    assert next_token(lm, CASE.prompt) == target
+    json.dumps(handle.info)  # the case record's "edit" entry
+    assert {"steps", "loss", "target_prob", "z_s", "keys_s", "solve_s"} <= set(handle.info)
+    handle.restore()
+    assert_same(lm.model, before)
+
+
+def test_batched_z_equals_each_case_alone(shared_cache):
+    """One optimisation for three cases gives each the z (and steps) it gets alone, although
+    they stop at different steps (a stopped case's rows leave the batch)."""
+    lm = tiny_model("llama")
+    editor = prepared(Memit, lm, shared_cache, v_stop_rule="nll", v_stop_threshold=5.95)
+    st = editor._state
+    cases = [CASE, CASE2, CASE3]
+
+    def z_of(batch):
+        rows = CaseRows.build(lm.tokenizer, batch, st.templates)
+        return optimise_z(lm.model, st.layout, editor.hparams, rows, st.layers[-1], st.prefix)
+
+    together, infos = z_of(cases)
+    steps = [info["steps"] for info in infos]
+    assert len(set(steps)) > 1, steps  # the cases stop at different steps
+    for c, case in enumerate(cases):
+        alone, alone_info = z_of([case])
+        assert alone_info[0]["steps"] == steps[c]
+        assert (together[c] - alone[0]).norm() / alone[0].norm() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_equals_plain_path(arch, shared_cache):
+    """Context prefix, tokens before the subject and blocks up to L computed once per call
+    give the same z as whole sequences through the whole model, for a batch of two cases."""
+    got = {}
+    for reuse in (True, False):
+        lm = tiny_model(arch)
+        editor = prepared(Memit, lm, shared_cache, reuse_context_prefix=reuse, v_num_grad_steps=8)
+        handle = editor.apply_batch(lm.model, lm.tokenizer, [CASE, CASE2])
+        assert [c["prefix_reused"] for c in handle.info["cases"]] == [reuse, reuse]
+        got[reuse] = (torch.stack([lm.layout.layers[i].mlp_out.weight.detach().clone() for i in (1, 2)]),
+                      [c["loss"] for c in handle.info["cases"]])
+    w_fast, loss_fast = got[True]
+    w_plain, loss_plain = got[False]
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-4)
+    assert (w_fast - w_plain).norm() / w_plain.norm() < 1e-4
+
+
+def test_apply_batch_of_one_equals_apply_and_restores_exactly(shared_cache):
+    lm = tiny_model("llama")
+    editor = prepared(Memit, lm, shared_cache, v_num_grad_steps=5)
+    before = snapshot(lm.model)
+    names = editor._state.names
+
+    handle = editor.apply(lm.model, lm.tokenizer, CASE)
+    single = {n: dict(lm.model.named_parameters())[n].detach().clone() for n in names}
+    handle.restore()
+    assert_same(lm.model, before)
+
+    handle = editor.apply_batch(lm.model, lm.tokenizer, [CASE])
+    for n in names:
+        torch.testing.assert_close(dict(lm.model.named_parameters())[n], single[n], rtol=1e-6, atol=1e-7)
+    assert handle.changed == names
+    assert len(handle.info["cases"]) == 1 and handle.info["cases"][0]["steps"] == 4
+    json.dumps(handle.info)
+    assert {"z_s", "keys_s", "solve_s", "layers"} <= set(handle.info)
+    handle.restore()
+    assert_same(lm.model, before)
+
+
+def test_apply_many_yields_each_case_alone(shared_cache):
+    """Single mode with several cases per call: each handle holds that case's edit alone, equal
+    to applying the case by itself."""
+    lm = tiny_model("llama")
+    editor = prepared(Memit, lm, shared_cache, v_num_grad_steps=5, parallel_edits=2)
+    assert editor.edits_per_call == 2
+    before = snapshot(lm.model)
+    names = editor._state.names
+    together = []
+    for handle in editor.apply_many(lm.model, lm.tokenizer, [CASE, CASE2]):
+        together.append(torch.cat([dict(lm.model.named_parameters())[n].detach().flatten() for n in names]))
+        assert handle.info["z_cases"] == 2
+        handle.restore()
+        assert_same(lm.model, before)
+    for case, weights in zip([CASE, CASE2], together):
+        handle = editor.apply(lm.model, lm.tokenizer, case)
+        alone = torch.cat([dict(lm.model.named_parameters())[n].detach().flatten() for n in names])
+        handle.restore()
+        assert (weights - alone).norm() / alone.norm() < 1e-4
+
+
+def target_logprob(lm, case):
+    """Teacher-forced log-probability of the target tokens after the prompt."""
+    prompt = lm.tokenizer(case.prompt).input_ids
+    target = lm.tokenizer(" " + case.target_new).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([prompt + target])).logits[0].float(), -1)
+    return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(target))
+
+
+def test_batch_of_cases_in_one_update(shared_cache):
+    """apply_batch writes every case of the call in one update per layer: each case's target
+    becomes more likely after its prompt (the first case's becomes the prediction), and the
+    handle lists each case's facts in order."""
+    lm = tiny_model("llama")
+    editor = prepared(Memit, lm, shared_cache, v_num_grad_steps=30)
+    cases = [CASE, CASE2, CASE3]
+    before = snapshot(lm.model)
+    pre = [target_logprob(lm, c) for c in cases]
+    handle = editor.apply_batch(lm.model, lm.tokenizer, cases)
+    post = [target_logprob(lm, c) for c in cases]
+    assert all(b > a for a, b in zip(pre, post)), (pre, post)
+    assert next_token(lm, CASE.prompt) == lm.tokenizer(" " + CASE.target_new).input_ids[0]
+    assert len(handle.info["cases"]) == 3 and all(c["z_norm"] > 0 for c in handle.info["cases"])
+    handle.restore()
+    assert_same(lm.model, before)
+
+
+def test_update_is_the_least_squares_solution():
+    """The push-through form equals the direct solve R^T K (lambda C + K^T K)^-1."""
+    torch.manual_seed(0)
+    d, h, n = 12, 5, 3
+    a = torch.randn(d, 4 * d, dtype=torch.float64)
+    c = a @ a.T / a.shape[1]
+    keys, resid = torch.randn(n, d, dtype=torch.float64), torch.randn(n, h, dtype=torch.float64)
+    direct = resid.T @ keys @ torch.linalg.inv(7.0 * c + keys.T @ keys)
+    torch.testing.assert_close(memit_update(keys, resid, scaled_inverse(c, 7.0)), direct)
+
+
+def test_key_statistics_are_shared_with_rome(tmp_path, monkeypatch):
+    """One statistics file per layer: MEMIT (and AlphaEdit) read what ROME computed."""
+    lm = tiny_model("llama")
+    ctx = EditContext(cache_dir=tmp_path, log=lambda s: None)
+    rome = Rome(dataclasses.replace(Rome.default_hparams(lm.model.config), layer=1, mom2_n_samples=400,
+                                    context_lengths=[4], context_counts=[3]))
+    rome.prepare(lm, ctx)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(layer_stats, "compute_moments", boom)
+    for cls in (Memit, AlphaEdit):
+        ctx = EditContext(cache_dir=tmp_path, log=lambda s: None)
+        cls(tiny_hparams(cls, lm, layers=[1])).prepare(lm, ctx)
+        assert ctx.notes[cls.name]["stats_loaded_from_cache"]
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("name,override,match", [
+    ("memit", {"layers": [4]}, "layer 4 is out of range"),
+    ("memit", {"layers": []}, "at least one layer"),
+    ("memit", {"layers": [2, 1]}, "strictly increasing"),
+    ("memit", {"mom2_update_weight": 0.0}, "mom2_update_weight must be > 0"),
+    ("memit", {"context_counts": [1, 2]}, "same length"),
+    ("alphaedit", {"nullspace_threshold": -1e-3}, "nullspace_threshold must be >= 0"),
+    ("alphaedit", {"layers": [-1]}, "layer -1 is out of range"),
+])
+def test_bad_hyperparameters_are_one_line_errors(name, override, match):
+    cls = get_editor_class(name)
+    config = tiny_config("llama")
+    editor = cls(dataclasses.replace(cls.default_hparams(config), **override))
+    with pytest.raises(BenchError, match=match) as err:
+        editor.check(config)
+    assert "\n" not in str(err.value)
+
+
+def test_registered_with_model_shaped_defaults():
+    config = tiny_config("llama")
+    for name in ("memit", "alphaedit"):
+        cls = get_editor_class(name)
+        assert cls.batch_edits
+        hp = cls.default_hparams(config)
+        assert hp.layers == [1, 2, 3] and hp.v_loss_layer == 3  # 4 layers: from 1, at most 5
+
+
+def test_subject_not_in_prompt():
+    lm = tiny_model("gpt2")
+    editor = Memit(tiny_hparams(Memit, lm))
+    bad = EditCase(case_id="2", task="t", prompt="The capital of France is", subject="Toko Yasuda",
+                   target_new="Rome")
+    with pytest.raises(BenchError, match="subject 'Toko Yasuda' not found in prompt"):
+        editor.apply_batch(lm.model, lm.tokenizer, [CASE, bad])
+
+
+def test_single_mode_through_the_runner(shared_cache):
+    """The runner's single mode hands the editor `edits_per_call` cases at once (apply_many);
+    every case is evaluated with its own edit and the model is left as it was."""
+    lm = tiny_model("llama")
+    editor = prepared(Memit, lm, shared_cache, v_num_grad_steps=3, parallel_edits=2)
+    before = snapshot(lm.model)
+    records = list(run_cases(lm, editor, [Job(CASE, False), Job(CASE3, False)], batch_size=8))
+    assert [r["error"] for r in records] == [None, None]
+    assert [r["edit"]["z_cases"] for r in records] == [2, 2]
+    assert all(r["edit"]["steps"] == 2 for r in records)
+    assert_same(lm.model, before)
