@@ -8,6 +8,7 @@ colour has at least 3:1 contrast on white. tests/test_reports.py recomputes both
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -320,6 +321,42 @@ def assign_style(runs: list[Run]) -> None:
         used_m.add(r.marker)
 
 
+def _hparams(run: Run) -> dict:
+    ed = run.config.get("editor")
+    hp = ed.get("hparams") if isinstance(ed, dict) else None
+    return hp if isinstance(hp, dict) else {}
+
+
+def _hparam_labels(editor: str, runs: list[Run]) -> dict[str, str]:
+    """Run name -> "editor (key=value, ...)" naming the hyperparameters in which runs of one
+    editor differ (FT-L and FT-M: "ft (objective=target_masked)"), when that tells every run
+    apart; {} otherwise. A value most of the runs share is not repeated in their labels."""
+    hps = [_hparams(r) for r in runs]
+    keys = sorted({k for hp in hps for k in hp})
+    differ = [k for k in keys if len({json.dumps(hp.get(k), sort_keys=True) for hp in hps}) > 1]
+    if not differ:
+        return {}
+    common = {}
+    for k in differ:  # a value most runs share is left out of the labels (a tie: none is)
+        values = [json.dumps(hp.get(k), sort_keys=True) for hp in hps]
+        counts = sorted((values.count(v) for v in set(values)), reverse=True)
+        common[k] = max(set(values), key=values.count) if counts[0] > counts[1] else None
+    labels = {}
+    for r, hp in zip(runs, hps):
+        parts = [f"{k}={_short(hp.get(k))}" for k in differ
+                 if json.dumps(hp.get(k), sort_keys=True) != common[k]]
+        labels[r.name] = f"{editor} ({', '.join(parts)})" if parts else editor
+    return labels if len(set(labels.values())) == len(runs) else {}
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def assign_labels(runs: list[Run]) -> None:
     """Label = editor name; when an editor has several runs, add the run directory's name
     (without a leading '<editor>-') so the rows can be told apart. Also sets each run's slug
@@ -331,9 +368,10 @@ def assign_labels(runs: list[Run]) -> None:
         if len(rs) == 1:
             rs[0].label = editor
             continue
+        by_hparams = _hparam_labels(editor, rs)
         for r in rs:
             suffix = r.name[len(editor) + 1:] if r.name.startswith(editor + "-") else r.name
-            r.label = f"{editor} ({suffix or r.name})"
+            r.label = by_hparams.get(r.name) or f"{editor} ({suffix or r.name})"
     seen: dict[str, int] = {}
     for r in runs:  # identical directory names under different parents
         if r.label in seen:

@@ -901,3 +901,20 @@ def test_palette_is_colour_blind_safe_and_fixed_per_editor(tmp_path):
         pat = rf'<span class="swatch" style="background:(#[0-9a-f]+)" aria-hidden="true"></span><a href="#run-{editor}">'
         assert re.search(pat, html_a).group(1) == re.search(pat, html_b).group(1) == EDITOR_COLORS[editor]
     assert a and b
+
+
+def test_runs_of_one_editor_are_labelled_by_the_hyperparameters_they_differ_in(tmp_path):
+    """FT-L and FT-M side by side: each row names its objective, not its directory."""
+    ftm = tmp_path / "ft-m-run"
+    shutil.copytree(FT, ftm)
+    config = json.loads((ftm / "config.json").read_text())
+    config["editor"].setdefault("hparams", {})["objective"] = "target_masked"
+    (ftm / "config.json").write_text(json.dumps(config))
+    doc = doc_of(build_report([FT, ftm, ROME], tmp_path / "out", baseline="ft-fixture").parent)
+    labels = {r["run"] for g in doc["groups"] for r in g["rows"]}
+    assert {"ft (objective=unset)", "ft (objective=target_masked)", "rome"} <= labels
+    # runs equal in every hyperparameter fall back to their directory names
+    same = tmp_path / "ft-same"
+    shutil.copytree(FT, same)
+    doc = doc_of(build_report([FT, same], tmp_path / "out2", baseline="ft-same").parent)
+    assert {r["run"] for g in doc["groups"] for r in g["rows"]} >= {"ft (fixture)", "ft (same)"}
