@@ -90,7 +90,8 @@ def _bar_chart(g: Group, cats: list[tuple[str, str, dict]], title: str, desc: st
     bw = 16 if len(runs) <= 4 else 12
     gap = 22
     left, right, top_pad, plot_h = 46, 16, 14, 220
-    cat_w = len(runs) * bw + gap
+    # wide enough for the category's label (one run's bars are narrower than "W-Score")
+    cat_w = max(len(runs) * bw + gap, max(_text_w(lower) for _, lower, _ in cats) + 8)
     width = max(340, left + right + len(cats) * cat_w)
     legend, legend_bottom = _legend(runs + refs, left, 16, width - left - right)
     top = legend_bottom + top_pad
@@ -108,7 +109,7 @@ def _bar_chart(g: Group, cats: list[tuple[str, str, dict]], title: str, desc: st
              f'text-anchor="middle">{escape(ylabel)}</text>')
     spans: dict[str, list[float]] = {}
     for ci, (upper, lower, cells) in enumerate(cats):
-        x0 = left + gap / 2 + ci * cat_w
+        x0 = left + (cat_w - len(runs) * bw) / 2 + ci * cat_w
         for ri, r in enumerate(runs):
             s = cells.get(r.slug)
             if s is None or s.get("post") is None:
