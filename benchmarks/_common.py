@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -229,3 +230,11 @@ def fmt(x, nd: int = 2) -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "-"
     return f"{x:.{nd}f}"
+
+
+def emit(table_text: str, info: dict, json_path: str | None) -> None:
+    """Print a benchmark's table after a blank line; write all its measurements as JSON if asked."""
+    print()
+    print(table_text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(info, indent=1, default=str))

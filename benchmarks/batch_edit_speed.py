@@ -26,14 +26,12 @@ robust figures.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from _common import (PeakRSS, add_data_argument, find_data_dir, fmt, load_cases, log, loadavg, machine,
+from _common import (PeakRSS, add_data_argument, emit, find_data_dir, fmt, load_cases, log, loadavg, machine,
                      machine_line, max_rss_mib, mean, prepare, run_main, set_threads)
 from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
@@ -200,10 +198,7 @@ def main() -> None:
     given = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
     print(f"{args.model}, {args.task} {args.split} cases [{args.offset}, {args.offset + args.cases}) "
           f"(ROME: the first {args.rome_cases}); batch editors: {given}; ROME: defaults")
-    print()
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+    emit(table(rows), info, args.json)
 
 
 if __name__ == "__main__":

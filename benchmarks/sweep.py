@@ -40,13 +40,11 @@ split is what the sweep scores; editors that use instructions get the "seen" des
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
-from pathlib import Path
 
-from _common import (add_data_argument, find_data_dir, fmt, is_counterfact, load_cases, log, machine,
+from _common import (add_data_argument, emit, find_data_dir, fmt, is_counterfact, load_cases, log, machine,
                      machine_line, mean, prepare, run_main, set_threads)
 from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
@@ -262,10 +260,7 @@ def main() -> None:
           f"{args.offset + len(cases)}){based}"
           + (f"; {args.edit_batch} cases per apply_batch, each evaluated with all of them applied"
              if args.edit_batch > 1 else "") + f"; wall {info['wall_s']} s")
-    print()
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+    emit(table(rows), info, args.json)
 
 
 if __name__ == "__main__":

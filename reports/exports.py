@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from reports.matrix import matrix_json, metric_tables, training_table
-from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
+from reports.stats import ALPHA, MIN_PAIRS, comparison_text
 from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, METRICS,
                            RANK_RULE, Group)
 
@@ -210,18 +210,6 @@ def _md_stat(s: dict | None, best: bool = False) -> str:
     return v
 
 
-def _md_cmp(x: dict | None) -> str:
-    if x is None:
-        return "–"
-    if x.get("diff") is None:
-        return f"– (n={x['n']})"
-    if x.get("lo") is None:
-        return f"{x['diff']:+.1f} (n={x['n']} < {MIN_PAIRS}: no test)"
-    mark = f" {x['mark']}" if x.get("mark") else ""
-    holm = "" if x.get("p_holm") is None else f" (Holm {format_p(x['p_holm'])})"
-    return f"{x['diff']:+.1f}{mark} [{x['lo']:+.1f}, {x['hi']:+.1f}] {p_text(x['p'])}{holm} n={x['n']}"
-
-
 def _md_table(head: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
     align = align or [":---"] + ["---:"] * (len(head) - 1)
     return (["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
@@ -321,8 +309,8 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                 for row in c["rows"]:
                     cells = [_run_md(row["run"])]
                     if fam == "token" and g.rank_key:
-                        cells.append(_md_cmp(row["overall"]))
-                    cells += [_md_cmp(row["cells"][i]) for i in cols]
+                        cells.append(comparison_text(row["overall"]))
+                    cells += [comparison_text(row["cells"][i]) for i in cols]
                     body.append(cells)
                 L += _md_table(head, body)
         elif c["note"]:
@@ -334,7 +322,7 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                   + _md_escape(MARK_RULE.format(alpha=ALPHA, n=p["n_tests"], min_pairs=MIN_PAIRS)), ""]
             for mat in p["matrices"]:
                 L += [f"_{_md_escape(mat['title'])}_", ""]
-                body = [[_md_escape(a.label)] + ["" if i == j else _md_cmp(mat["cells"][i][j]) for j in range(len(runs))]
+                body = [[_md_escape(a.label)] + ["" if i == j else comparison_text(mat["cells"][i][j]) for j in range(len(runs))]
                         for i, a in enumerate(runs)]
                 L += _md_table(["row − column"] + [_md_escape(b.label) for b in runs], body)
         gap = (pg or {}).get(g.gid)

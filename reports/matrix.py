@@ -18,7 +18,7 @@ from typing import Any
 from bench.core.errors import BenchError
 from bench.core.io import read_json
 from reports.runs import Run, scrub_paths
-from reports.stats import adjust_marks, format_p, p_text
+from reports.stats import adjust_marks, comparison_text
 from reports.views import COMPOSITES, METRIC_ABBR, Column, Pairing, composite_cell, family_of, make_groups
 
 MATRIX_FILE = "matrix.json"
@@ -187,17 +187,6 @@ def stat_text(s: dict | None) -> str:
     return f"{s['post']:.1f}{ci}"
 
 
-def diff_text(c: dict | None) -> str:
-    if c is None:
-        return "–"
-    if c.get("diff") is None:
-        return f"– (n={c['n']})"
-    if c.get("lo") is None:
-        return f"{c['diff']:+.1f} (n={c['n']}: no test)"
-    holm = "" if c.get("p_holm") is None else f" Holm {format_p(c['p_holm'])}"
-    return f"{c['diff']:+.1f} {c.get('mark', '')} [{c['lo']:+.1f}, {c['hi']:+.1f}] {p_text(c['p'])}{holm} n={c['n']}"
-
-
 def metric_grid(view: dict) -> list[dict]:
     """Per metric: {'metric', 'title', 'rows': [{'holdout', 'stats': [per run label],
     'diffs': [per difference label]}]} (None where a held-out task lacks that run)."""
@@ -220,7 +209,7 @@ def metric_tables(view: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) per metric: held-out task x (each run, each difference), as text."""
     head = ["held out"] + view["labels"] + view["diff_labels"]
     return [(g["title"], head, [[r["holdout"]] + [stat_text(s) for s in r["stats"]]
-                                + [diff_text(c) for c in r["diffs"]] for r in g["rows"]])
+                                + [comparison_text(c) for c in r["diffs"]] for r in g["rows"]])
             for g in metric_grid(view)]
 
 

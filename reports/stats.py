@@ -168,3 +168,16 @@ def format_p(p: float | None) -> str:
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "–"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def comparison_text(x: dict | None) -> str:
+    """One paired comparison as plain text: difference, mark, interval, p (and Holm's), n."""
+    if x is None:
+        return "–"
+    if x.get("diff") is None:
+        return f"– (n={x['n']})"
+    if x.get("lo") is None:
+        return f"{x['diff']:+.1f} (n={x['n']} < {MIN_PAIRS}: no test)"
+    mark = f" {x['mark']}" if x.get("mark") else ""
+    holm = "" if x.get("p_holm") is None else f" (Holm {format_p(x['p_holm'])})"
+    return f"{x['diff']:+.1f}{mark} [{x['lo']:+.1f}, {x['hi']:+.1f}] {p_text(x['p'])}{holm} n={x['n']}"

@@ -19,12 +19,7 @@ from tests.helpers import FIXTURE_DATA
 from tests.test_memit import CASE, CASE2, CASE3, assert_same, snapshot, tiny_hparams
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ CASE3 = EditCase(case_id="4", task="t", prompt="Barack Obama was born in", subje
                  target_new="Paris")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ CASE = EditCase(case_id="1", task="t", prompt="The mother tongue of Danielle Dar
                 subject="Danielle Darrieux", target_new="English", ground_truth="French")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared machine run far faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_hparams(lm, **changes):

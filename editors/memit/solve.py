@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from editors.rome.layer_stats import inverse_float64
+
 
 def memit_update(keys: torch.Tensor, resid: torch.Tensor, scaled_c_inv: torch.Tensor) -> torch.Tensor:
     """D = R^T K (lambda C + K^T K)^-1 given M = (lambda C)^-1: D = R^T (I + K M K^T)^-1 K M."""
@@ -48,11 +50,4 @@ def alphaedit_base_inverse(projector: torch.Tensor, preserved: torch.Tensor | No
 
 def scaled_inverse(mom2: torch.Tensor, weight: float) -> torch.Tensor:
     """(weight * C)^-1 in float64 (pseudo-inverse when C is singular)."""
-    c = weight * mom2.double()
-    try:
-        inv = torch.linalg.inv(c)
-        if not torch.isfinite(inv).all():
-            raise RuntimeError
-    except RuntimeError:
-        inv = torch.linalg.pinv(c, hermitian=True)
-    return inv
+    return inverse_float64(weight * mom2.double())

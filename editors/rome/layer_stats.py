@@ -222,13 +222,18 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
     return out
 
 
-def inverse_mom2(mom2: torch.Tensor) -> torch.Tensor:
-    """C^-1 in float64 (pseudo-inverse when C is singular), returned as float32."""
-    c = mom2.double()
+def inverse_float64(c: torch.Tensor) -> torch.Tensor:
+    """c^-1 of a symmetric matrix in float64 (pseudo-inverse when c is singular)."""
+    c = c.double()
     try:
         inv = torch.linalg.inv(c)
         if not torch.isfinite(inv).all():
             raise RuntimeError
     except RuntimeError:
         inv = torch.linalg.pinv(c, hermitian=True)
-    return inv.float()
+    return inv
+
+
+def inverse_mom2(mom2: torch.Tensor) -> torch.Tensor:
+    """C^-1 computed in float64 (pseudo-inverse when C is singular), returned as float32."""
+    return inverse_float64(mom2).float()
