@@ -46,7 +46,7 @@ def _cmp_json(c: dict) -> dict:
 
 def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
                      cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None,
-                     mx: dict | None = None) -> dict:
+                     mx: dict | None = None, xm: list | None = None) -> dict:
     """The content of leaderboard.json. `ov`, `ho`, `cmp`, `pg`, `pw` and `vd` map a group's gid to
     its overview, held-out view, baseline comparison, teacher-forced vs wild gap, pairwise
     comparisons and verdicts (reports.views); `mx` is the leave-one-task-out matrix, if any
@@ -55,6 +55,8 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
                            "failure_rule": FAILURE_RULE, "groups": []}
     if mx is not None:
         doc["holdout_matrix"] = matrix_json(mx)
+    if xm:
+        doc["cross_model"] = xm
     for g in groups:
         gd: dict[str, Any] = {
             "heading": g.heading,
@@ -210,6 +212,36 @@ def _md_stat(s: dict | None, best: bool = False) -> str:
     return v
 
 
+def cross_model_cell(c: dict | None) -> str:
+    """'rank (Score [lo, hi])' of one editor on one model; '–' where it did not run."""
+    if c is None:
+        return "–"
+    rank = "–" if c["rank"] is None else f"{c['rank']}{'=' if c['tied'] else ''}"
+    if c["value"] is None:
+        return rank
+    ci = "" if c["lo"] is None else f" [{c['lo']:.1f}, {c['hi']:.1f}]"
+    return f"{rank} ({c['value']:.1f}{ci})"
+
+
+def agreement_text(a: dict) -> str:
+    """One line on whether two models rank the editors alike."""
+    tau = "–" if a["tau"] is None else f"{a['tau']:+.2f}"
+    lead = (f"of those, {', '.join(a['leaders'][0])} rank first on both" if a["same_leaders"] else
+            f"of those, rank 1 on {a['a']}: {', '.join(a['leaders'][0]) or '–'}; on {a['b']}: "
+            f"{', '.join(a['leaders'][1]) or '–'}")
+    return f"{a['a']} vs {a['b']}: Kendall's tau-b {tau} over the {a['n']} editors ranked on both; {lead}."
+
+
+def _cross_model_markdown(x: dict) -> list[str]:
+    rank_label = COMPOSITES[x["rank_key"]][0] if x.get("rank_key") in COMPOSITES else "Score"
+    L = ["## Across models", "",
+         f"Each editor's rank on each model ({rank_label}, mean over that model's tasks, with its 95% interval); "
+         "ranks are each model's own. " + _md_escape(" ".join(agreement_text(a) for a in x["agreement"])), ""]
+    head = ["Run"] + [_md_escape(m) for m in x["models"]]
+    body = [[_md_escape(r["label"])] + [cross_model_cell(c) for c in r["cells"]] for r in x["rows"]]
+    return L + _md_table(head, body) + [""]
+
+
 def _md_table(head: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
     align = align or [":---"] + ["---:"] * (len(head) - 1)
     return (["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
@@ -231,7 +263,7 @@ def _run_md(r, reference_note: bool = True) -> str:
 
 def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
                          cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None,
-                         mx: dict | None = None) -> str:
+                         mx: dict | None = None, xm: list | None = None) -> str:
     """The content of leaderboard.md: the same tables as the HTML page (one per metric family),
     without the charts."""
     L = [f"# {_md_escape(title)}", "",
@@ -240,6 +272,8 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
          "Score = ROME's composite: " + "; ".join(f"{v[0]} = {v[3]}" for v in COMPOSITES.values()) + ".", ""]
     if mx is not None:
         L += _matrix_markdown(mx)
+    for x in xm or []:
+        L += _cross_model_markdown(x)
     for g in groups:
         L += [f"## {_md_escape(g.heading)}", ""]
         for line in (vd or {}).get(g.gid, []):

@@ -24,13 +24,14 @@ from markupsafe import Markup, escape
 
 from bench.core.errors import BenchError
 from bench.core.io import write_json_atomic
-from reports.exports import leaderboard_json, leaderboard_markdown, write_leaderboard_csv
+from reports.exports import (agreement_text, cross_model_cell, leaderboard_json, leaderboard_markdown,
+                             write_leaderboard_csv)
 from reports.matrix import matrix_view, metric_grid, read_matrix, run_dirs as matrix_run_dirs, training_table
 from reports.runs import Run, assign_labels, load_run, scrub_paths, slugify
 from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
 from reports.svg import svg_bars, svg_curves, svg_scatter, svg_scores
 from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, RANK_RULE, Pairing, case_rows,
-                           comparison, holdout_view, make_groups, overview, pairwise, protocol_gap,
+                           comparison, cross_model, holdout_view, make_groups, overview, pairwise, protocol_gap,
                            resolve_baseline, segments, sequential_curves, verdicts)
 
 FORMATS = ("html", "md", "all")
@@ -174,6 +175,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     pw = {g.gid: pairwise(g, pairings[g.gid]) for g in groups}
     vd = {g.gid: verdicts(g, ov[g.gid], ho[g.gid], cmp[g.gid], pairings[g.gid]) for g in groups}
     mx = matrix_view(matrix_doc, Path(matrix).parent, runs) if matrix_doc is not None else None
+    xm = cross_model(groups, ov)
 
     out_dir = Path(out_dir)
     try:
@@ -181,7 +183,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
     except OSError as e:
         raise BenchError(f"cannot create {out_dir}: {e.strerror}") from None
 
-    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd, "mx": mx}
+    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd, "mx": mx, "xm": xm}
     write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, **views))
     write_leaderboard_csv(out_dir / "leaderboard.csv", groups, ov)
     files = ["leaderboard.json", "leaderboard.csv"]
@@ -202,7 +204,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
                      "curves": svg_curves(g, sequential_curves(g)) if g.mode == "sequential" else None}
                     for g in groups],
             details={r.slug: _run_details(r) for r in runs}, task_file=_task_file,
-            matrix=mx, matrix_grid=metric_grid(mx) if mx else [],
+            matrix=mx, matrix_grid=metric_grid(mx) if mx else [], cross_model=xm,
+            cross_model_cell=cross_model_cell, agreement_text=agreement_text,
             matrix_training=training_table(mx) if mx else None)
         main = out_dir / "index.html"
         main.write_text(page, encoding="utf-8")

@@ -107,6 +107,11 @@ class Run:
         return str(self.config.get("mode") or sc.get("mode") or "single")
 
     @property
+    def comparison_key(self) -> tuple:
+        """What must be equal for two runs to be ranked together (one group of the report)."""
+        return (self.model_spec, self.model_hash, self.metric_definitions, self.mode, self.prompt_format)
+
+    @property
     def prompt_format(self) -> str:
         return str(self.config.get("prompt_format") or "plain")
 
@@ -361,10 +366,12 @@ def assign_labels(runs: list[Run]) -> None:
     """Label = editor name; when an editor has several runs, add the run directory's name
     (without a leading '<editor>-') so the rows can be told apart. Also sets each run's slug
     (unique, case-insensitively), colour and marker."""
-    by_editor: dict[str, list[Run]] = {}
+    # runs are told apart within what the report ranks together (model, metric definitions,
+    # mode, prompt format): ft on two models is "ft" in each model's table
+    by_editor: dict[tuple, list[Run]] = {}
     for r in runs:
-        by_editor.setdefault(r.editor, []).append(r)
-    for editor, rs in by_editor.items():
+        by_editor.setdefault((r.comparison_key, r.editor), []).append(r)
+    for (_, editor), rs in by_editor.items():
         if len(rs) == 1:
             rs[0].label = editor
             continue
@@ -372,13 +379,14 @@ def assign_labels(runs: list[Run]) -> None:
         for r in rs:
             suffix = r.name[len(editor) + 1:] if r.name.startswith(editor + "-") else r.name
             r.label = by_hparams.get(r.name) or f"{editor} ({suffix or r.name})"
-    seen: dict[str, int] = {}
+    seen: dict[tuple, int] = {}
     for r in runs:  # identical directory names under different parents
-        if r.label in seen:
-            seen[r.label] += 1
-            r.label = f"{r.label} #{seen[r.label]}"
+        key = (r.comparison_key, r.label)
+        if key in seen:
+            seen[key] += 1
+            r.label = f"{r.label} #{seen[key]}"
         else:
-            seen[r.label] = 1
+            seen[key] = 1
     slugs: set[str] = set()
     for r in runs:
         base = slugify(r.label)

@@ -349,10 +349,15 @@ def test_different_models_go_to_separate_tables(tmp_path):
     ov = tables(out, "overview")
     assert len(ov) == 3
     assert "gpt2" in ov[1]["heading"] and "exact-match/v2" in ov[2]["heading"]
-    assert {c["attrs"]["data-run"] for c in ov[1]["td"] if "data-run" in c["attrs"]} == {"rome (gpt2)"}
-    # two ft runs and two rome runs -> distinguishable labels
-    labels = [r["run"] for g in doc["groups"] for r in g["rows"]]
-    assert len(set(labels)) == len(labels) == 5
+    # each table names its runs plainly (a run is told apart from the runs ranked with it);
+    # the file names of the drill-down pages stay distinct across tables
+    assert {c["attrs"]["data-run"] for c in ov[1]["td"] if "data-run" in c["attrs"]} == {"rome"}
+    for g in doc["groups"]:
+        labels = [r["run"] for r in g["rows"]]
+        assert len(set(labels)) == len(labels)
+    pages = sorted(p.name for p in out.parent.glob("cases-rome*.html"))
+    assert pages == ["cases-rome-2-counterfact.html", "cases-rome-2-zsre.html",
+                     "cases-rome-counterfact.html", "cases-rome-zsre.html"]
     # the gpt2 group has no ft run: noted, not an error
     assert doc["groups"][1]["baseline_comparison"]["baseline_run"] is None
     assert "not among the runs" in doc["groups"][1]["baseline_comparison"]["note"]
@@ -918,3 +923,44 @@ def test_runs_of_one_editor_are_labelled_by_the_hyperparameters_they_differ_in(t
     shutil.copytree(FT, same)
     doc = doc_of(build_report([FT, same], tmp_path / "out2", baseline="ft-same").parent)
     assert {r["run"] for g in doc["groups"] for r in g["rows"]} >= {"ft (fixture)", "ft (same)"}
+
+
+def test_runs_on_two_models_get_a_cross_model_view(tmp_path):
+    """Each model's runs are ranked on their own; the cross-model table gives each editor's rank
+    on both and Kendall's tau-b of the two orders, computed here independently."""
+    other = []
+    for src in (NONE, FT, ROME):
+        dst = tmp_path / "other" / src.name
+        shutil.copytree(src, dst)
+        config = json.loads((dst / "config.json").read_text())
+        config["model"] = {**config["model"], "spec": "gemma3-270m", "source_hash": "ab" * 32}
+        (dst / "config.json").write_text(json.dumps(config))
+        other.append(dst)
+    out = build_report(ALL + other, tmp_path / "out", baseline="none", fmt="all").parent
+    doc = doc_of(out)
+    assert [g["model"]["spec"] for g in doc["groups"]] == ["smollm2-135m", "gemma3-270m"]
+    # ft and rome on both models are labelled plainly in each model's table
+    assert {r["run"] for r in doc["groups"][1]["rows"]} == {"none", "ft", "rome"}
+    (x,) = doc["cross_model"]
+    assert x["models"] == ["smollm2-135m", "gemma3-270m"]
+    cells = {r["label"]: r["cells"] for r in x["rows"]}
+    assert cells["mend"][1] is None and cells["ft"][1] is not None
+    first = {r["run"]: r for r in doc["groups"][0]["rows"]}
+    assert cells["rome"][0]["rank"] == first["rome"]["rank"]
+    assert cells["rome"][0]["value"] == pytest.approx(first["rome"]["score"]["value"], abs=1e-3)
+    # identical copies: the same order on both models, tau = 1 over ft and rome
+    (a,) = x["agreement"]
+    assert a["n"] == 2 and a["tau"] == pytest.approx(1.0) and a["same_leaders"]
+    md = (out / "leaderboard.md").read_text()
+    assert "## Across models" in md and "Kendall's tau-b +1.00 over the 2 editors" in md
+    assert "Across models" in (out / "index.html").read_text()
+
+
+def test_kendall_tau_b_by_hand():
+    from reports.views import kendall_tau
+
+    assert kendall_tau([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # pairs: (1,2) concordant, (1,3) concordant, (2,3) discordant -> (2 - 1) / 3
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert kendall_tau([1.0], [2.0]) is None
