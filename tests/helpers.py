@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from bench.core.errors import BenchError
 from editors.base import EditHandle, Editor
 
@@ -121,3 +123,19 @@ if __name__ == "__main__":
     hang = os.environ.get("SLOW_EDIT_HANG_AFTER")
     sys.exit(slow_run(sys.argv[2:], delay=float(os.environ.get("SLOW_EDIT_DELAY", "0.5")),
                       hang_after=int(hang) if hang else None))
+
+
+def wait_for_lines(path_glob, n: int, proc, timeout: float = 120) -> Path:
+    """The run directory once its cases.jsonl (found by `path_glob()`) has `n` lines; fails the
+    test if the process `proc` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"slow run exited early ({proc.returncode}): {err[-2000:]}")
+        for cases in path_glob():
+            if cases.exists() and cases.read_bytes().count(b"\n") >= n:
+                return cases.parent
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no {n} cases within {timeout} s")

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ from bench.runner import execute, resume, summarize_run
 from bench.session import RunOptions
 from bench.core.hparams import hparams_to_dict
 from editors.ft import FineTune
-from tests.helpers import FIXTURE_DATA, start
-from bench.core.tiny import tiny_config, tiny_model
+from tests.helpers import FIXTURE_DATA, start, wait_for_lines
+from bench.core.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,20 +207,6 @@ def test_torn_last_line_is_dropped_and_truncated(tmp_path):
     write_lines(run.cases_path, [good[0], "{oops\n", good[1]])
     with pytest.raises(BenchError, match=r"cases.jsonl: line 2 is not valid JSON"):
         run.read_cases()
-
-
-def wait_for_lines(path_glob, n: int, proc, timeout: float = 120) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"slow run exited early ({proc.returncode}): {err[-2000:]}")
-        for cases in path_glob():
-            if cases.exists() and cases.read_bytes().count(b"\n") >= n:
-                return cases.parent
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no {n} cases within {timeout} s")
 
 
 def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir):

@@ -24,7 +24,7 @@ from bench.core.tiny import tiny_model
 from bench.runner import execute, resume
 from bench.session import RunOptions, build_editor
 from editors.base import CombinedHandle, EditHandle, Editor
-from tests.helpers import FIXTURE_DATA, start
+from tests.helpers import FIXTURE_DATA, start, wait_for_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,20 +264,6 @@ def test_resume_restores_the_model_and_the_editor_state(tmp_path, tiny_load, mon
     assert [without_time(r) for r in ra] == [without_time(r) for r in rb]
     ca, cb = lines(straight / "checkpoints.jsonl"), lines(crashed / "checkpoints.jsonl")
     assert [without_time(c) for c in ca] == [without_time(c) for c in cb]
-
-
-def wait_for_lines(path_glob, n: int, proc, timeout: float = 120):
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"slow run exited early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
-        for cases in path_glob():
-            if cases.exists() and cases.read_bytes().count(b"\n") >= n:
-                return cases.parent
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no {n} cases within {timeout} s")
 
 
 def test_sigkill_and_resume_ends_where_a_straight_run_ends(tmp_path, tiny_model_dir):
