@@ -24,10 +24,10 @@ REFERENCE_EDITOR = "none"  # the no-edit editor: a reference line, never ranked
 REFERENCE_COLOR = "#6b6b6b"
 PALETTE = ("#005a96", "#a51e2d", "#00a569", "#a569ff", "#ff0f00", "#d278a5")
 EDITOR_COLORS = {"ft": PALETTE[0], "rome": PALETTE[1], "mend": PALETTE[2], "instructedit": PALETTE[3],
-                 "memit": PALETTE[4], REFERENCE_EDITOR: REFERENCE_COLOR}
+                 "memit": PALETTE[4], "alphaedit": PALETTE[5], REFERENCE_EDITOR: REFERENCE_COLOR}
 MARKERS = ("circle", "square", "triangle", "diamond", "triangle-down", "hexagon")
 EDITOR_MARKERS = {"ft": "circle", "rome": "square", "mend": "triangle", "instructedit": "diamond",
-                  "memit": "triangle-down", REFERENCE_EDITOR: "cross"}
+                  "memit": "triangle-down", "alphaedit": "hexagon", REFERENCE_EDITOR: "cross"}
 # An absolute path (POSIX, home-relative or a Windows drive) at the start of a word.
 _ABS_PATH = re.compile(r"""(?<![^\s=("'\[,])(?:~?/(?!/)|[A-Za-z]:\\)[^\s"'(),\[\]]*""")
 
@@ -302,11 +302,14 @@ def _stable_index(name: str, n: int) -> int:
 
 def assign_style(runs: list[Run]) -> None:
     """Colour and marker per run, fixed by editor name: the first run (by directory name, those
-    named after the editor first) of a known editor gets its editor's colour and marker, an unknown editor a slot chosen from its
-    name; a further run of the same editor the next slot not used by another run of the report."""
+    named after the editor first) of a known editor gets its editor's colour and marker, an
+    unknown editor a free slot chosen from its name; a further run of the same editor the next
+    free slot. No two runs share a colour and a marker."""
     used_c: set[str] = set()
     used_m: set[str] = set()
+    used: set[tuple[str, str]] = set()
     later: list[Run] = []
+    unknown: list[Run] = []
     seen: set[str] = set()
     # a directory named after its editor ("ft-<time>") before derived ones ("ablate-ft-...")
     for r in sorted(runs, key=lambda r: (r.editor, not r.name.startswith(r.editor), r.name)):
@@ -314,16 +317,30 @@ def assign_style(runs: list[Run]) -> None:
             later.append(r)
             continue
         seen.add(r.editor)
-        r.color = EDITOR_COLORS.get(r.editor) or PALETTE[_stable_index(r.editor, len(PALETTE))]
-        r.marker = EDITOR_MARKERS.get(r.editor) or MARKERS[_stable_index(r.editor, len(MARKERS))]
+        if r.editor not in EDITOR_COLORS:
+            unknown.append(r)
+            continue
+        r.color, r.marker = EDITOR_COLORS[r.editor], EDITOR_MARKERS[r.editor]
         used_c.add(r.color)
         used_m.add(r.marker)
-    for r in later:
+        used.add((r.color, r.marker))
+
+    def free_look(name: str, first: bool) -> tuple[str, str]:
+        # an unused colour and an unused marker while there are any; past six editors, a
+        # colour-and-marker pair no run has yet
         free_c = [c for c in PALETTE if c not in used_c] or list(PALETTE)
         free_m = [m for m in MARKERS if m not in used_m] or list(MARKERS)
-        r.color, r.marker = free_c[0], free_m[0]
-        used_c.add(r.color)
-        used_m.add(r.marker)
+        pairs = [(c, m) for c in free_c for m in free_m if (c, m) not in used] or [(free_c[0], free_m[0])]
+        look = pairs[_stable_index(name, len(pairs))] if first else pairs[0]
+        used_c.add(look[0])
+        used_m.add(look[1])
+        used.add(look)
+        return look
+
+    for r in unknown:  # after the known editors, so a new editor never takes a known one's look
+        r.color, r.marker = free_look(r.editor, first=True)
+    for r in later:
+        r.color, r.marker = free_look(r.editor, first=False)
 
 
 def _hparams(run: Run) -> dict:

@@ -964,3 +964,21 @@ def test_kendall_tau_b_by_hand():
     # pairs: (1,2) concordant, (1,3) concordant, (2,3) discordant -> (2 - 1) / 3
     assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
     assert kendall_tau([1.0], [2.0]) is None
+
+
+def test_every_editor_in_one_report_has_its_own_colour_and_marker(tmp_path):
+    """The six built-in editors, the reference and a third-party editor side by side: no two
+    runs share a colour and marker (a new editor takes a free slot, not a known editor's)."""
+    from reports.runs import MARKERS, Run, assign_style
+
+    runs = []
+    for editor in ("ft", "rome", "mend", "instructedit", "memit", "alphaedit", "none", "my_editor"):
+        config = {"editor": {"name": editor}}
+        runs.append(Run(path=tmp_path / f"{editor}-x", config=config, summary={}, cases=[],
+                        has_cases_file=True))
+    assign_style(runs)
+    looks = [(r.color, r.marker) for r in runs]
+    assert len(set(looks)) == len(looks)
+    known = {(r.color, r.marker) for r in runs[:7]}
+    assert (runs[-1].color, runs[-1].marker) not in known and runs[-1].marker in MARKERS
+    assert runs[5].color == PALETTE[5] and runs[5].marker == "hexagon"
