@@ -51,16 +51,22 @@ def evaluate_forced(lm, job: Job, protocol: Protocol, batch_size: int) -> CaseEv
     return evaluate_case(lm.model, lm.tokenizer, case, counterfact=job.counterfact, batch_size=batch_size)
 
 
+def wild_groups(jobs: list[Job]) -> list[list[int]]:
+    """Indices of the jobs evaluated in the wild, grouped by their settings (one generation batch
+    each)."""
+    groups: dict[int, list[int]] = {}
+    for k, job in enumerate(jobs):
+        if job.wild is not None:
+            groups.setdefault(id(job.wild), []).append(k)
+    return list(groups.values())
+
+
 def evaluate_wild(lm, jobs: list[Job], states: list[EvalState], batch_size: int,
                    earlier: list[EvalState] | None = None) -> None:
     """Generations (and fluency texts) for the jobs evaluated in the wild, batched across the
     jobs that share their settings, into `states`; with the `earlier` (pre-edit) states, only
     what the edited model no longer reproduces is decoded again."""
-    groups: dict[int, list[int]] = {}
-    for k, job in enumerate(jobs):
-        if job.wild is not None:
-            groups.setdefault(id(job.wild), []).append(k)
-    for ks in groups.values():
+    for ks in wild_groups(jobs):
         settings = jobs[ks[0]].wild
         cases = [jobs[k].case for k in ks]
         t0 = time.perf_counter()

@@ -43,7 +43,8 @@ from bench.core.runfiles import RunDir
 from bench.core.scorers import normalize_answer
 from bench.core.wild import (fluency_texts, generate_cases, generated_texts, locality_verdicts, ngram_entropy,
                              score_generations)
-from bench.evaluation import EvalState, Job, Protocol, RunHook, case_record, evaluate_forced, evaluate_wild
+from bench.evaluation import (EvalState, Job, Protocol, RunHook, case_record, evaluate_forced, evaluate_wild,
+                              wild_groups)
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
 LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
@@ -173,11 +174,7 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
             for i, ev in zip(idx, evals):
                 before = _unedited_locality(pre[i]["pre_locality_ids"]) if pre is not None else None
                 out[i]["post"].update(case_scores(ev, before))
-    groups: dict[int, list[int]] = {}
-    for i, job in enumerate(jobs):
-        if job.wild is not None:
-            groups.setdefault(id(job.wild), []).append(i)
-    for idx in groups.values():
+    for idx in wild_groups(jobs):
         settings = jobs[idx[0]].wild
         gens = generate_cases(model, tok, [cases[i] for i in idx], settings, batch_size)
         flu = (fluency_texts(model, tok, [cases[i] for i in idx], settings, batch_size)
