@@ -23,7 +23,7 @@ from editors.memit.solve import memit_update, scaled_inverse
 from editors.memit.values import optimise_z
 from editors.rome.contexts import context_templates
 from editors.rome.layer_stats import KeyStats, layer_stats
-from editors.rome.prefix_cache import PrefixCache, build_prefix_cache
+from editors.rome.prefix_cache import PrefixCache, current_prefix_cache, watched_prefix_cache
 
 
 @dataclass
@@ -112,11 +112,9 @@ class Memit(Editor):
                 "stats_loaded_from_cache": all(s.loaded for s in stats.values())}
         prefix = None
         if hp.reuse_context_prefix:
-            prefix = build_prefix_cache(model, tokenizer, layout, templates)
+            prefix = watched_prefix_cache(model, tokenizer, layout, templates, names)
             if prefix is None:
                 log(f"{self.name}: context-prefix reuse unavailable for this model; using full sequences")
-            else:
-                prefix.snapshot(model, names)
         info["context_prefix_reused"] = prefix is not None
         st = MemitState(id(model), layout, tokenizer, templates, layers, names, stats,
                         template_weights(list(hp.context_counts)), prefix)
@@ -141,10 +139,7 @@ class Memit(Editor):
     def _prefix(self, model, st: MemitState) -> PrefixCache | None:
         """The run's context-prefix cache, recomputed if the model changed other than by
         edit + restore (sequential edits)."""
-        if st.prefix is not None and not st.prefix.valid_for(model):
-            st.prefix = build_prefix_cache(model, st.tokenizer, st.layout, st.templates)
-            if st.prefix is not None:
-                st.prefix.snapshot(model, st.names)
+        st.prefix = current_prefix_cache(st.prefix, model, st.tokenizer, st.layout, st.templates, st.names)
         return st.prefix
 
     # ---------------------------------------------------------------- the method

@@ -10,14 +10,13 @@ per template plus the essence row, serves the batch tiled once per case.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from bench.core.cases import EditCase
 from editors.rome.inputs import Seq, build_sequences
-from editors.rome.prefix_cache import PrefixCache
+from editors.rome.prefix_cache import PrefixCache, map_cache
 
 
 class Stop(Exception):
@@ -52,29 +51,6 @@ class CaseRows:
 
     def rewrite_rows(self) -> list[int]:
         return [r for r in range(len(self.seqs)) if not self.is_essence(r)]
-
-
-def map_cache(cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replace every key/value tensor of a transformers cache by fn(tensor), in place (the
-    per-layer objects of transformers >= 4.56, or the older key_cache/value_cache lists)."""
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list):
-        for layer in layers:
-            keys = getattr(layer, "keys", None)
-            length = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.numel() else None
-            for attr in ("keys", "values"):
-                t = getattr(layer, attr, None)
-                if isinstance(t, torch.Tensor) and t.numel():
-                    setattr(layer, attr, fn(t))
-            # A sliding-window layer (Gemma 3) counts the positions it has seen and builds the next
-            # pass's mask from that count; while nothing has slid out it equals the stored length.
-            if length is not None and getattr(layer, "cumulative_length", None) == length:
-                layer.cumulative_length = layer.keys.shape[-2]
-        return
-    for attr in ("key_cache", "value_cache"):
-        tensors = getattr(cache, attr, None)
-        if isinstance(tensors, list):
-            tensors[:] = [fn(t) if isinstance(t, torch.Tensor) and t.numel() else t for t in tensors]
 
 
 def truncate(cache, keep: int) -> None:

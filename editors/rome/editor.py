@@ -16,7 +16,7 @@ from editors.rome.hparams import RomeHparams, default_for
 from editors.rome.inputs import RomeState, build_sequences
 from editors.rome.keys import compute_keys
 from editors.rome.layer_stats import inverse_mom2, layer_stats
-from editors.rome.prefix_cache import build_prefix_cache
+from editors.rome.prefix_cache import watched_prefix_cache
 from editors.rome.update import rank_one_update
 from editors.rome.values import compute_value
 
@@ -80,11 +80,10 @@ class Rome(Editor):
                         stats_loaded_from_cache=stats.loaded)
         prefix = None
         if hp.reuse_context_prefix:
-            prefix = build_prefix_cache(model, tokenizer, layout, templates)
+            prefix = watched_prefix_cache(model, tokenizer, layout, templates,
+                                          param_name(model, layout.layers[layer].mlp_out))
             if prefix is None:
                 log("rome: context-prefix reuse unavailable for this model; using full sequences")
-            else:
-                prefix.snapshot(model, param_name(model, layout.layers[layer].mlp_out))
         info["context_prefix_reused"] = prefix is not None
         if notes is not None:
             notes["rome"] = info

@@ -11,7 +11,7 @@ import torch
 
 from bench.core.errors import BenchError
 from editors.base import param_name
-from editors.rome.prefix_cache import PrefixCache, build_prefix_cache, crop
+from editors.rome.prefix_cache import PrefixCache, crop, current_prefix_cache
 from editors.rome.tokens import encode, find_subject, last_token_in_span, pad, prefix_tokens, split_prompt_target
 
 ESSENCE_TEMPLATE = "{} is a"
@@ -69,11 +69,8 @@ def batch_inputs(model, st: RomeState, seqs: list[Seq], cut: list[int] | None = 
     to its first `cut[b]` tokens. With a valid prefix cache only the tokens after the
     context text run; returns (ids, mask, skip, decoder kwargs, prefix or None)."""
     device = next(model.parameters()).device
-    if st.prefix is not None and not st.prefix.valid_for(model):
-        # The model was changed (e.g. sequential edits without restore): recompute.
-        st.prefix = build_prefix_cache(model, st.tokenizer, st.layout, st.templates)
-        if st.prefix is not None:
-            st.prefix.snapshot(model, param_name(model, st.layout.layers[st.layer].mlp_out))
+    st.prefix = current_prefix_cache(st.prefix, model, st.tokenizer, st.layout, st.templates,
+                                     param_name(model, st.layout.layers[st.layer].mlp_out))
     prefix = st.prefix
     if prefix is not None and (len(seqs) != len(prefix.ids) or any(
             s.prefix_len is None or s.ids[: s.prefix_len] != p

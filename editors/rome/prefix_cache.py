@@ -4,6 +4,7 @@ sequences on this model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,47 @@ def build_prefix_cache(model, tokenizer, layout, templates: list[str]) -> Prefix
         return None
 
 
+def watched_prefix_cache(model, tokenizer, layout, templates: list[str],
+                         watch: str | list[str]) -> PrefixCache | None:
+    """build_prefix_cache, remembering the weights (`watch`) the editor edits and restores."""
+    prefix = build_prefix_cache(model, tokenizer, layout, templates)
+    if prefix is not None:
+        prefix.snapshot(model, watch)
+    return prefix
+
+
+def current_prefix_cache(prefix: PrefixCache | None, model, tokenizer, layout, templates: list[str],
+                         watch: str | list[str]) -> PrefixCache | None:
+    """`prefix` while the model's weights are those it was computed with (or edited and
+    restored); recomputed when they changed for good (sequential edits kept in place)."""
+    if prefix is not None and not prefix.valid_for(model):
+        return watched_prefix_cache(model, tokenizer, layout, templates, watch)
+    return prefix
+
+
+def map_cache(cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every key/value tensor of a transformers cache by fn(tensor), in place (the
+    per-layer objects of transformers >= 4.56, or the older key_cache/value_cache lists)."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        for layer in layers:
+            keys = getattr(layer, "keys", None)
+            length = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.numel() else None
+            for attr in ("keys", "values"):
+                t = getattr(layer, attr, None)
+                if isinstance(t, torch.Tensor) and t.numel():
+                    setattr(layer, attr, fn(t))
+            # A sliding-window layer (Gemma 3) counts the positions it has seen and builds the next
+            # pass's mask from that count; while nothing has slid out it equals the stored length.
+            if length is not None and getattr(layer, "cumulative_length", None) == length:
+                layer.cumulative_length = layer.keys.shape[-2]
+        return
+    for attr in ("key_cache", "value_cache"):
+        tensors = getattr(cache, attr, None)
+        if isinstance(tensors, list):
+            tensors[:] = [fn(t) if isinstance(t, torch.Tensor) and t.numel() else t for t in tensors]
+
+
 def crop(cache, width: int) -> None:
     """Drop cache entries beyond the first `width` positions (a negative count works on both
     the older and the newer transformers Cache.crop)."""
@@ -108,12 +150,4 @@ def crop(cache, width: int) -> None:
     if extra > 0:
         cache.crop(-extra)
     # What remains is a slice of this step's concatenation: cut it from the autograd graph.
-    for layer in getattr(cache, "layers", []):
-        for attr in ("keys", "values"):
-            t = getattr(layer, attr, None)
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                setattr(layer, attr, t.detach())
-    for attr in ("key_cache", "value_cache"):  # older transformers
-        tensors = getattr(cache, attr, None)
-        if isinstance(tensors, list):
-            tensors[:] = [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]
+    map_cache(cache, torch.Tensor.detach)
