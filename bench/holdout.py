@@ -12,6 +12,9 @@ tasks it trained on, each evaluation an ordinary run directory (bench.runner.exe
   stored options equal the cell's is reused: skipped when complete, resumed when not.
 * matrix.json (beside the run directories) names the run directory of every (held-out task,
   editor, instruction mode); `bench report --matrix` renders it (reports.matrix).
+* Columns: `columns` makes only some held-out tasks' runs, so that processes (or machines
+  sharing the output directory) can make different columns at once; such a partial invocation
+  writes no matrix.json (it would overwrite another one's), a later full one finds every run.
 """
 
 from __future__ import annotations
@@ -66,10 +69,17 @@ class MatrixPlan:
     output_dir: Path
     base: RunOptions  # model, data, limit, seed, protocols...: what every run shares
     hparams: dict  # the overrides every editor gets (EQUAL_STEPS under --hparam)
+    columns: list[str] | None = None  # held-out tasks to make now (None: all of `tasks`)
+
+    @property
+    def partial(self) -> bool:
+        return self.columns is not None and set(self.columns) != set(self.tasks)
 
     def cells(self) -> list[Cell]:
         out = []
         for task in self.tasks:
+            if self.columns is not None and task not in self.columns:
+                continue
             for editor in self.editors:
                 modes = INSTRUCTION_MODES if get_editor_class(editor).uses_instructions else (NO_INSTRUCTION,)
                 out += [Cell(task, editor, mode) for mode in modes]
@@ -89,10 +99,13 @@ def _names(kind: str, names: list[str]) -> None:
         raise BenchError(f"--{kind} names {', '.join(dup)} twice")
 
 
-def check_inputs(editors: list[str], tasks: list[str]) -> None:
+def check_inputs(editors: list[str], tasks: list[str], columns: list[str] | None = None) -> None:
     """One-line errors for a matrix that cannot be made, before anything loads."""
     _names("editors", editors)
     _names("tasks", tasks)
+    for name in columns or ():
+        if name not in tasks:
+            raise BenchError(f"--columns names {name!r}, which is not one of --tasks ({','.join(tasks)})")
     for name in editors:
         if not get_editor_class(name).learns:  # an unknown name is an error here too
             raise BenchError(f"editor {name!r} does not learn: the matrix trains editors on all tasks "
@@ -210,7 +223,7 @@ def _same_training(doc: dict) -> dict[str, bool]:
 
 def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Make (or complete) every run of the matrix and write matrix.json; returns its content."""
-    check_inputs(plan.editors, plan.tasks)
+    check_inputs(plan.editors, plan.tasks, plan.columns)
     for cell in plan.cells():
         check_run_name(cell.label)
     plan.base.check()
@@ -238,9 +251,14 @@ def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[s
             path = runner.execute(opts, argv=argv, log=log)
         doc["runs"].setdefault(cell.holdout, {}).setdefault(cell.editor, {})[cell.instruction] = Path(path).name
         doc["training"].setdefault(cell.holdout, {}).setdefault(cell.editor, _training(Path(path)))
-        write_json_atomic(matrix_path, doc)  # progress is visible, and a partial matrix reportable
+        if not plan.partial:
+            write_json_atomic(matrix_path, doc)  # progress is visible, and a partial matrix reportable
     doc["same_training"] = _same_training(doc)
-    write_json_atomic(matrix_path, doc)
+    if plan.partial:
+        log(f"columns {','.join(plan.columns)} made; {MATRIX_FILE} not written: run the command again "
+            f"without --columns once every column is made")
+    else:
+        write_json_atomic(matrix_path, doc)
     for task, same in doc["same_training"].items():
         if not same:
             log(f"warning: with {task} held out the editors did not train alike (tasks, steps or draws "

@@ -198,6 +198,29 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
         (report / "index.html").read_text()
 
 
+def test_columns_split_the_matrix_and_a_full_invocation_assembles_it(
+        tiny_model_dir, tmp_path, monkeypatch, capsys, trainings, run_calls):
+    """Two processes sharing the output directory make different columns; neither writes
+    matrix.json; the full invocation afterwards trains and runs nothing and writes it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "matrix"
+    assert main(matrix_args(tiny_model_dir, out) + ["--columns", "zsre"]) == 0
+    assert run_calls == ["execute"] * 3 and sorted(map(tuple, trainings)) == [("zsre",)] * 2
+    assert not (out / "matrix.json").exists() and "matrix.json not written" in capsys.readouterr().out
+    assert sorted(p.name.rsplit("-", 2)[0] for p in out.iterdir()) == [
+        "instructedit-seen-holdout-zsre", "instructedit-unseen-holdout-zsre", "mend-holdout-zsre"]
+    run_calls.clear()
+    assert main(matrix_args(tiny_model_dir, out) + ["--columns", ",".join(t for t in TASKS if t != "zsre")]) == 0
+    assert run_calls == ["execute"] * 6 and not (out / "matrix.json").exists()
+    run_calls.clear()
+    trainings.clear()
+    assert main(matrix_args(tiny_model_dir, out)) == 0
+    assert run_calls == [] and trainings == []
+    doc = json.loads((out / "matrix.json").read_text())
+    assert sorted(doc["runs"]) == sorted(TASKS) and doc["same_training"] == {t: True for t in TASKS}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "counterfact,nope"], r"unknown task 'nope'"),
     (["--tasks", "zsre"], r"--tasks needs at least two tasks"),
@@ -206,6 +229,7 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
     (["--editors", "instructedit,nope"], r"unknown editor 'nope'"),
     (["--editors", "instructedit"], r"--editors needs at least two learned editors"),
     (["--editors", "mend,rome"], r"editor 'rome' does not learn"),
+    (["--columns", "counterfact,recent"], r"--columns names 'recent', which is not one of --tasks"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     code = main(["holdout-matrix", "--output-dir", str(tmp_path / "m")] + args)

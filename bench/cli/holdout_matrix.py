@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--tasks", type=csv_list, default=["counterfact", "zsre", "recast"], metavar="T,T[,T]",
                    help="tasks held out in turn; every other task with train data is trained on "
                         "(default counterfact,zsre,recast)")
+    p.add_argument("--columns", type=csv_list, default=None, metavar="T[,T]",
+                   help="make only these held-out tasks' runs now (to split the matrix across processes "
+                        "sharing --output-dir); writes no matrix.json: run again without it to assemble")
     p.add_argument("--limit", type=limit, default=DEFAULT_LIMIT,
                    help=f"eval cases per task (default {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
@@ -45,12 +48,13 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    check_inputs(args.editors, args.tasks)
+    check_inputs(args.editors, args.tasks, args.columns)
     base = RunOptions(model=args.model, device=args.device, dtype=args.dtype, limit=args.limit,
                       seed=args.seed, data_dir=args.data_dir, task_options=task_options(args.task_option),
                       protocols=args.protocol, batch_size=args.batch_size)
     plan = MatrixPlan(editors=args.editors, tasks=args.tasks, output_dir=Path(args.output_dir), base=base,
-                      hparams={**EQUAL_STEPS, **parse_hparam_args(args.hparam)})
+                      hparams={**EQUAL_STEPS, **parse_hparam_args(args.hparam)}, columns=args.columns)
     doc = run_matrix(plan, argv=sys.argv[1:])
-    print_matrix(doc, plan.output_dir)
+    if not plan.partial:
+        print_matrix(doc, plan.output_dir)
     return 0
