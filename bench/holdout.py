@@ -35,7 +35,7 @@ from bench.session import RunOptions
 from editors import get_editor_class
 from reports.matrix import (MATRIX_FILE, MATRIX_FORMAT, NO_INSTRUCTION, INSTRUCTION_MODES, format_matrix,
                             matrix_view, run_dirs)
-from reports.runs import load_run
+from reports.runs import assign_labels, load_run
 from tasks.registry import get_card
 
 # Every editor trains exactly max_steps steps: no early stopping, no time budget (InstructEdit's
@@ -269,5 +269,6 @@ def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[s
 def print_matrix(doc: dict, output_dir: Path, log: Callable[[str], None] = print) -> None:
     """The matrix as text tables, from the runs matrix.json names."""
     runs = [load_run(p) for p in run_dirs(doc, output_dir)]
+    assign_labels(runs)  # as the report does: every run its own label and slug
     log(format_matrix(matrix_view(doc, output_dir, runs)))
     log(f"matrix: {output_dir / MATRIX_FILE}")

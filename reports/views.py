@@ -449,10 +449,11 @@ class Pairing:
 
     def __init__(self, g: Group):
         self.g = g
-        self._posts: dict[str, dict[tuple[str, str], dict]] = {r.slug: r.case_posts() for r in g.runs}
+        # keyed by the run object: slugs are unique only once assign_labels has run
+        self._posts: dict[int, dict[tuple[str, str], dict]] = {id(r): r.case_posts() for r in g.runs}
 
     def _shared(self, a: Run, b: Run, task: str, terms: tuple[str, ...]) -> list[tuple[str, str]]:
-        pa, pb = self._posts[a.slug], self._posts[b.slug]
+        pa, pb = self._posts[id(a)], self._posts[id(b)]
         return sorted(k for k in pa.keys() & pb.keys() if k[0] == task
                       and all(finite_or_none(pa[k].get(m)) is not None and finite_or_none(pb[k].get(m)) is not None
                               for m in terms))
@@ -462,7 +463,7 @@ class Pairing:
         keys = self._shared(a, b, task, terms)
         if len(keys) < MIN_PAIRS:
             return None, None, len(keys)
-        pa, pb = self._posts[a.slug], self._posts[b.slug]
+        pa, pb = self._posts[id(a)], self._posts[id(b)]
         cols_a = [np.array([float(pa[k][m]) for k in keys]) for m in terms]
         cols_b = [np.array([float(pb[k][m]) for k in keys]) for m in terms]
         value, res = paired_score_resamples(cols_a, cols_b, seed)
@@ -480,7 +481,7 @@ class Pairing:
         keys = self._shared(a, b, c.task, (c.key,))
         if not keys:
             return None
-        pa, pb = self._posts[a.slug], self._posts[b.slug]
+        pa, pb = self._posts[id(a)], self._posts[id(b)]
         return paired_comparison(np.array([float(pa[k][c.key]) for k in keys]),
                                  np.array([float(pb[k][c.key]) for k in keys]), scale=c.scale)
 

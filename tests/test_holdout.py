@@ -17,7 +17,7 @@ import bench.session as session
 from bench.cli import main
 from bench.core.errors import BenchError
 from bench.core.tiny import tiny_model
-from bench.holdout import MatrixPlan, equal_training_hparams
+from bench.holdout import MatrixPlan, equal_training_hparams, print_matrix
 from bench.session import RunOptions, training_data
 from editors.base import EditContext
 from editors.instructedit import InstructEdit
@@ -337,6 +337,13 @@ def test_report_renders_the_matrix_from_fixture_like_runs(tmp_path):
     md = (out.parent / "leaderboard.md").read_text()
     assert "## Leave-one-task-out matrix" in md and "instructedit (seen) − mend" in md
     assert "+100.0 ▲ [+100.0, +100.0]" in md and "/home/someone" not in md
+    # the text matrix `bench holdout-matrix` prints at the end: the same differences
+    printed: list[str] = []
+    print_matrix(doc, folder, log=printed.append)
+    text = "\n".join(printed)
+    # seen − mend: +100 in Score, reliability and generality on both held-out tasks; unseen: +50
+    assert text.count("+100.0 ▲ [+100.0, +100.0]") == 3 * 2 and text.count("+50.0 ") >= 2 * 2, text
+
     html = out.read_text()
     assert html.count('class="matrix holdout-matrix"') == len(MATRIX_METRICS)
     assert "Leave-one-task-out matrix" in html and "/home/someone" not in html
