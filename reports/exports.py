@@ -379,7 +379,8 @@ def _matrix_markdown(mx: dict) -> list[str]:
         L += [f"**{_md_escape(title)}**", ""]
         L += _md_table([_md_escape(h) for h in head], [[_md_escape(c) for c in row] for row in body])
     head, body = training_table(mx)
-    L += ["**Training** (each run's editor; Score on its training tasks: mean over them of the per-task Score)", ""]
+    L += ["**Training** (each run's editor; kept step: the validation with the lowest loss, whose network is "
+          "used; Score on its training tasks: mean over them of the per-task Score)", ""]
     L += _md_table(head, [[_md_escape(c) for c in row] for row in body],
                    [":---", ":---", ":---", "---:", "---:"])
     return L

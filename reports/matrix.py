@@ -151,7 +151,10 @@ def matrix_view(doc: dict, folder: Path, runs: list[Run]) -> dict:
                          "cells": {m: _stat(r, task, m) for m in MATRIX_METRICS},
                          "training_score": _mean([(_stat(r, t, "score") or {}).get("post")
                                                   for t in r.tasks if t in trained]),
-                         "steps": r.notes.get("train_steps")})
+                         "steps": r.notes.get("train_steps"),
+                         # the network kept is the best validation's: an early one means the
+                         # validation loss never got lower afterwards (unstable or overfitting)
+                         "kept_step": (r.notes.get("final_validation") or {}).get("step")})
         diffs = []
         for a, b in comparisons(row, doc["editors"][0]):
             cells = {m: compare(found[a], found[b], task, m) for m in MATRIX_METRICS}
@@ -214,13 +217,15 @@ def metric_tables(view: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def training_table(view: dict) -> tuple[list[str], list[list[str]]]:
-    """Per held-out task and run: what it trained on, its steps, its mean Score on those tasks."""
-    head = ["held out", "run", "trained on", "steps", "Score on its training tasks"]
+    """Per held-out task and run: what it trained on, its steps, the step of the network kept
+    (best validation loss), its mean Score on those tasks."""
+    head = ["held out", "run", "trained on", "steps", "kept step", "Score on its training tasks"]
     body = []
     for row in view["rows"]:
         for c in row["columns"]:
             body.append([row["holdout"], c["label"], ", ".join(c["trained_on"]) or "–",
                          "–" if c["steps"] is None else str(c["steps"]),
+                         "–" if c.get("kept_step") is None else str(c["kept_step"]),
                          "–" if c["training_score"] is None else f"{c['training_score']:.1f}"])
     return head, body
 
@@ -261,7 +266,7 @@ def matrix_json(view: dict) -> dict:
             "n_tests": view["n_tests"], "missing": view["missing"], "training_hparams": view["training_hparams"],
             "rows": [{"holdout": row["holdout"],
                       "runs": [{"run": c["label"], "run_dir": c["run"].name, "trained_on": c["trained_on"],
-                                "steps": c["steps"], "training_score": _r(c["training_score"]),
+                                "steps": c["steps"], "kept_step": c.get("kept_step"), "training_score": _r(c["training_score"]),
                                 "scores": {m: stat(s) for m, s in c["cells"].items()}} for c in row["columns"]],
                       "differences": [{"a": d["a"], "b": d["b"], "scores": {m: cmp(x) for m, x in d["cells"].items()}}
                                       for d in row["diffs"]]}

@@ -194,6 +194,9 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
     assert main(["report", "--matrix", str(out / "matrix.json"), "-o", str(report), "--format", "all",
                  "--baseline", "none"]) == 0
     lb = json.loads((report / "leaderboard.json").read_text())["holdout_matrix"]
+    # the step of the network each run uses (best validation of steps 1, 2), beside the steps trained
+    assert all(r["steps"] == 2 and r["kept_step"] in (1, 2) for row in lb["rows"] for r in row["runs"])
+    assert "| kept step |" in (report / "leaderboard.md").read_text()
     assert [r["holdout"] for r in lb["rows"]] == TASKS and "Leave-one-task-out matrix" in \
         (report / "index.html").read_text()
 
