@@ -382,5 +382,5 @@ def _matrix_markdown(mx: dict) -> list[str]:
     L += ["**Training** (each run's editor; kept step: the validation with the lowest loss, whose network is "
           "used; Score on its training tasks: mean over them of the per-task Score)", ""]
     L += _md_table(head, [[_md_escape(c) for c in row] for row in body],
-                   [":---", ":---", ":---", "---:", "---:"])
+                   [":---"] * 3 + ["---:"] * (len(head) - 3))
     return L
