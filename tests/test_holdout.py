@@ -185,7 +185,8 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
     assert run_calls == ["resume", "execute"] and trainings == []  # checkpoints from the cache
     again = json.loads((out / "matrix.json").read_text())
     remade = out / again["runs"]["zsre"]["mend"]["none"]
-    assert remade != lost and config_of(remade)["notes"]["checkpoint_source"] == "cache" and n_cases(remade) == 6
+    # (a new directory; it may carry the lost one's name when made within the same second)
+    assert remade.is_dir() and config_of(remade)["notes"]["checkpoint_source"] == "cache" and n_cases(remade) == 6
     assert again["runs"]["counterfact"]["instructedit"]["unseen"] == killed.name and n_cases(killed) == 6
     assert "resuming " + killed.name in capsys.readouterr().out
 
