@@ -57,7 +57,7 @@ from bench.core.metrics import ALL_METRICS
 from bench.core.models import LoadedModel, load_model
 from bench.core.probes import encode_probe
 from bench.core.tiny import tiny_model
-from bench.runner import run_cases
+from bench.runner import Job, run_cases
 from bench.session import build_editor, hparams_source
 from editors import get_editor_class
 from editors.base import EditHandle, param_name
@@ -206,7 +206,7 @@ def timed_cases(lm: LoadedModel, editor, cases, optimised: bool, counterfact: bo
     """The cases through bench.runner.run_cases, in one call when the editor computes several
     edits together; the optimised paths' post-edit evaluation reuses the blocks below the edit,
     the others run every block. Steps and phases from each record's "edit" entry."""
-    records = list(run_cases(lm, editor, [(c, counterfact) for c in cases], batch_size=32,
+    records = list(run_cases(lm, editor, [Job(c, counterfact) for c in cases], batch_size=32,
                              reuse_unchanged_blocks=optimised))
     out = []
     for case, rec in zip(cases, records):
@@ -448,7 +448,7 @@ def phases(lm: LoadedModel, editor, ctx, cases, counterfact: bool) -> list[dict]
         if editor.uses_instructions:
             case = ctx.instruct(case, "seen")
         with PeakRSS() as mem:
-            rec = next(run_cases(lm, editor, [(case, counterfact)], batch_size=32))
+            rec = next(run_cases(lm, editor, [Job(case, counterfact)], batch_size=32))
         info = rec.get("edit", {})
         row = {"case": case.case_id, "error": rec["error"], "phases": {k: info[k] for k in phase_keys(info)},
                "steps": info.get("steps"), "growth_mib": mem.delta_mib, "max_rss_mib": max_rss_mib()}

@@ -119,3 +119,25 @@ def test_sweep_refuses_a_bad_value_before_loading(tiny_model_dir):
                      "--sweep", "steps=-1")
     assert res.returncode == 2
     assert "steps" in res.stderr and "Traceback" not in res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# speed.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_speed_compare_runs_on_a_tiny_checkpoint(tiny_model_dir, tmp_path):
+    # Compare mode drives bench.runner.run_cases: it broke once when run_cases began to take Jobs.
+    out = tmp_path / "speed.json"
+    res = run_script("speed.py", "--model", tiny_model_dir, "--data-dir", FIXTURE_DATA, "--editors", "ft",
+                     "--cases", "1", "--threads", "1", "--no-warmup", "--json", out, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert out.exists()
+
+
+def test_speed_phases_runs_on_a_tiny_checkpoint(tiny_model_dir):
+    res = run_script("speed.py", "--phases", "--editor", "ft", "--model", tiny_model_dir, "--data-dir",
+                     FIXTURE_DATA, "--cases", "1", "--threads", "1", "--hparam", "steps=1", timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr

@@ -276,3 +276,56 @@ def test_single_mode_through_the_runner(shared_cache):
     assert [r["edit"]["z_cases"] for r in records] == [2, 2]
     assert all(r["edit"]["steps"] == 2 for r in records)
     assert_same(lm.model, before)
+
+
+# --------------------------------------------------------------------------------------------
+# A norm between the MLP and the residual stream (Gemma-2/3)
+# --------------------------------------------------------------------------------------------
+
+
+def test_through_post_norm_lands_the_residual_where_the_norm_passes_it():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from editors.memit.keys import through_post_norm
+
+    torch.manual_seed(0)
+    norm = Gemma3RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5)
+    out = torch.randn(3, 16) * 0.1  # a small MLP output, as Gemma's are: the norm scales it up
+    with torch.no_grad():
+        reachable = norm(out + 0.02 * torch.randn(3, 16))  # a target the norm can produce
+        resid = reachable - norm(out)
+        d = through_post_norm(norm, out, resid)
+        torch.testing.assert_close(norm(out + d), reachable, rtol=1e-3, atol=1e-3)
+        # written as it is (the residual taken for the projection's own output), it misses
+        assert (norm(out + resid) - reachable).norm() > 10 * (norm(out + d) - reachable).norm()
+
+
+def tiny_gemma3():
+    import transformers
+
+    from bench.core.tiny import tiny_tokenizer
+    from bench.core.models import model_from_config
+
+    tok = tiny_tokenizer()
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return model_from_config(config, tok, seed=0)
+
+
+def test_memit_writes_through_gemmas_post_feed_forward_norm(shared_cache):
+    """On Gemma-3 the MLP output is normed before it joins the stream: MEMIT finds the norm and
+    maps each layer's residual through it, so the edit still takes, and restores exactly."""
+    lm = tiny_gemma3()
+    editor = prepared(Memit, lm, shared_cache, layers=[1, 2], v_num_grad_steps=30)
+    assert set(editor._state.post_norms) == {1, 2}
+    before = snapshot(lm.model)
+    target = lm.tokenizer(" " + CASE.target_new).input_ids[0]
+    assert next_token(lm, CASE.prompt) != target
+    handle = editor.apply(lm.model, lm.tokenizer, CASE)
+    assert next_token(lm, CASE.prompt) == target
+    handle.restore()
+    assert_same(lm.model, before)

@@ -208,7 +208,7 @@ def test_gemma_layout_and_softcapped_logits(config_name):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from bench.core.layout import find_layout, output_logits
+    from bench.core.layout import find_layout, find_post_mlp_norms, output_logits
     from bench.core.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -227,6 +227,17 @@ def test_gemma_layout_and_softcapped_logits(config_name):
         full = model(ids).logits[0]
         hidden = model.base_model(input_ids=ids).last_hidden_state[0]
         torch.testing.assert_close(output_logits(model, hidden), full, rtol=1e-5, atol=1e-5)
+    # the norm between each MLP and the residual stream, found from the data flow
+    assert find_post_mlp_norms(model, layout) == [b.post_feedforward_layernorm for b in model.model.layers]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_no_post_mlp_norm_where_the_mlp_output_joins_the_stream(arch):
+    from bench.core.layout import find_post_mlp_norms
+    from bench.core.tiny import tiny_model
+
+    lm = tiny_model(arch)
+    assert find_post_mlp_norms(lm.model, lm.layout) == [None] * lm.layout.num_layers
 
 
 # --------------------------------------------------------------------------------------------

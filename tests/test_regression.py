@@ -209,3 +209,15 @@ def test_unknown_and_unloadable_lm_tasks(tmp_path, capsys, tiny_lm):
     else:
         pytest.skip("arc_easy's data is in the local datasets cache")
     assert "arc_easy" in msg and "could not load its data" in msg and "\n" not in msg
+
+
+def test_weights_fingerprint_reads_zero_dim_buffers():
+    # Gemma-3 keeps its embedding scale as a 0-dim buffer; the fingerprint must hash it, and see it change.
+    from bench.regression.hook import weights_fingerprint
+
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("scale", torch.tensor(25.3), persistent=False)
+    before = weights_fingerprint(module)
+    assert weights_fingerprint(module) == before
+    module.scale.fill_(26.0)
+    assert weights_fingerprint(module) != before

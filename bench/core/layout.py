@@ -123,3 +123,40 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@torch.no_grad()
+def find_post_mlp_norms(model: nn.Module, layout: ModelLayout) -> list[nn.Module | None]:
+    """Per block, the module that transforms the MLP's output before it joins the residual
+    stream (Gemma-2/3's post-feed-forward norm), or None where the MLP output is added as it is
+    (Llama, GPT-2, GPT-NeoX). Found from the data flow of one short forward pass, not from
+    module names: the first module of the block that receives the very tensor the MLP returned
+    and returns something else (an identity in eval mode, such as a dropout, is followed)."""
+    tracked: dict[int, int] = {}  # block -> id of the tensor carrying the MLP output
+    found: dict[int, nn.Module] = {}
+    hooks = []
+    for i, bm in enumerate(layout.layers):
+        inside = {id(m) for m in bm.mlp.modules()}
+
+        def on_mlp(_m, _a, out, i=i):
+            tracked[i] = id(out[0] if isinstance(out, tuple) else out)
+        hooks.append(bm.mlp.register_forward_hook(on_mlp))
+        for module in bm.block.modules():
+            if module is bm.block or id(module) in inside or list(module.children()):
+                continue
+
+            def on_leaf(m, args, out, i=i):
+                if i in found or i not in tracked or not args or id(args[0]) != tracked[i]:
+                    return
+                if isinstance(out, torch.Tensor) and torch.equal(out, args[0]):
+                    tracked[i] = id(out)  # passes the output on unchanged
+                else:
+                    found[i] = m
+            hooks.append(module.register_forward_hook(on_leaf))
+    device = next(model.parameters()).device
+    try:
+        layout.decoder(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [found.get(i) for i in range(len(layout.layers))]

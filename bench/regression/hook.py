@@ -38,7 +38,8 @@ def weights_fingerprint(model) -> str:
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): a 0-dim buffer (Gemma-3's embedding scale) cannot be viewed as bytes
+            h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from bench.core.cases import EditCase
 from bench.core.errors import BenchError
-from bench.core.layout import ModelLayout, find_layout, weight_out_in
+from bench.core.layout import ModelLayout, find_layout, find_post_mlp_norms, weight_out_in
 from editors.base import EditContext, EditHandle, Editor, param_name
 from editors.memit.hparams import BatchEditHparams, MemitHparams, default_for
-from editors.memit.keys import read_layers, template_weights
+from editors.memit.keys import read_layers, template_weights, through_post_norm
 from editors.memit.rows import CaseRows
 from editors.memit.solve import memit_update, scaled_inverse
 from editors.memit.values import optimise_z
@@ -40,6 +40,7 @@ class MemitState:
     weights: list[float]  # each template's weight in a case's mean key
     prefix: PrefixCache | None = None
     solver: dict[int, torch.Tensor] = field(default_factory=dict)  # per layer: the method's d x d matrix
+    post_norms: dict[int, nn.Module] = field(default_factory=dict)  # edited layers whose MLP output is normed
 
 
 class BatchHandle(EditHandle):
@@ -116,8 +117,11 @@ class Memit(Editor):
             if prefix is None:
                 log(f"{self.name}: context-prefix reuse unavailable for this model; using full sequences")
         info["context_prefix_reused"] = prefix is not None
+        norms = find_post_mlp_norms(model, layout)
+        post_norms = {i: norms[i] for i in layers if norms[i] is not None}
+        info["post_mlp_norm"] = bool(post_norms)
         st = MemitState(id(model), layout, tokenizer, templates, layers, names, stats,
-                        template_weights(list(hp.context_counts)), prefix)
+                        template_weights(list(hp.context_counts)), prefix, post_norms=post_norms)
         self._prepare_solver(st, Path(cache) if cache is not None else None, info)
         if notes is not None:
             notes[self.name] = info
@@ -163,9 +167,13 @@ class Memit(Editor):
         per_layer = []
         for i, layer in enumerate(st.layers):
             t0 = time.perf_counter()
-            keys, cur = read_layers(model, st.layout, rows, [layer], st.weights, z_layer=st.layers[-1])
+            norm = st.post_norms.get(layer)
+            keys, cur = read_layers(model, st.layout, rows, [layer], st.weights, z_layer=st.layers[-1],
+                                    outputs=norm is not None)
             t1 = time.perf_counter()
             resid = (z - cur) / (len(st.layers) - i)
+            if norm is not None:  # the projection's output passes a norm before the stream
+                resid = through_post_norm(norm, keys[("out", layer)], resid)
             delta = self._update(st, layer, keys[layer], resid)
             w = weight_out_in(st.layout.layers[layer].mlp_out)
             w.add_(delta.to(w.dtype))
