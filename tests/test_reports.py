@@ -953,7 +953,10 @@ def test_runs_on_two_models_get_a_cross_model_view(tmp_path):
     assert a["n"] == 2 and a["tau"] == pytest.approx(1.0) and a["same_leaders"]
     md = (out / "leaderboard.md").read_text()
     assert "## Across models" in md and "Kendall's tau-b +1.00 over the 2 editors" in md
-    assert "Across models" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "Across models" in page
+    # the columns are headed by the model, linking to its section (the full heading as a title)
+    assert re.search(r'<th scope="col"><a href="#[^"]+" title="Model gemma3-270m[^"]*">gemma3-270m</a></th>', page)
 
 
 def test_kendall_tau_b_by_hand():
