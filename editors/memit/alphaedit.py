@@ -56,7 +56,7 @@ class AlphaEdit(Memit):
         """The batch's keys at every edited layer, read on the model they were written into, join
         the preserved keys; the handle puts the previous state back when restored."""
         t0 = time.perf_counter()
-        keys, _ = read_layers(model, st.layout, rows, st.layers, st.weights)
+        keys, _, _ = read_layers(model, st.layout, rows, st.layers, st.weights)
         before = dict(self._preserved)
         grown = {}
         for layer in st.layers:

@@ -168,12 +168,12 @@ class Memit(Editor):
         for i, layer in enumerate(st.layers):
             t0 = time.perf_counter()
             norm = st.post_norms.get(layer)
-            keys, cur = read_layers(model, st.layout, rows, [layer], st.weights, z_layer=st.layers[-1],
-                                    outputs=norm is not None)
+            keys, cur, outs = read_layers(model, st.layout, rows, [layer], st.weights, z_layer=st.layers[-1],
+                                          outputs=norm is not None)
             t1 = time.perf_counter()
             resid = (z - cur) / (len(st.layers) - i)
             if norm is not None:  # the projection's output passes a norm before the stream
-                resid = through_post_norm(norm, keys[("out", layer)], resid)
+                resid = through_post_norm(norm, outs[layer], resid)
             delta = self._update(st, layer, keys[layer], resid)
             w = weight_out_in(st.layout.layers[layer].mlp_out)
             w.add_(delta.to(w.dtype))

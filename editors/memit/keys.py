@@ -20,11 +20,11 @@ def template_weights(counts: list[int]) -> list[float]:
 @torch.no_grad()
 def read_layers(model, layout, rows: CaseRows, key_layers: list[int], weights: list[float],
                 z_layer: int | None = None, outputs: bool = False
-                ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+                ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, dict[int, torch.Tensor]]:
     """({layer: each case's mean key (n_cases, intermediate), float32}, block `z_layer`'s output
-    at each case's subject in its bare prompt (n_cases, hidden) or None). `outputs`: the first
-    dictionary also holds, under ("out", layer), each key layer's MLP output projection's output
-    at the subject in the bare prompt (n_cases, hidden)."""
+    at each case's subject in its bare prompt (n_cases, hidden) or None, and with `outputs`
+    {layer: the MLP output projection's output at the subject in the bare prompt (n_cases,
+    hidden)}, else {})."""
     device = next(model.parameters()).device
     rewrite = rows.rewrite_rows()
     seqs = [rows.seqs[r] for r in rewrite]
@@ -69,10 +69,9 @@ def read_layers(model, layout, rows: CaseRows, key_layers: list[int], weights: l
     keys = {layer: torch.zeros(rows.n_cases, got[layer].shape[1], device=device).index_add(0, case, w * got[layer])
             for layer in key_layers}
     bare = [rewrite.index(rows.bare(c)) for c in range(rows.n_cases)]
-    if outputs:
-        keys.update({("out", layer): got[("out", layer)][bare] for layer in key_layers})
+    outs = {layer: got[("out", layer)][bare] for layer in key_layers} if outputs else {}
     cur = got["z"][bare] if z_layer is not None else None
-    return keys, cur
+    return keys, cur, outs
 
 
 def through_post_norm(norm, out: torch.Tensor, resid: torch.Tensor, steps: int = 50) -> torch.Tensor:
