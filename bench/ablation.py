@@ -90,8 +90,10 @@ class AblationHook(RunHook):
         for fmt in self.formats:
             check_prompt_format(self.lm.tokenizer, fmt)
 
-    def while_edited(self, case: EditCase) -> None:
-        self.results[(case.task, case.case_id)] = {fmt: self._variants(case, fmt) for fmt in self.formats}
+    def while_edited(self, case: EditCase, view) -> None:
+        key = (case.task, case.case_id)
+        case = view.view_case(case) if view is not None else case  # what the edited model is given
+        self.results[key] = {fmt: self._variants(case, fmt) for fmt in self.formats}
 
     def on_record(self, record: dict) -> None:
         result = self.results.pop((record["task"], record["case_id"]), None)

@@ -5,7 +5,7 @@ the hooks the orchestrator calls at fixed points of its loop."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.core.cases import EditCase
 from bench.core.generation import Generation
@@ -42,6 +42,14 @@ class EvalState:
     fluency: list[Generation] | None = None
     forced_s: float = 0.0  # seconds of the teacher-forced evaluation
     wild_s: float = 0.0  # seconds of generation (this case's share of a batched one)
+
+
+def viewed(job: Job, view) -> Job:
+    """The job as the edited model is given it: its case through the edit's view (`view`: an
+    edit handle; a context goes in front of every probe prompt)."""
+    if view is None or not getattr(view, "context", ""):
+        return job
+    return replace(job, case=view.view_case(job.case))
 
 
 def evaluate_forced(lm, job: Job, protocol: Protocol, batch_size: int) -> CaseEval | None:
@@ -118,12 +126,15 @@ class RunHook:
     def before_cases(self, todo: list[EditCase]) -> None:
         """Before the first case; the model is unedited."""
 
-    def while_edited(self, case: EditCase) -> None:
-        """Single mode: the case's edit (alone) is applied, its evaluation done."""
+    def while_edited(self, case: EditCase, view) -> None:
+        """Single mode: the case's edit (alone) is applied, its evaluation done; `view` is its
+        handle (`view.view_text(text)`: a text as the edited model is given it)."""
 
-    def at_checkpoint(self, n_edits: int, applied: list[EditCase]) -> dict | None:
+    def at_checkpoint(self, n_edits: int, applied: list[EditCase], view=None) -> dict | None:
         """Sequential mode: the edits of `applied` (every one made so far that did not fail)
-        are on the model; what this returns goes into the checkpoint's record under `name`."""
+        are on the model, read through `view` (the handle of every edit so far; None when
+        they are weights only); what this returns goes into the checkpoint's record under
+        `name`."""
         return None
 
     def on_record(self, record: dict) -> None:

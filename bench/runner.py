@@ -25,10 +25,10 @@ from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.layout import find_layout
 from bench.core.metrics import summarize_task
-from bench.core.replay import BlockOutputs, first_changed_block
+from bench.core.replay import BlockOutputs
 from bench.core.runfiles import RunDir, check_run_name, new_run_dir
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, case_record, evaluate_forced,
-                              evaluate_wild)
+                              evaluate_wild, viewed)
 from bench.regression.hook import RegressionHook
 from bench.sequential import run_sequential, sequential_summary
 from bench.session import RunOptions, Setup, evaluation_case, options_from_config, run_config, set_up
@@ -48,17 +48,18 @@ def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> 
 
 
 def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_blocks: bool = True,
-              while_edited: Callable[[EditCase], None] | None = None,
+              while_edited: Callable[[EditCase, object], None] | None = None,
               protocol: Protocol | None = None) -> Iterator[dict]:
     """`run_case` for several jobs whose edits the editor may compute together (`apply_many`):
     every pre-edit evaluation first (the generations of all jobs in one batch), then each edit
     in turn applied, evaluated and restored, its record yielded as soon as it is complete.
-    `while_edited(case)` is called while the case's edit is applied, after its evaluation.
+    `while_edited(case, handle)` is called while the case's edit is applied, after its evaluation.
 
-    The teacher-forced post-edit evaluation runs the pre-edit one's batches again; the blocks
-    below the lowest one the edit changed (from the handle's parameter names) are not run again
-    but replaced by their recorded outputs (identical results; `reuse_unchanged_blocks=False`
-    runs them)."""
+    The post-edit evaluation reads the model through the handle's view (a context in front of
+    every prompt, modules and hooks in place). Its teacher-forced part runs the pre-edit one's
+    batches again; the blocks below the lowest one the edit changed (`handle.reusable_blocks`)
+    are not run again but replaced by their recorded outputs (identical results;
+    `reuse_unchanged_blocks=False` runs them)."""
     protocol = protocol or Protocol()
     model, tok = lm.model, lm.tokenizer
     layout = find_layout(model)
@@ -90,13 +91,14 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
             continue
         t2 = time.perf_counter()
         try:
-            with kept[k].replay(first_changed_block(layout, handle.changed)):
-                post = EvalState(forced=evaluate_forced(lm, job, protocol, batch_size))
+            seen = viewed(job, handle)  # the edited model's view: a context goes in front of every prompt
+            with kept[k].replay(handle.reusable_blocks(layout)):
+                post = EvalState(forced=evaluate_forced(lm, seen, protocol, batch_size))
             post.forced_s = time.perf_counter() - t2
-            evaluate_wild(lm, [job], [post], batch_size, earlier=[pre])
+            evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
             add_post(record, job, tok, pre, post, handle)
             if while_edited is not None:
-                while_edited(job.case)
+                while_edited(job.case, handle)
         finally:
             handle.restore()
             kept[k] = None  # free the recorded outputs
@@ -250,9 +252,9 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
         for hook in hooks:
             hook.before_cases([c for _, c in todo])
 
-    def while_edited(case: EditCase) -> None:
+    def while_edited(case: EditCase, view) -> None:
         for hook in hooks:
-            hook.while_edited(case)
+            hook.while_edited(case, view)
 
     def write(task, record: dict) -> None:
         record["holdout"] = task.holdout

@@ -45,6 +45,7 @@ from bench.core.wild import (fluency_texts, generate_cases, generated_texts, loc
                              score_generations)
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, case_record, evaluate_forced, evaluate_wild,
                               wild_groups)
+from editors.base import CombinedHandle, EditHandle
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
 LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
@@ -91,14 +92,16 @@ def _as_generation(entry: dict) -> Generation:
 
 
 def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], protocol: Protocol,
-                batch_size: int, earlier: list[dict] | None = None) -> list[dict]:
+                batch_size: int, earlier: list[dict] | None = None, view=None) -> list[dict]:
     """What the model says on each probe: teacher forced, the argmax tokens over the answer and
     its log-probability (and target_new's, for CounterFact's neighbourhood comparison); in the
     wild, the generated answer and the primary scorer's verdict on it. With the `earlier`
-    (unedited) readings, generations the model still reproduces are not decoded again."""
+    (unedited) readings, generations the model still reproduces are not decoded again. `view`:
+    the handle of the edits on the model (a context goes in front of every probe prompt)."""
     model, tok = lm.model, lm.tokenizer
     out: list[dict] = [{} for _ in probes]
-    fmt = lambda text: format_prompt(tok, text, protocol.prompt_format)  # noqa: E731
+    seen = view.view_text if view is not None else (lambda text: text)
+    fmt = lambda text: format_prompt(tok, seen(text), protocol.prompt_format)  # noqa: E731
     if protocol.teacher_forced and probes:
         for o, r in zip(out, score_probes(model, tok, [(fmt(p.prompt), p.answer) for p in probes], batch_size)):
             o.update(pred_ids=r.pred_ids, true_lp=r.mean_logprob)
@@ -112,7 +115,7 @@ def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], p
             groups.setdefault(id(jobs_by_task[p.task].wild), []).append(i)
     for idx in groups.values():
         settings = jobs_by_task[probes[idx[0]].task].wild
-        prompts = [format_prompt(tok, probes[i].prompt, settings.prompt_format) for i in idx]
+        prompts = [format_prompt(tok, seen(probes[i].prompt), settings.prompt_format) for i in idx]
         if earlier is None:
             gens = generate(model, tok, prompts, settings.rules, batch_size=batch_size)
         else:
@@ -155,29 +158,31 @@ def _unedited_locality(ids: list[list[int]]) -> CaseEval:
 
 
 def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
-              pre: list[dict] | None = None) -> list[dict]:
+              pre: list[dict] | None = None, view=None) -> list[dict]:
     """Per job, its scores on the current model (`post`) and, in the wild, its generated answers
     (`wild`: generations and verdicts), every job's probes batched together. Reliability,
     generality and portability only (locality is the fixed probes' part), unless the jobs' `pre`
     records are given (the last checkpoint): then each case's own locality prompts are scored
-    too, against its unedited readings, as single mode and EasyEdit's sequential evaluation do."""
+    too, against its unedited readings, as single mode and EasyEdit's sequential evaluation do.
+    `view`: the handle of the edits on the model; the model is given every prompt through it."""
     model, tok = lm.model, lm.tokenizer
     cases = [job.case if pre is not None else replace(job.case, locality=()) for job in jobs]
+    given = [view.view_case(c) for c in cases] if view is not None else cases
     out: list[dict] = [{"post": {}} for _ in jobs]
     if protocol.teacher_forced:
         for cf in (False, True):
             idx = [i for i, job in enumerate(jobs) if job.counterfact == cf]
             if not idx:
                 continue
-            evals = evaluate_cases(model, tok, [format_case(tok, cases[i], protocol.prompt_format) for i in idx],
+            evals = evaluate_cases(model, tok, [format_case(tok, given[i], protocol.prompt_format) for i in idx],
                                    counterfact=cf, batch_size=batch_size)
             for i, ev in zip(idx, evals):
                 before = _unedited_locality(pre[i]["pre_locality_ids"]) if pre is not None else None
                 out[i]["post"].update(case_scores(ev, before))
     for idx in wild_groups(jobs):
         settings = jobs[idx[0]].wild
-        gens = generate_cases(model, tok, [cases[i] for i in idx], settings, batch_size)
-        flu = (fluency_texts(model, tok, [cases[i] for i in idx], settings, batch_size)
+        gens = generate_cases(model, tok, [given[i] for i in idx], settings, batch_size)
+        flu = (fluency_texts(model, tok, [given[i] for i in idx], settings, batch_size)
                if settings.fluency_tokens else [None] * len(idx))
         for i, g, f in zip(idx, gens, flu):
             unedited = generated_texts(pre[i]["wild"], "pre") if pre is not None else None
@@ -215,7 +220,7 @@ def _is_checkpoint(n: int, total: int, every: int) -> bool:
     return n == total or (every > 0 and n % every == 0)
 
 
-def _apply(editor, model, tok, cases: list[EditCase]) -> tuple[object | None, list[str | None]]:
+def _apply(editor, model, tok, cases: list[EditCase]) -> tuple[EditHandle | None, list[str | None]]:
     """(handle or None, per-case error): the batch in one call; if that fails, each case on its
     own, so an error is recorded only on the case that caused it."""
     try:
@@ -233,16 +238,13 @@ def _apply(editor, model, tok, cases: list[EditCase]) -> tuple[object | None, li
     return _Handles(handles), errors
 
 
-class _Handles:
-    """Several batch handles (a failed batch retried case by case) read as one."""
+class _Handles(CombinedHandle):
+    """Several batch handles (a failed batch retried case by case) read as one, each case's
+    facts in `info["cases"]`."""
 
-    def __init__(self, handles: list):
-        self.handles = handles
-        self.changed = list(dict.fromkeys(n for h in handles for n in h.changed))
+    def __init__(self, handles: list[EditHandle]):
+        super().__init__(handles)
         self.info = {"cases": [c for h in handles for c in h.info.get("cases", [h.info])]}
-
-    def original(self, name: str) -> torch.Tensor:
-        return next(h.original(name) for h in self.handles if name in h.changed)
 
 
 def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], jobs: list[Job],
@@ -310,12 +312,19 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
 
     params = dict(model.named_parameters())
     originals: dict[str, torch.Tensor] = {}  # unedited values of every tensor an edit changed
+    views: list[EditHandle] = []  # handles of edits that are more than weights (modules, context)
     errors = {_key(r): r.get("error") for r in records}
+
+    def current_view() -> EditHandle | None:
+        return CombinedHandle(views) if views else None
 
     def save_state(n: int) -> None:
         tensors = {f"model.{name}": params[name] for name in originals}
-        tensors.update({f"editor.{k}": v for k, v in editor.sequential_state().items()})
-        run.write_state(tensors, {"n_edits": n, "order": [list(k) for k in keys[:n]], "editor": editor.name})
+        own = editor.sequential_state()
+        tensors.update({f"editor.{k}": v for k, v in own.items() if isinstance(v, torch.Tensor)})
+        plain = {k: v for k, v in own.items() if not isinstance(v, torch.Tensor)}
+        run.write_state(tensors, {"n_edits": n, "order": [list(k) for k in keys[:n]], "editor": editor.name,
+                                  **({"editor_state": plain} if plain else {})})
 
     def evaluate_checkpoint(n: int) -> None:
         t0 = time.perf_counter()
@@ -323,9 +332,10 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
         applied = [i for i in range(n) if not errors.get(keys[i])]
         kept_jobs = [jobs[i] for i in applied]
         final = n == total  # the last checkpoint also scores each case's own locality prompts
+        view = current_view()
         results = retention(lm, kept_jobs, protocol, opts.batch_size,
-                            pre=[pre[keys[i]] for i in applied] if final else None)
-        now = read_probes(lm, probes, jobs_by_task, protocol, opts.batch_size, earlier=readings)
+                            pre=[pre[keys[i]] for i in applied] if final else None, view=view)
+        now = read_probes(lm, probes, jobs_by_task, protocol, opts.batch_size, earlier=readings, view=view)
         record = {
             "n_edits": n, "n_applied": len(applied),
             "cases": [{"task": keys[i][0], "case_id": keys[i][1], **res} for i, res in zip(applied, results)],
@@ -337,7 +347,7 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
         }
         record["summary"] = checkpoint_summary(sorted({k[0] for k in keys}, key=[k[0] for k in keys].index), pre, record)
         for hook in hooks:
-            block = hook.at_checkpoint(n, [jobs[i].case for i in applied])
+            block = hook.at_checkpoint(n, [jobs[i].case for i in applied], view)
             if block is not None:
                 record[hook.name] = block
         record["time"] = {"eval_s": round(time.perf_counter() - t0, 2)}
@@ -354,7 +364,11 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
                         param = params[name[len("model."):]]
                         originals[name[len("model."):]] = param.detach().clone()
                         param.copy_(value.to(param.device, param.dtype))
-            editor.load_sequential_state({k[len("editor."):]: v for k, v in tensors.items() if k.startswith("editor.")})
+            editor.load_sequential_state({**{k[len("editor."):]: v for k, v in tensors.items() if k.startswith("editor.")},
+                                          **state[1].get("editor_state", {})})
+            back = editor.reattach(model, tok)  # modules, hooks or context of the saved edits
+            if back is not None:
+                views.append(back)
             if _is_checkpoint(n_done, total, every) and n_done not in {c["n_edits"] for c in checkpoints}:
                 evaluate_checkpoint(n_done)
 
@@ -380,7 +394,9 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
                 elif ok:
                     infos[ok[0]] = dict(handle.info)
                 batch_info = {k: v for k, v in handle.info.items() if k != "cases"}
-            del handle  # the run never restores single edits: drop their saved weights
+                if set(handle.kinds) - {"weights"}:
+                    views.append(handle)  # undone at the end; its view is read at checkpoints
+            del handle  # a weights-only edit is never restored alone: drop its saved weights
             for k, i in enumerate(idx):
                 record = {k: v for k, v in pre[keys[i]].items() if k != "pre_locality_ids"}
                 record.update(error=errs[k], order=i)
@@ -395,6 +411,8 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
                 save_state(n)
                 evaluate_checkpoint(n)
     finally:
+        for view in reversed(views):  # modules, hooks and contexts first, then the weights
+            view.restore()
         with torch.no_grad():
             for name, value in originals.items():
                 params[name].copy_(value)

@@ -307,12 +307,14 @@ def build_editor(name: str, overrides: dict, model_config, model: str | None = N
 
 def edit_context(opts: RunOptions, editor: Editor, data_dir: Path | None, shard: Shard,
                  log: Callable[[str], None]) -> EditContext:
-    """The one EditContext builder: cache, seed, training data (learned editors), instruction
-    wrapper, this process's shard."""
+    """The one EditContext builder: cache, seed, training data (learned editors: without the
+    held-out tasks; editors that read train splits, e.g. IKE's demonstrations: every task's),
+    instruction wrapper, this process's shard."""
     return EditContext(cache_dir=cache_dir(), seed=opts.seed, retrain=opts.retrain, log=log,
                        shard=shard,
-                       training=(training_data(data_dir, list(opts.holdout), opts.task_options)
-                                 if editor.learns else None),
+                       training=(training_data(data_dir, list(opts.holdout) if editor.learns else [],
+                                               opts.task_options)
+                                 if editor.learns or editor.reads_train_split else None),
                        instruct=lambda case, mode: instruct(case, mode, opts.seed))
 
 

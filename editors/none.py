@@ -15,6 +15,7 @@ class NoEditHparams:
 class NoEdit(Editor):
     name = "none"
     Hparams = NoEditHparams
+    kinds = ()  # changes nothing
 
     def apply(self, model, tokenizer, case) -> EditHandle:
         return EditHandle(model, [])

@@ -63,3 +63,57 @@ def test_entry_point_that_is_not_an_editor_is_refused(monkeypatch):
     _fake_entry_points(monkeypatch, "tests.test_entry_points:NotAnEditor")
     with pytest.raises(BenchError, match="not an Editor subclass"):
         editors.get_editor_class("scale")
+
+
+# --------------------------------------------------------------------------------------------
+# The README's examples, run as a third party would write them (from the README alone)
+# --------------------------------------------------------------------------------------------
+
+
+def _readme_module(monkeypatch, name: str):
+    """The README's `my_package/<name>.py` block, imported as that module."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = dict((m.group(2), m.group(1)) for m in
+                re.finditer(r"```python\n(# my_package/(\w+)\.py\n.*?)```", text, re.S))[name]
+    package = types.ModuleType("my_package")
+    package.__path__ = []
+    module = types.ModuleType(f"my_package.{name}")
+    monkeypatch.setitem(sys.modules, "my_package", package)
+    monkeypatch.setitem(sys.modules, f"my_package.{name}", module)
+    exec(compile(code, f"README.md:{name}", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_readme_hook_editor_works_from_the_readme_alone(monkeypatch, arch):
+    from bench.core.cases import EditCase
+    from bench.core.snapshot import model_fingerprint
+    from bench.evaluation import Job
+    from bench.runner import run_cases
+
+    _readme_module(monkeypatch, "steer_editor")
+    ep = EntryPoint(name="steer", value="my_package.steer_editor:SteerEditor", group=editors.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(editors, "entry_points", lambda group: [ep] if group == editors.ENTRY_POINT_GROUP else [])
+    cls = editors.get_editor_class("steer")
+    assert cls.kinds == ("modules",)
+    lm = tiny_model(arch)
+    before = model_fingerprint(lm.model)
+    case = EditCase(case_id="1", task="t", prompt="The Eiffel Tower is located in", subject="The Eiffel Tower",
+                    target_new="Paris")
+    record = next(run_cases(lm, cls(cls.Hparams(strength=400.0)), [Job(case)], batch_size=2))
+    assert record["error"] is None and record["edit"] == {"layer": 3}
+    assert record["post"]["reliability"] == 1.0 > record["pre"]["reliability"]
+    assert model_fingerprint(lm.model) == before
+
+
+def test_readme_weight_editor_is_the_tested_one(monkeypatch):
+    module = _readme_module(monkeypatch, "scale_editor")
+    lm = tiny_model("gpt2")
+    handle = module.ScaleEditor(module.ScaleHparams(layer=1, factor=2.0)).apply(lm.model, lm.tokenizer, None)
+    assert handle.changed == ["transformer.h.1.mlp.c_proj.weight"] and handle.kinds == ("weights",)
+    handle.restore()

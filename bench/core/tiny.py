@@ -1,12 +1,12 @@
 """Tiny models and a tiny tokenizer for unit tests and benchmarks: random weights, built from a
-config (Llama, GPT-2 Conv1D and GPT-NeoX layouts), no download."""
+config (Llama, GPT-2 Conv1D, GPT-NeoX and Gemma-3 layouts), no download."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from bench.core.models import LoadedModel, model_from_config
 
@@ -55,10 +55,14 @@ def tiny_config(arch: str = "llama", vocab_size: int | None = None):
                              num_hidden_layers=4, num_attention_heads=4,
                              max_position_embeddings=256, pad_token_id=0, bos_token_id=0,
                              eos_token_id=0)
+    if arch == "gemma3":  # sliding-window attention, norms after the MLP, tied embeddings
+        return Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     raise ValueError(arch)
 
 
-ARCHS = ("llama", "gpt2", "gpt_neox")
+ARCHS = ("llama", "gpt2", "gpt_neox")  # the layouts most tests run on; tiny_config also makes "gemma3"
 
 
 def tiny_model(arch: str = "llama", seed: int = 0) -> LoadedModel:

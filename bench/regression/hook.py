@@ -43,6 +43,11 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def _context(view) -> str:
+    """The text an edit's view puts in front of every prompt ("" for edits of weights/modules)."""
+    return getattr(view, "context", "") if view is not None else ""
+
+
 class RegressionHook:
     """Called by the run's case loop (the methods of bench.runner.RunHook); see the module
     docstring. Its summary block is summary.json's `regression`."""
@@ -74,20 +79,21 @@ class RegressionHook:
                 range(len(todo)), min(self.reg.sample, len(todo)))
             self.sampled = {(todo[i].task, todo[i].case_id) for i in picks}
 
-    def while_edited(self, case: EditCase) -> None:
-        """Single mode: the case's edit is applied alone right now."""
+    def while_edited(self, case: EditCase, view=None) -> None:
+        """Single mode: the case's edit is applied alone right now (`view`: its handle; the
+        suite reads the model through it)."""
         key = (case.task, case.case_id)
         if key in self.sampled:
-            self.afters.append(self.suite.evaluate(f"after-{len(self.afters)}"))
+            self.afters.append(self.suite.evaluate(f"after-{len(self.afters)}", context=_context(view)))
             self.evaluated.add(key)
 
-    def at_checkpoint(self, n_edits: int, applied: list[EditCase]) -> dict | None:
+    def at_checkpoint(self, n_edits: int, applied: list[EditCase], view=None) -> dict | None:
         """Sequential mode: the edits of `applied` (all made so far that did not fail) are on the
         model. The suite's results against the unedited model go into the checkpoint record;
         the last checkpoint's are the run's "after"."""
         if not applied:
             return None
-        after = self.suite.evaluate(f"after-{n_edits}")
+        after = self.suite.evaluate(f"after-{n_edits}", context=_context(view))
         self.afters = [after]
         self.evaluated = {(c.task, c.case_id) for c in applied}
         results = compare(self.before, [after], seed=self.reg.seed)

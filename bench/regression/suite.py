@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +164,10 @@ class LMSuite:
             except Exception as exc:  # datasets / hub / custom_dataset errors of any type
                 raise BenchError(f"lm-eval task {name!r} could not load its data: {_one_line(exc)}") from exc
 
-    def evaluate(self, label: str) -> dict:
-        """Run the suite on the model as it is now; write the raw lm-eval output and samples to
-        the work directory; return {task: {"metrics": {m: {"value", "stderr"}}, "per_doc": ...,
+    def evaluate(self, label: str, context: str = "") -> dict:
+        """Run the suite on the model as it is now, every request with `context` in front (the
+        edit's view: in-context editors); write the raw lm-eval output and samples to the work
+        directory; return {task: {"metrics": {m: {"value", "stderr"}}, "per_doc": ...,
         "higher_is_better": ..., "n": ...}}."""
         import lm_eval  # late: see task_manager
 
@@ -175,7 +177,7 @@ class LMSuite:
         try:
             with _quiet_lm_eval():
                 out = lm_eval.simple_evaluate(
-                    model=self.hflm, tasks=list(self.names), limit=self.reg.lm_limit,
+                    model=with_context(self.hflm, context) if context else self.hflm, tasks=list(self.names), limit=self.reg.lm_limit,
                     task_manager=self.tm, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True,
                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                     fewshot_random_seed=seed)
@@ -209,6 +211,45 @@ class LMSuite:
             parsed[task] = entry
         self.log(f"lm-eval {label}: {_brief(parsed)}  ({time.perf_counter() - t0:.1f}s)")
         return parsed
+
+
+def with_context(inner, context: str):
+    """An lm-eval model that hands `inner` every request with `context` in front: the view of an
+    edit that puts a context before each prompt. A rolling log-likelihood (perplexity) becomes
+    the document's log-likelihood after the context (the context itself is not scored)."""
+    from lm_eval.api.model import LM  # late: see task_manager
+
+    class ContextLM(LM):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):  # anything else as the wrapped model
+            return getattr(self.__dict__["inner"], name)
+
+        @property
+        def tokenizer_name(self) -> str:
+            return inner.tokenizer_name
+
+        def chat_template(self, *args, **kwargs):
+            return inner.chat_template(*args, **kwargs)
+
+        def apply_chat_template(self, *args, **kwargs):
+            return inner.apply_chat_template(*args, **kwargs)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return inner.loglikelihood([replace(r, arguments=(context + r.args[0], r.args[1])) for r in requests],
+                                       disable_tqdm=disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            moved = [replace(r, request_type="loglikelihood", arguments=(context, r.args[0])) for r in requests]
+            return [ll for ll, _greedy in inner.loglikelihood(moved, disable_tqdm=disable_tqdm)]
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return inner.generate_until([replace(r, arguments=(context + r.args[0], *r.args[1:])) for r in requests],
+                                        disable_tqdm=disable_tqdm)
+
+    return ContextLM()
 
 
 def _brief(parsed: dict) -> str:
