@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import runner, session
+from bench.core.defaults import EQUAL_STEPS
 from bench.core.errors import BenchError
 from bench.core.io import read_json, write_json_atomic
 from bench.core.runfiles import CONFIG, SUMMARY, RunDir, check_run_name
@@ -38,9 +39,10 @@ from reports.matrix import (MATRIX_FILE, MATRIX_FORMAT, NO_INSTRUCTION, INSTRUCT
 from reports.runs import assign_labels, load_run
 from tasks.registry import get_card
 
-# Every editor trains exactly max_steps steps: no early stopping, no time budget (InstructEdit's
-# longer prompts would otherwise stop it earlier than MEND). Overridable with --hparam.
-EQUAL_STEPS = {"patience": 0, "time_budget_s": 0}
+# EQUAL_STEPS (bench.core.defaults, where the command line reads it without loading torch): every
+# editor trains exactly max_steps steps, no early stopping, no time budget (InstructEdit's longer
+# prompts would otherwise stop it earlier than MEND). Overridable with --hparam.
+
 # Options that do not change what a run computes (a run is reused whatever their values).
 IGNORED_OPTIONS = ("output_dir", "retrain")
 _STAMP = r"-\d{8}-\d{6}(-\d+)?"  # bench.core.runfiles.new_run_dir's suffix

@@ -17,10 +17,11 @@ SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"
 
 
-def run_script(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    # From the repository root, as the scripts are documented to run.
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    # From the repository root, as the scripts are documented to run. No time limit: a busy
+    # machine is slow, not wrong (pytest-timeout's guard catches a hang).
     return subprocess.run([sys.executable, str(BENCHMARKS / name), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True)
 
 
 def test_the_benchmark_scripts():
@@ -130,7 +131,7 @@ def test_speed_compare_runs_on_a_tiny_checkpoint(tiny_model_dir, tmp_path):
     # Compare mode drives bench.runner.run_cases: it broke once when run_cases began to take Jobs.
     out = tmp_path / "speed.json"
     res = run_script("speed.py", "--model", tiny_model_dir, "--data-dir", FIXTURE_DATA, "--editors", "ft",
-                     "--cases", "1", "--threads", "1", "--no-warmup", "--json", out, timeout=300)
+                     "--cases", "1", "--threads", "1", "--no-warmup", "--json", out)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert out.exists()
@@ -138,6 +139,6 @@ def test_speed_compare_runs_on_a_tiny_checkpoint(tiny_model_dir, tmp_path):
 
 def test_speed_phases_runs_on_a_tiny_checkpoint(tiny_model_dir):
     res = run_script("speed.py", "--phases", "--editor", "ft", "--model", tiny_model_dir, "--data-dir",
-                     FIXTURE_DATA, "--cases", "1", "--threads", "1", "--hparam", "steps=1", timeout=300)
+                     FIXTURE_DATA, "--cases", "1", "--threads", "1", "--hparam", "steps=1")
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr

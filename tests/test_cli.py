@@ -1,7 +1,8 @@
 """`bench` command line: every user error is one line on stderr, exit code 2, no traceback.
 
 The error cases run as real `bench` subprocesses, all started together by one module fixture (each
-costs an interpreter and a torch import); cheaper checks call bench.cli.main in-process.
+costs an interpreter, and a torch import when it gets as far as a model); cheaper checks call
+bench.cli.main in-process. Start-up: help, listings, data list and report import no torch.
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
 
 import pytest
 
-from bench.cli import main
-from tests.helpers import FIXTURE_DATA, finish, start_bench
+import editors
+from bench.cli import build_parser, interrupted_message, main
+from editors.base import KINDS, EditHandle, Editor
+from tests.helpers import FIXTURE_DATA, REPO, finish, start_bench, subprocess_env
 
 FIX = str(FIXTURE_DATA)
 
@@ -224,3 +231,239 @@ def test_hparams_file_that_is_a_directory_or_a_preset(capsys, tmp_path, no_model
     opts = options_from_args(args)
     assert opts.hparams["layer"] == 5 and opts.hparams["mom2_adjustment"] is False
     assert opts.hparams["v_num_grad_steps"] == "3"  # --hparam on top of the preset
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up: what needs no model imports no torch (issue 30)
+# --------------------------------------------------------------------------------------------
+
+HEAVY = ("torch", "transformers", "lm_eval")
+FIXTURE_RUNS = REPO / "tests" / "fixtures" / "runs"
+
+
+def subcommands() -> list[str]:
+    (action,) = [a for a in build_parser()._actions if a.dest == "command"]
+    return list(action.choices)
+
+
+def test_help_imports_no_torch(tmp_path):
+    """The issue's check as typed: `python -X importtime -m bench --help 2>&1 | grep -E
+    "torch|transformers"` shows nothing."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "bench", "--help"], cwd=tmp_path,
+                         env=subprocess_env(), capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("usage: bench"), res.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "bench.cli.run" in imported  # importtime did report
+    assert [m for m in imported if m.split(".")[0] in HEAVY] == []
+    assert not re.search("torch|transformers", res.stdout + res.stderr)
+
+
+def test_commands_that_need_no_model_import_no_torch(tmp_path):
+    """Every subcommand's --help, the three listings, data list and a report, one after another in
+    one fresh interpreter: none of them loads torch, transformers or lm-eval."""
+    runs = sorted(str(p) for p in FIXTURE_RUNS.glob("*-fixture"))
+    commands = [["--help"], *[[sub, "--help"] for sub in subcommands()],
+                ["list", "editors"], ["list", "models"], ["list", "tasks", "--data-dir", FIX],
+                ["data", "list", "--data-dir", FIX], ["report", *runs, "-o", str(tmp_path / "report")]]
+    script = textwrap.dedent("""
+        import contextlib, io, json, sys
+        from bench.cli import main
+        heavy, out = json.loads(sys.argv[1]), {}
+        for argv in json.loads(sys.argv[2]):
+            with contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    code = main(argv)
+                except SystemExit as exc:
+                    code = exc.code
+            out[" ".join(argv[:2])] = [code, [m for m in heavy if m in sys.modules]]
+        print(json.dumps(out))
+    """)
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(HEAVY), json.dumps(commands)],
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got) == len(commands) and "report " + runs[0] in got
+    assert {argv: result for argv, result in got.items() if result != [0, []]} == {}
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_builtin_editor_info_is_complete():
+    assert set(editors.BUILTIN) <= set(editors.BUILTIN_INFO), "describe every built-in in editors.BUILTIN_INFO"
+
+
+@pytest.mark.parametrize("name", sorted(editors.BUILTIN))
+def test_builtin_editor_info_equals_the_class(name):
+    """`bench list editors` reads editors.BUILTIN_INFO instead of importing the editors: its kinds
+    and flags must be the class's own attributes."""
+    info = editors.BUILTIN_INFO[name]
+    cls = editors.get_editor_class(name)
+    assert info._replace(summary="") == editors.EditorInfo.of(cls), f"editors.BUILTIN_INFO[{name!r}]"
+    assert set(info.kinds) <= set(KINDS) and info.summary
+
+
+def test_list_editors_shows_what_each_edit_changes(capsys, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    ep = EntryPoint(name="scale", value="tests.test_entry_points:ScaleEditor", group=editors.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(editors, "entry_points", lambda group: [ep] if group == editors.ENTRY_POINT_GROUP else [])
+    assert main(["list", "editors"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]
+            if line and not line[0].isspace()}
+    assert set(rows) == set(editors.BUILTIN) | {"scale"}
+    for name in editors.BUILTIN:
+        assert rows[name][2] == ("+".join(editors.BUILTIN_INFO[name].kinds) or "nothing"), rows[name]
+    assert rows["scale"][1:3] == ["tests.test_entry_points:ScaleEditor", "weights"]  # imported, it is third-party
+
+
+def test_regress_defaults_are_bench_regressions():
+    """bench.cli.regress copies them (importing bench.regression loads torch)."""
+    from bench.cli import regress
+    from bench.regression import DEFAULT_SAMPLE, DEFAULT_SUITE
+
+    assert list(regress.DEFAULT_SUITE) == list(DEFAULT_SUITE) and regress.DEFAULT_SAMPLE == DEFAULT_SAMPLE
+
+
+# --------------------------------------------------------------------------------------------
+# Help texts
+# --------------------------------------------------------------------------------------------
+
+
+def help_text(capsys, sub: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*sub, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("sub", [["run"], ["train"], ["regress"], ["ablate"], ["holdout-matrix"], ["list"],
+                                 ["data", "list"], ["data", "fetch"]], ids=" ".join)
+def test_data_dir_and_seed_are_explained(capsys, sub):
+    text = help_text(capsys, sub)
+    assert re.search(r"--data-dir DATA_DIR [^-]*\$BENCH_DATA, else \.\./shared/data", text), text
+    if sub[0] not in ("list", "data"):
+        assert re.search(r"--seed SEED random seed: ", text), text
+
+
+def test_mode_has_no_alias(capsys):
+    assert "--regression-mode" not in help_text(capsys, ["run"])
+    assert "unrecognized arguments: --regression-mode" in one_line_error(
+        capsys, ["run", "--regression-mode", "sequential"])
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C: the resume hint only where a run directory holds finished cases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InterruptingHparams:
+    interrupt_at: int = 2  # the n-th apply() raises KeyboardInterrupt, as Ctrl-C would
+
+
+class InterruptingEditor(Editor):
+    """Changes nothing; its `interrupt_at`-th edit is interrupted."""
+
+    name = "interrupting"
+    Hparams = InterruptingHparams
+    kinds = ()
+
+    def __init__(self, hparams=None):
+        super().__init__(hparams)
+        self.calls = 0
+
+    def apply(self, model, tokenizer, case) -> EditHandle:
+        self.calls += 1
+        if self.calls == self.hparams.interrupt_at:
+            raise KeyboardInterrupt
+        return EditHandle(model, [])
+
+
+def test_ctrl_c_in_a_run_says_where_the_cases_are_and_how_to_resume(capsys, tmp_path, tiny_load, monkeypatch):
+    monkeypatch.setitem(editors.BUILTIN, "interrupting", "tests.test_cli:InterruptingEditor")
+    argv = ["run", "--editor", "interrupting", "--task", "counterfact", "--data-dir", FIX, "--device", "cpu",
+            "--protocol", "teacher_forced", "--output-dir", str(tmp_path / "runs")]
+    assert main(argv) == 130
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len((run_dir / "cases.jsonl").read_text().splitlines()) == 1  # the first case is saved
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"bench: interrupted: finished cases are saved in {run_dir}; continue with: bench run --resume {run_dir}"
+
+
+def test_ctrl_c_before_a_run_directory_promises_nothing(capsys, tmp_path, monkeypatch):
+    import bench.session
+    from bench.core.tiny import tiny_config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.session, "load_model", interrupted)
+    monkeypatch.setattr(bench.session, "load_config", lambda *a, **k: tiny_config("llama"))
+    assert main(["run", "--task", "counterfact", "--data-dir", FIX, "--device", "cpu",
+                 "--output-dir", str(tmp_path / "runs")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "bench: interrupted before a run directory was written: nothing to resume"
+    assert "--resume" not in err and "saved" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_interrupted_message_names_resumable_runs_with_their_command(tmp_path):
+    done, bare = tmp_path / "done", tmp_path / "bare"
+    done.mkdir()
+    bare.mkdir()  # created, config.json not yet written: nothing to resume there
+    (done / "config.json").write_text("{}")
+    matrix = build_parser().parse_args(["holdout-matrix"])
+    assert interrupted_message(matrix, [done, bare, done]) == (
+        f"bench: interrupted: finished cases are saved in {done}; continue with the same bench "
+        "holdout-matrix command (finished runs are reused, unfinished ones resumed)")
+    assert interrupted_message(build_parser().parse_args(["run"]), [bare]) == \
+        "bench: interrupted before a run directory was written: nothing to resume"
+    ablate = interrupted_message(build_parser().parse_args(["ablate"]), [done])
+    assert ablate.endswith("bench ablate does not resume it: run the command again")
+
+
+
+# --------------------------------------------------------------------------------------------
+# `bench report` on what a newcomer has
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_default_baseline_with_two_ft_runs_and_a_bogus_one(capsys, tmp_path):
+    """Two FT runs and no --baseline: one is chosen and one line says which and how to choose
+    another; --baseline that matches no run: one line listing the labels, exit 2."""
+    ft = FIXTURE_RUNS / "ft-fixture"
+    second = tmp_path / "ft-second"
+    shutil.copytree(ft, second)
+    runs = [str(second), str(ft), str(FIXTURE_RUNS / "rome-fixture")]
+    assert main(["report", *runs, "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["report: Baseline: ft (second) (run directory ft-second), chosen among the 2 ft runs "
+                   "(default hyperparameters, first given); choose another with --baseline LABEL "
+                   "('ft (second)', 'ft (fixture)') or --baseline none.",
+                   f"report: {tmp_path / 'out' / 'index.html'}"]
+    assert main(["report", *runs, "-o", str(tmp_path / "chosen"), "--baseline", "ft (fixture)"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"report: {tmp_path / 'chosen' / 'index.html'}"]
+    assert one_line_error(capsys, ["report", *runs, "-o", str(tmp_path / "bogus"), "--baseline", "bogus"]) == (
+        "bench: error: --baseline 'bogus' matches no run: name a run label ('ft (second)', 'ft (fixture)', "
+        "'rome'), a run directory name or an editor name, or pass --baseline none")
+
+
+def test_report_on_a_killed_run_rebuilds_its_summary(capsys, tmp_path):
+    """A run SIGKILLed after 3 of its 14 cases has no summary.json: `bench report` rebuilds it
+    from cases.jsonl, says so in one line, and marks the run incomplete; the run directory is
+    left as it was."""
+    killed = tmp_path / "ft-killed"
+    shutil.copytree(FIXTURE_RUNS / "ft-fixture", killed)
+    (killed / "summary.json").unlink()
+    lines = (killed / "cases.jsonl").read_text().splitlines(keepends=True)
+    (killed / "cases.jsonl").write_text("".join(lines[:3]) + '{"task": "counterfact", "case_i')  # torn last line
+    before = sorted((p.name, p.read_bytes()) for p in killed.iterdir())
+    assert main(["report", str(killed), str(FIXTURE_RUNS / "rome-fixture"), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "report: ft-killed: no summary.json (the run was stopped): rebuilt from cases.jsonl, " \
+                     "incomplete (3 of 14 cases)"
+    rows = {r["editor"]: r for r in json.loads((tmp_path / "out" / "leaderboard.json").read_text())["groups"][0]["rows"]}
+    assert (rows["ft"]["status"], rows["ft"]["rank"], rows["ft"]["summary_rebuilt"]) == \
+        ("incomplete (3 of 14 cases)", None, True)
+    assert rows["rome"]["rank"] == 1
+    assert sorted((p.name, p.read_bytes()) for p in killed.iterdir()) == before

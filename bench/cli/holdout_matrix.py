@@ -7,11 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.cli.common import add_model_arguments, csv_list, limit, task_options
-from bench.core.defaults import DEFAULT_LIMIT, PROTOCOLS
+from bench.cli.common import DATA_DIR_HELP, add_model_arguments, add_seed_argument, csv_list, limit, task_options
+from bench.core.defaults import DEFAULT_LIMIT, EQUAL_STEPS, PROTOCOLS
 from bench.core.hparams import parse_hparam_args
-from bench.holdout import EQUAL_STEPS, MatrixPlan, check_inputs, print_matrix, run_matrix
-from bench.session import RunOptions
 
 DEFAULT_OUTPUT = "runs/holdout-matrix"
 
@@ -35,8 +33,8 @@ def register(sub) -> None:
                         + ", ".join(f"{k}={v}" for k, v in EQUAL_STEPS.items())
                         + " so every editor trains exactly max_steps steps")
     add_model_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="data directory (default $BENCH_DATA)")
+    add_seed_argument(p)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
                    help="override one option of a task card (repeatable)")
     p.add_argument("--protocol", type=csv_list, default=list(PROTOCOLS), metavar="P[,P]",
@@ -44,10 +42,15 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per evaluation batch")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT,
                    help=f"where the run directories and matrix.json go (default {DEFAULT_OUTPUT})")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, resume_hint="continue with the same bench holdout-matrix command "
+                                          "(finished runs are reused, unfinished ones resumed)")
 
 
 def main(args: argparse.Namespace) -> int:
+    # late: the harness imports torch; the parser above does not
+    from bench.holdout import MatrixPlan, check_inputs, print_matrix, run_matrix
+    from bench.session import RunOptions
+
     check_inputs(args.editors, args.tasks, args.columns)
     base = RunOptions(model=args.model, device=args.device, dtype=args.dtype, limit=args.limit,
                       seed=args.seed, data_dir=args.data_dir, task_options=task_options(args.task_option),

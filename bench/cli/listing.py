@@ -1,41 +1,39 @@
-"""`bench list tasks|editors|models`: what is registered, whether each task's data is found and
-whether each model preset is cached."""
+"""`bench list tasks|editors|models`: what is registered, what each editor changes, whether each
+task's data is found and whether each model preset is cached. None of them imports torch: a
+built-in editor is described by editors.BUILTIN_INFO, not imported."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from bench.cli.common import DATA_DIR_HELP
 from bench.core.errors import BenchError
-from bench.core.models import preset_cached
-from bench.core.presets import find_preset, list_presets
-from editors import available_editors, get_editor_class, presets
+from bench.core.presets import find_preset, list_presets, preset_cached
+from editors import available_editors, describe_editor, presets
 from tasks.registry import get_card, list_cards, resolve_data_dir, task_status
 
 
 def register(sub) -> None:
     p = sub.add_parser("list", help="list tasks, editors or model presets")
     p.add_argument("what", choices=["tasks", "editors", "models"])
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=f"list tasks: {DATA_DIR_HELP}")
     p.set_defaults(func=main)
 
 
-def _first_sentence(cls) -> str:
-    text = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
-    paragraph = " ".join(text.split("\n\n")[0].split())
-    return paragraph.split(". ")[0].rstrip(".")[:90] if paragraph else ""
-
-
 def list_editors() -> None:
+    """One line per editor: name, origin, what its edits change (kinds: weights, modules,
+    context), its flags and summary; then the presets shipped for it."""
+    print(f"{'editor':14s} {'origin':10s} {'changes':16s} {'flags':24s} summary")
     for name, origin in sorted(available_editors().items()):
         try:
-            cls = get_editor_class(name)
+            info = describe_editor(name)
         except BenchError as exc:
             print(f"{name:14s} {origin:10s} (cannot load: {exc})")
             continue
-        flags = ", ".join(f for f, on in (("learns", cls.learns),
-                                          ("instructions", cls.uses_instructions)) if on)
-        print(f"{name:14s} {origin:10s} {flags:22s} {_first_sentence(cls)}")
+        flags = ", ".join(f for f, on in (("learns", info.learns), ("instructions", info.instructions),
+                                          ("train split", info.train_split)) if on)
+        kinds = "+".join(info.kinds) or "nothing"
+        print(f"{name:14s} {origin:10s} {kinds:16s} {flags or '-':24s} {info.summary}")
         shipped = presets(name)
         if shipped:
             print(f"{'':14s} presets (--hparams-file NAME): {', '.join(shipped)}")

@@ -4,10 +4,13 @@ a preset, also what its file declares: shape, tied embeddings, chat template).""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from bench.cli.common import add_model_arguments
-from bench.core.models import LoadedModel, check_sanity, dtype_warning, embeddings_tied, load_model
 from bench.core.presets import ModelPreset, find_preset
+
+if TYPE_CHECKING:
+    from bench.core.models import LoadedModel
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -22,6 +25,8 @@ def register(sub) -> None:
 
 def preset_problems(preset: ModelPreset, lm: LoadedModel) -> list[str]:
     """What the loaded model contradicts in its preset file (empty: all as declared)."""
+    from bench.core.models import embeddings_tied  # late: torch, transformers
+
     problems = preset.expect.mismatches(lm.model.config)
     if embeddings_tied(lm.model) != preset.expect.tied_embeddings:
         problems.append(f"tied_embeddings: expected {preset.expect.tied_embeddings}, "
@@ -33,6 +38,8 @@ def preset_problems(preset: ModelPreset, lm: LoadedModel) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.core.models import check_sanity, dtype_warning, embeddings_tied, load_model  # late: torch
+
     spec = args.name or args.model
     lm = load_model(spec, device=args.device, dtype=args.dtype)
     print(f"model: {lm.spec}  weights sha256: {lm.source_hash[:16]}  device: {lm.device}  dtype: {lm.dtype}")

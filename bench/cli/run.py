@@ -8,7 +8,6 @@ from pathlib import Path
 
 from bench.cli.common import add_run_arguments, csv_list, options_from_args
 from bench.core.defaults import RUN_MODES
-from bench.runner import execute, resume
 
 
 def register(sub) -> None:
@@ -18,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--regression", type=csv_list, default=[], metavar="TASKS",
                    help="lm-eval regression on these tasks (e.g. fact_retention,bench_perplexity,"
                         "hellaswag; docs/regression.md)")
-    p.add_argument("--mode", "--regression-mode", dest="mode", choices=RUN_MODES, default="single",
+    p.add_argument("--mode", choices=RUN_MODES, default="single",
                    help="single (default): each case edited alone, measured, restored; sequential: "
                         "every edit applied in order and kept, every edit made so far (and the "
                         "--regression suite) measured at checkpoints (--eval-every)")
@@ -26,6 +25,8 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.runner import execute, resume  # late: the harness imports torch; the parser does not
+
     if args.resume:
         # An explicit --limit with --resume extends the run to that many cases per task.
         resume(Path(args.resume), limit=args.limit if getattr(args, "limit_given", False) else "keep")

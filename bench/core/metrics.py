@@ -21,10 +21,12 @@ Case scores are fractions in [0, 1]; summaries report percent with a bootstrap 9
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bench.core.probes import CaseEval
+if TYPE_CHECKING:  # reports read the metrics without torch (bench.core.probes imports it)
+    from bench.core.probes import CaseEval
 
 METRIC_DEFINITIONS = "easyedit-token-accuracy/v1"
 N_BOOTSTRAP = 2000  # resamples of every bootstrap interval the harness reports

@@ -33,7 +33,8 @@ from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
 from bench.core.io import cache_dir, file_sha256
 from bench.core.layout import ModelLayout, find_layout
-from bench.core.presets import DtypeAdvice, ModelPreset, WheelMember, find_preset, list_presets
+from bench.core.presets import (MARKER, DtypeAdvice, ModelPreset, WheelMember, converted_dir, find_preset,
+                                list_presets, preset_cached)
 
 # --------------------------------------------------------------------------------------------
 # Device and dtype
@@ -172,17 +173,7 @@ def _assemble_gguf(preset: ModelPreset) -> Path:
     return target
 
 
-def converted_dir(gguf_name: str, digest: str) -> Path:
-    """Where the safetensors copy of a GGUF file with this name and digest is cached."""
-    return cache_dir() / "models" / f"{Path(gguf_name).stem}-{digest[:12]}"
-
-
-MARKER = "bench_source.json"  # written last: a converted directory without it is incomplete
-
-
-def preset_cached(preset: ModelPreset) -> bool:
-    """Whether the preset's converted checkpoint is in the cache (nothing to fetch)."""
-    return (converted_dir(preset.file, preset.sha256) / MARKER).is_file()
+# converted_dir, MARKER and preset_cached live in bench.core.presets (no torch there).
 
 
 def _gguf_to_safetensors(gguf: Path, digest: str | None = None, source: dict | None = None) -> ResolvedModel:

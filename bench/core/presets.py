@@ -34,8 +34,7 @@ from typing import Any
 import yaml
 
 from bench.core.errors import BenchError
-from bench.core.io import read_text
-from bench.core.layout import text_config
+from bench.core.io import cache_dir, read_text
 
 PRESETS_DIR = Path(__file__).parent / "model_presets"
 ENV_DIR = "BENCH_MODEL_PRESETS"  # an extra folder of presets, searched before the shipped ones
@@ -65,6 +64,8 @@ class Expect:
 
     def mismatches(self, config) -> list[str]:
         """`what: expected X, got Y` for every shape fact the config contradicts."""
+        from bench.core.layout import text_config  # late: torch; listing presets needs none
+
         tc = text_config(config)
         got = {"model_type": getattr(tc, "model_type", None), "layers": tc.num_hidden_layers,
                "hidden": tc.hidden_size, "vocab": getattr(tc, "vocab_size", None),
@@ -251,3 +252,18 @@ def preset_overrides(model: str | None, editor: str, config) -> dict[str, Any]:
     that preset's model; {} otherwise (any other spec, or a config of another shape)."""
     preset = find_preset(model)
     return preset.editor_overrides(editor, config) if preset is not None else {}
+
+
+# Where a preset's converted checkpoint is cached (bench.core.models converts it; here so that
+# `bench list models` tells what is cached without importing torch).
+MARKER = "bench_source.json"  # written last: a converted directory without it is incomplete
+
+
+def converted_dir(gguf_name: str, digest: str) -> Path:
+    """Where the safetensors copy of a GGUF file with this name and digest is cached."""
+    return cache_dir() / "models" / f"{Path(gguf_name).stem}-{digest[:12]}"
+
+
+def preset_cached(preset: ModelPreset) -> bool:
+    """Whether the preset's converted checkpoint is in the cache (nothing to fetch)."""
+    return (converted_dir(preset.file, preset.sha256) / MARKER).is_file()

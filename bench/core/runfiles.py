@@ -14,13 +14,15 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from bench.core.errors import BenchError
 from bench.core.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl
+
+if TYPE_CHECKING:  # only the sequential state holds tensors: reading reports needs no torch
+    import torch
 
 CONFIG = "config.json"
 CASES = "cases.jsonl"
@@ -33,6 +35,10 @@ PRE = "pre.jsonl"  # every case's pre-edit record, evaluated on the unedited mod
 PROBES = "locality_probes.json"  # the fixed locality probes and their pre-edit readings
 STATE = "state.safetensors"  # the model's changed tensors and the editor's state at the last checkpoint
 STATE_FORMAT = "sequential-state/v1"
+
+# Run directories this process has locked, in order (bench.cli says after Ctrl-C which ones hold
+# finished cases); see locked_runs().
+_LOCKED: list[Path] = []
 
 # A run name is one path component that a shell glob and a CSV cell take as plain text.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -61,6 +67,31 @@ def new_run_dir(output_dir: Path, label: str) -> Path:
         path = base.with_name(f"{base.name}-{k}")
     path.mkdir(parents=True)
     return path
+
+
+def locked_runs() -> list[Path]:
+    """The run directories this process has locked so far (RunDir.lock), oldest first."""
+    return list(_LOCKED)
+
+
+def completeness(summary: dict) -> dict:
+    """{"complete", "finished_cases", "planned_cases"} of a summary (summarize_run's): the case
+    records of each planned task (`task_info.<task>.n_cases`) against the cases planned for it
+    (`planned_cases`; a summary from before that field counts as complete). A sequential run is
+    complete only once its last checkpoint (all planned edits) is evaluated."""
+    info = summary.get("task_info")
+    info = [i for i in info.values() if isinstance(i, dict)] if isinstance(info, dict) else []
+
+    def count(x) -> int:
+        return x if isinstance(x, int) and not isinstance(x, bool) and x > 0 else 0
+
+    finished = [count(i.get("n_cases")) for i in info]
+    planned = [count(i.get("planned_cases", i.get("n_cases"))) for i in info]
+    complete = all(f >= p for f, p in zip(finished, planned))
+    seq = summary.get("sequential")
+    if isinstance(seq, dict) and count(seq.get("n_edits")) < count(seq.get("planned_edits")):
+        complete = False
+    return {"complete": complete, "finished_cases": sum(finished), "planned_cases": sum(planned)}
 
 
 class RunDir:
@@ -104,6 +135,7 @@ class RunDir:
                 raise BenchError(f"run directory {self.path} is in use by another bench process; "
                                  "wait for it to finish (or stop it) before resuming") from None
             self._locks.append(fd)
+        _LOCKED.append(self.path)
 
     def release(self) -> None:
         for fd in self._locks:
@@ -153,6 +185,9 @@ class RunDir:
         return records
 
     def write_summary(self, summary: dict) -> None:
+        """Write summary.json, stamped with whether the run is complete (`completeness`): a run
+        stopped by Ctrl-C or SIGTERM writes its summary of the finished cases on the way out."""
+        summary.update(completeness(summary))
         write_json_atomic(self.summary_path, summary)
 
     def read_summary(self) -> dict:
@@ -195,6 +230,8 @@ class RunDir:
         self.sequential_dir.mkdir(exist_ok=True)
         path = self.sequential_dir / STATE
         tmp = path.with_name(path.name + ".tmp")
+        from safetensors.torch import save_file  # late: imports torch (report and list need none)
+
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"format": STATE_FORMAT, "meta": json.dumps(meta)})
         with open(tmp, "rb") as f:
