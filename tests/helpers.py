@@ -124,17 +124,33 @@ class FailingEditor(Editor):
 # --------------------------------------------------------------------------------------------
 
 
-def slow_run(argv: list[str], delay: float, hang_after: int | None = None) -> int:
+def slow_run(argv: list[str], delay: float, hang_after: int | None = None, editor: str | None = None) -> int:
     """`bench run ARGV` with `delay` seconds added to every FT edit; with `hang_after`, the edit
-    after that many hangs until the process is killed (however long the test takes to do it)."""
+    after that many hangs until the process is killed (however long the test takes to do it).
+    With `editor` (a registered name), that editor's sequential calls (`apply_batch`) are slowed
+    and hang instead."""
     import threading
 
     import torch
 
     from bench.cli import main
+    from editors import get_editor_class
     from editors.ft import FineTune
 
     torch.set_num_threads(1)
+    if editor is not None:
+        cls = get_editor_class(editor)
+        apply_batch, done = cls.apply_batch, []
+
+        def slow_apply_batch(self, model, tokenizer, cases):
+            if hang_after is not None and len(done) + len(cases) > hang_after:
+                threading.Event().wait()  # never set: only the test's kill ends this
+            time.sleep(delay)
+            done.extend(c.case_id for c in cases)
+            return apply_batch(self, model, tokenizer, cases)
+
+        cls.apply_batch = slow_apply_batch
+        return main(["run"] + argv)
     apply_many = FineTune.apply_many  # FineTune.apply goes through it too
     calls = []
 
@@ -155,7 +171,7 @@ if __name__ == "__main__":
         sys.exit("usage: python -m tests.helpers slow-run [bench run arguments]")
     hang = os.environ.get("SLOW_EDIT_HANG_AFTER")
     sys.exit(slow_run(sys.argv[2:], delay=float(os.environ.get("SLOW_EDIT_DELAY", "0.5")),
-                      hang_after=int(hang) if hang else None))
+                      hang_after=int(hang) if hang else None, editor=os.environ.get("SLOW_EDITOR") or None))
 
 
 def wait_for_lines(path_glob, n: int, proc) -> Path:

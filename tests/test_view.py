@@ -394,3 +394,45 @@ def test_a_sequential_run_of_modules_ends_with_the_model_restored(tmp_path, monk
     first = lines(run / "checkpoints.jsonl")[0]
     # the pushed hidden state makes each edit's target the answer while the hooks are on
     assert first["summary"]["counterfact"]["reliability"]["post"] > first["summary"]["counterfact"]["reliability"]["pre"]
+
+
+@pytest.mark.parametrize("editor,hparams", [("ike", {"k": "2"}), ("lora", {"steps": "3", "rank": "2"})])
+def test_a_killed_sequential_run_of_a_view_editor_resumes_to_the_same_numbers(tmp_path, tiny_model_dir,
+                                                                               editor, hparams):
+    """`bench run --mode sequential` of ike (a context) or lora (modules) is SIGKILLed while making
+    its 6th edit (checkpoints at 2 and 4); the resumed run reattaches the saved view and ends with
+    the checkpoints, records and state of an uninterrupted run."""
+    import os
+    import signal
+    import sys
+
+    from safetensors.torch import load_file
+
+    from bench.runner import resume
+    from tests.helpers import start, wait_for_lines
+
+    out = tmp_path / "killed"
+    hp = [x for k, v in hparams.items() for x in ("--hparam", f"{k}={v}")]
+    args = ["--editor", editor, "--task", "counterfact", "--model", tiny_model_dir, "--device", "cpu",
+            "--data-dir", FIXTURE_DATA, "--output-dir", out, "--limit", "0", "--batch-size", "4",
+            "--mode", "sequential", "--eval-every", "2", "--locality-probes", "3", "--name", "killed", *hp]
+    proc = start([sys.executable, "-m", "tests.helpers", "slow-run"] + args, cwd=tmp_path,
+                 SLOW_EDIT_DELAY="0.05", SLOW_EDIT_HANG_AFTER="5", SLOW_EDITOR=editor)
+    straight = execute(seq_options(tmp_path, editor, model=str(tiny_model_dir), hparams=dict(hparams),
+                                   output_dir=str(tmp_path / "straight")), log=lambda s: None)
+    try:
+        run_path = wait_for_lines(lambda: out.glob("*/cases.jsonl"), 5, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [c["n_edits"] for c in lines(run_path / "checkpoints.jsonl")] == [2, 4]
+    resume(run_path, log=lambda s: None)
+    got, want = lines(run_path / "checkpoints.jsonl"), lines(straight / "checkpoints.jsonl")
+    assert [c["n_edits"] for c in got] == [2, 4, 6]
+    assert [without_time(c) for c in got] == [without_time(c) for c in want]
+    assert [without_time(r) for r in lines(run_path / "cases.jsonl")] == \
+        [without_time(r) for r in lines(straight / "cases.jsonl")]
+    a, b = (load_file(str(p / "sequential" / "state.safetensors")) for p in (run_path, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
