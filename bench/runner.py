@@ -272,8 +272,10 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
         return [Job(case, task.counterfact, setup.wild.get(task.name)) for task, case in items]
 
     started = time.perf_counter()
+    # smoothing=0: the rate (and ETA) is the average over the cases finished since the start, which
+    # edits computed together (FT's `apply_many`) do not swing as an instantaneous rate does
     bar = tqdm(total=remaining, desc=f"{editor.name}" + (f"[{shard.rank}]" if shard.world > 1 else ""),
-               unit="edit", dynamic_ncols=True, position=shard.rank)
+               unit="edit", dynamic_ncols=True, position=shard.rank, smoothing=0)
     finished = False
     summary = None
     try:
@@ -288,11 +290,14 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
             per_call = editor.edits_per_call
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
-                bar.set_postfix_str(chunk[0][0].name)
+                # the bar advances as each case's evaluation finishes; until the first, it says why it waits
+                bar.set_postfix_str(chunk[0][0].name + (f": editing {len(chunk)} cases together"
+                                                        if len(chunk) > 1 else ""))
                 for (task, _), record in zip(chunk, run_cases(
                         lm, editor, jobs(chunk), batch_size=opts.batch_size,
                         while_edited=while_edited, protocol=protocol)):
                     write(task, record)
+                    bar.set_postfix_str(task.name, refresh=False)
                     bar.update()
         finished = True
     finally:

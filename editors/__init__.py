@@ -36,6 +36,7 @@ BUILTIN = {
     "alphaedit": "editors.memit:AlphaEdit",
     "ike": "editors.ike:IKE",
     "lora": "editors.lora:LoRA",
+    "wise": "editors.wise:Wise",
     "grace": "editors.grace:Grace",
 }
 
@@ -73,6 +74,9 @@ BUILTIN_INFO = {
                       summary="In-Context Knowledge Editing: demonstrations and the new fact in "
                               "front of the prompt (Zheng et al., 2023)"),
     "lora": EditorInfo(("modules",), summary="a LoRA adapter trained per edit (EasyEdit's baseline)"),
+    "wise": EditorInfo(("modules",), train_split=True,
+                       summary="WISE: a routed side memory at one MLP projection, sharded and TIES-merged "
+                               "(Wang et al., 2024)"),
     "grace": EditorInfo(("modules",), summary="a codebook of keys, values and deferral radii at one layer "
                                                 "(Hartvigsen et al., 2023)"),
 }

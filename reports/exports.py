@@ -78,7 +78,10 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
                     tasks.setdefault(c.task, {})[c.key] = _cell_json(s)
             o = row["overall"]
             gd["rows"].append({
-                "rank": row["rank"], "tied": row["tied"], "reference": r.reference, "run": r.label,
+                "rank": row["rank"], "tied": row["tied"], "reference": r.reference,
+                "complete": r.complete, "status": r.incomplete_mark or "complete",
+                "cases": {"finished": r.finished_cases, "planned": r.planned_cases},
+                "summary_rebuilt": r.summary_rebuilt, "run": r.label,
                 "editor": r.editor, "data": r.data, "run_dir": r.name, "created": r.created, "mode": r.mode,
                 "holdout_tasks": [t for t in r.tasks if r.unseen(t)], "trained_on": r.train_tasks,
                 "score": None if o is None else {"composite": g.rank_key, "value": _r(o["value"]),
@@ -133,7 +136,8 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
 
 def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
     """The overview of every group as one table (the rows of leaderboard.csv)."""
-    records, cols = [], ["group", "mode", "rank", "tied", "reference", "run", "editor", "data", "model",
+    records, cols = [], ["group", "mode", "rank", "tied", "reference", "complete", "status", "finished_cases",
+                         "planned_cases", "run", "editor", "data", "model",
                          "source_hash", "metric_definitions", "run_dir", "score", "score/ci_lo", "score/ci_hi",
                          "median_edit_s", "peak_memory_mb"]
     for g in groups:
@@ -147,7 +151,9 @@ def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
             r = row["run"]
             o = row["overall"] or {}
             rec: dict[str, Any] = {"group": g.heading, "mode": g.mode, "rank": row["rank"], "tied": row["tied"],
-                                   "reference": r.reference, "run": r.label, "editor": r.editor, "data": r.data,
+                                   "reference": r.reference, "complete": r.complete,
+                                   "status": r.incomplete_mark or "complete", "finished_cases": r.finished_cases,
+                                   "planned_cases": r.planned_cases, "run": r.label, "editor": r.editor, "data": r.data,
                                    "model": g.model_spec, "source_hash": g.model_hash,
                                    "metric_definitions": g.metric_definitions, "run_dir": r.name,
                                    "score": _r(o.get("value")), "score/ci_lo": _r(o.get("lo")),
@@ -258,6 +264,8 @@ def _run_md(r, reference_note: bool = True) -> str:
         label += " (no edit: reference)"
     if r.sample_data:
         label += f" ({r.data}: not comparable)"
+    if not r.complete:
+        label += f" — {r.incomplete_mark}, not ranked"
     return _md_escape(label)
 
 

@@ -18,6 +18,7 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
@@ -27,12 +28,12 @@ from bench.core.io import write_json_atomic
 from reports.exports import (agreement_text, cross_model_cell, leaderboard_json, leaderboard_markdown,
                              write_leaderboard_csv)
 from reports.matrix import matrix_view, metric_grid, read_matrix, run_dirs as matrix_run_dirs, training_table
-from reports.runs import Run, assign_labels, load_run, scrub_paths, slugify
+from reports.runs import Run, SummaryRebuild, assign_labels, load_run, scrub_paths, slugify
 from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
 from reports.svg import svg_bars, svg_curves, svg_scatter, svg_scores
-from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, RANK_RULE, Pairing, case_rows,
-                           comparison, cross_model, holdout_view, make_groups, overview, pairwise, protocol_gap,
-                           resolve_baseline, segments, sequential_curves, verdicts)
+from reports.views import (COMPOSITES, DEFAULT_BASELINE, FAILURE_RULE, FAMILIES, METRIC_ABBR, RANK_RULE, Pairing,
+                           case_rows, comparison, cross_model, holdout_view, make_groups, overview, pairwise,
+                           protocol_gap, resolve_baseline, segments, sequential_curves, verdicts)
 
 FORMATS = ("html", "md", "all")
 DEFAULT_TITLE = "instructedit-bench leaderboard"
@@ -136,19 +137,25 @@ def _run_details(r: Run) -> dict:
             "notes": scrub_paths(r.notes), "wall_time_s": r.summary.get("wall_time_s"), "tasks": tasks}
 
 
-def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft", fmt: str = "html",
-                 title: str | None = None, case_text: bool = True, matrix: Path | None = None) -> Path:
+def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = None, fmt: str = "html",
+                 title: str | None = None, case_text: bool = True, matrix: Path | None = None,
+                 rebuild_summary: SummaryRebuild | None = None,
+                 log: Callable[[str], None] | None = None) -> Path:
     """Write the leaderboard for `run_dirs` into `out_dir` and return the main file's path.
 
     fmt "html": index.html (+ per run/task case pages), leaderboard.json, leaderboard.csv;
     fmt "md":   leaderboard.md, leaderboard.json, leaderboard.csv;
     fmt "all":  everything. `baseline` names the run the others are compared with: a run
     directory name, a run label or an editor name (an editor with several runs in one group is a
-    BenchError listing them); None or "none": no comparison. case_text=False: drill-down pages
-    without the data records' texts (see reports.views.case_rows). `matrix`: a matrix.json of
-    `bench holdout-matrix`; its runs join `run_dirs` and the page opens with the matrix
-    (reports.matrix). Raises BenchError for unusable input (missing/malformed run files, no runs).
-    The run directories are only read, never modified."""
+    BenchError listing them, a name that matches no run one listing the labels); "none": no
+    comparison; None: the default, an FT run (several in a group: one is chosen, and `log` and
+    the comparison's note say which and how to choose another; none: a note).
+    case_text=False: drill-down pages without the data records' texts (see
+    reports.views.case_rows). `matrix`: a matrix.json of `bench holdout-matrix`; its runs join
+    `run_dirs` and the page opens with the matrix (reports.matrix). `rebuild_summary` makes the
+    summary of a run stopped before it wrote summary.json (reports.runs.load_run). Raises
+    BenchError for unusable input (missing/malformed run files, no runs). The run directories
+    are only read, never modified."""
     if fmt not in FORMATS:
         raise BenchError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
     matrix_doc = read_matrix(Path(matrix)) if matrix is not None else None
@@ -163,14 +170,18 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = "ft
         if key in seen:
             continue
         seen.add(key)
-        runs.append(load_run(Path(d)))
+        runs.append(load_run(Path(d), rebuild_summary))
     assign_labels(runs)
     groups = make_groups(runs)
-    bases = resolve_baseline(groups, baseline)
+    pick = baseline is None
+    baseline = DEFAULT_BASELINE if baseline is None else baseline
+    bases, choices = resolve_baseline(groups, baseline, pick=pick)
+    for line in choices.values():
+        (log or (lambda _: None))(line)
     pairings = {g.gid: Pairing(g) for g in groups}
     ov = {g.gid: overview(g) for g in groups}
     ho = {g.gid: holdout_view(g) for g in groups}
-    cmp = {g.gid: comparison(g, bases[g.gid], baseline, pairings[g.gid]) for g in groups}
+    cmp = {g.gid: comparison(g, bases[g.gid], baseline, pairings[g.gid], choices.get(g.gid, "")) for g in groups}
     pg = {g.gid: protocol_gap(g) for g in groups}
     pw = {g.gid: pairwise(g, pairings[g.gid]) for g in groups}
     vd = {g.gid: verdicts(g, ov[g.gid], ho[g.gid], cmp[g.gid], pairings[g.gid]) for g in groups}

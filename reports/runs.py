@@ -14,11 +14,11 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.core.errors import BenchError
 from bench.core.io import read_json
-from bench.core.runfiles import RunDir
+from bench.core.runfiles import RunDir, completeness
 
 REFERENCE_EDITOR = "none"  # the no-edit editor: a reference line, never ranked
 REFERENCE_COLOR = "#6b6b6b"
@@ -59,6 +59,7 @@ class Run:
     summary: dict
     cases: list[dict]
     has_cases_file: bool
+    summary_rebuilt: bool = False  # no summary.json (a SIGKILLed run): rebuilt from cases.jsonl
     label: str = ""
     slug: str = ""
     color: str = PALETTE[0]
@@ -161,6 +162,65 @@ class Run:
         have = list(self.summary["tasks"])
         order = [t.get("name") for t in self.config_tasks]
         return [t for t in order if t in have] + [t for t in have if t not in order]
+
+    # ---- completeness --------------------------------------------------------------------
+
+    def case_counts(self) -> dict[str, tuple[int, int | None]]:
+        """Task -> (finished cases, planned cases) of every task the run planned (config.json)
+        or has results for. Finished: the task's records in cases.jsonl (else summary.json's
+        `task_info.n_cases`); planned: config.json's `n_cases` (else `task_info.planned_cases`),
+        None when unknown."""
+        info = self.summary.get("task_info") if isinstance(self.summary.get("task_info"), dict) else {}
+        have = self.summary.get("tasks") if isinstance(self.summary.get("tasks"), dict) else {}
+        names = [str(t.get("name")) for t in self.config_tasks] + [str(t) for t in have]
+        counted: dict[str, int] = {}
+        for rec in self.cases:
+            counted[str(rec.get("task"))] = counted.get(str(rec.get("task")), 0) + 1
+        out: dict[str, tuple[int, int | None]] = {}
+        for name in dict.fromkeys(names):
+            ti = info.get(name) if isinstance(info.get(name), dict) else {}
+            cfg = next((t for t in self.config_tasks if str(t.get("name")) == name), {})
+            planned = cfg.get("n_cases", ti.get("planned_cases"))
+            planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+            if self.has_cases_file:
+                finished = counted.get(name, 0)
+            else:
+                n = ti.get("n_cases")
+                finished = n if isinstance(n, int) and not isinstance(n, bool) else (planned or 0)
+            out[name] = (finished, planned)
+        return out
+
+    @property
+    def finished_cases(self) -> int:
+        return sum(f for f, _ in self.case_counts().values())
+
+    @property
+    def planned_cases(self) -> int:
+        return sum(p if p is not None else f for f, p in self.case_counts().values())
+
+    @property
+    def complete(self) -> bool:
+        """Every planned case of every planned task finished, and summary.json does not say
+        otherwise (`complete`: false, written by a stopped run; a sequential run whose last
+        checkpoint is missing). An incomplete run is listed but never ranked."""
+        if self.summary.get("complete") is False or not completeness(self.summary)["complete"]:
+            return False
+        return all(p is None or f >= p for f, p in self.case_counts().values())
+
+    @property
+    def incomplete_mark(self) -> str:
+        """'incomplete (n of N cases)', or '' for a complete run."""
+        if self.complete:
+            return ""
+        return f"incomplete ({self.finished_cases} of {self.planned_cases} cases)"
+
+    @property
+    def incomplete_detail(self) -> str:
+        """Per task 'task n/N' and how the summary came about: the mark's tooltip."""
+        parts = [f"{t} {f}/{p if p is not None else '?'}" for t, (f, p) in self.case_counts().items()]
+        how = ("summary rebuilt from cases.jsonl (the run was stopped before it wrote summary.json)"
+               if self.summary_rebuilt else "the run was stopped before it finished")
+        return f"{how}; finished/planned cases: {', '.join(parts)}; not ranked"
 
     def holdout(self, task: str) -> bool:
         """The task is flagged held out (--holdout) in config.json or summary.json."""
@@ -265,29 +325,40 @@ class Run:
             if isinstance(cps, list) else []
 
 
-def _read_run_json(path: Path) -> Any:
-    # A missing file most often means the run never finished: say so rather than "not found".
-    if not path.is_file():
-        raise BenchError(f"{path.parent}: no {path.name} (not a finished run directory?)")
-    return read_json(path)
+# Rebuilds the summary of a run stopped before it wrote summary.json (SIGKILL): (run directory,
+# config.json, case records) -> summary. The report CLI passes bench.runner's summarize_run, a
+# layer this package may not import.
+SummaryRebuild = Callable[[Path, dict, list[dict]], dict]
 
 
-def load_run(path: Path) -> Run:
+def load_run(path: Path, rebuild_summary: SummaryRebuild | None = None) -> Run:
     """The run in directory `path`. Its cases come from RunDir.read_cases, which drops a torn last
-    line (a killed run) without touching the file: the report never modifies a run directory."""
+    line (a killed run) without touching the file: the report never modifies a run directory.
+    Without summary.json (a run killed before it wrote one), `rebuild_summary` makes it from
+    config.json and the cases (the run is then marked incomplete when cases are missing);
+    without `rebuild_summary` that is a BenchError saying how to go on."""
     run_dir = RunDir(Path(path))
     if not run_dir.path.is_dir():
         raise BenchError(f"{run_dir.path}: run directory not found")
-    config = _read_run_json(run_dir.config_path)
-    summary = _read_run_json(run_dir.summary_path)
+    if not run_dir.config_path.is_file():
+        raise BenchError(f"{run_dir.path}: no config.json (not a run directory?)")
+    config = read_json(run_dir.config_path)
     if not isinstance(config, dict):
         raise BenchError(f"{run_dir.config_path}: expected a JSON object")
+    rebuilt = not run_dir.summary_path.is_file()
+    if rebuilt and rebuild_summary is None:
+        raise BenchError(f"{run_dir.path}: no summary.json (the run was stopped before it wrote one): "
+                         f"`bench report` rebuilds it from cases.jsonl, or finish the run with "
+                         f"`bench run --resume {run_dir.path}`")
+    summary = rebuild_summary(run_dir.path, config, run_dir.read_cases()) if rebuilt \
+        else read_json(run_dir.summary_path)
     if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), dict):
         raise BenchError(f"{run_dir.summary_path}: expected a JSON object with a 'tasks' object")
     for task, metrics in summary["tasks"].items():
         if not isinstance(metrics, dict):
             raise BenchError(f"{run_dir.summary_path}: tasks.{task} is not an object")
-    return Run(run_dir.path, config, summary, run_dir.read_cases(), run_dir.cases_path.is_file())
+    return Run(run_dir.path, config, summary, run_dir.read_cases(), run_dir.cases_path.is_file(),
+               summary_rebuilt=rebuilt)
 
 
 def slugify(s: str) -> str:

@@ -55,7 +55,9 @@ HOLDOUT_RULE = ("A task is held out for a run when the run's editor never traine
 RANK_RULE = ("Ranked by the mean over tasks of the per-task Score, with a 95% bootstrap interval "
              "(cases resampled within each task, independently between tasks). A run's rank is 1 + the number of runs whose "
              "interval lies entirely above its own: runs whose intervals overlap share a rank (=). "
-             "The no-edit run is a reference line, not ranked.")
+             "The no-edit run is a reference line, not ranked. A run that did not finish (fewer finished "
+             "cases than planned, or a planned task without results) is listed with an "
+             "\u201cincomplete (n of N cases)\u201d mark and not ranked.")
 
 
 def task_seed(task: str) -> int:
@@ -254,13 +256,20 @@ def overall_score(g: Group, r: Run) -> dict | None:
     return {"value": value, "lo": lo * 100, "hi": hi * 100, "n_tasks": len(cells)}
 
 
+def _competes(r: Run) -> bool:
+    """The run takes part in the ranking and the best-value marks: not the no-edit reference,
+    not an incomplete run."""
+    return not r.reference and r.complete
+
+
 def _best_flags(rows: list[dict], n_cols: int) -> None:
-    """Per column, the rows (references left out) with the highest value: row['best'][i]."""
+    """Per column, the rows (references and incomplete runs left out) with the highest value:
+    row['best'][i]."""
     for row in rows:
         row["best"] = [False] * n_cols
     for i in range(n_cols):
         vals = [(row, row["cells"][i]["post"]) for row in rows
-                if not row["run"].reference and row["cells"][i] is not None and row["cells"][i]["post"] is not None]
+                if _competes(row["run"]) and row["cells"][i] is not None and row["cells"][i]["post"] is not None]
         if len(vals) < 2:
             continue
         top = max(v for _, v in vals)
@@ -271,7 +280,8 @@ def _best_flags(rows: list[dict], n_cols: int) -> None:
 
 def overview(g: Group) -> list[dict]:
     """One row per run: its cells, the overall Score, the rank (ties shared), the cost. Ranked
-    runs first (by rank, then Score), then unranked ones, the no-edit reference last."""
+    runs first (by rank, then Score), then unranked ones (incomplete runs among them), the no-edit
+    reference last."""
     rows = []
     for r in g.runs:
         means = {m: _mean([(r.stat(t, m) or {}).get("post") for t in r.tasks]) for m in g.mean_metrics}
@@ -280,7 +290,7 @@ def overview(g: Group) -> list[dict]:
                      "missing_tasks": [t for t in g.tasks if t not in r.summary["tasks"]],
                      "cost": {"edit_s": r.median_edit_s(), "peak_mb": r.peak_memory_mb()},
                      "rank": None, "tied": False})
-    ranked = [row for row in rows if not row["run"].reference and row["overall"] is not None]
+    ranked = [row for row in rows if _competes(row["run"]) and row["overall"] is not None]
     for row in ranked:
         o = row["overall"]
         above = [x for x in ranked if x is not row and o["hi"] is not None and x["overall"]["lo"] is not None
@@ -502,17 +512,49 @@ class Pairing:
         return difference(np.mean(res, axis=0), float(np.mean(values)), sum(ns))
 
 
-def resolve_baseline(groups: list[Group], baseline: str | None) -> dict[str, Run | None]:
+DEFAULT_BASELINE = "ft"  # the baseline when none is named: an FT run (several: _choice picks one)
+
+
+def _choice(g: Group, baseline: str, hits: list[Run], several_groups: bool) -> tuple[Run, str]:
+    """The run the default baseline takes among several runs of editor `baseline` in group `g`:
+    a complete run before an incomplete one, one with the editor's default hyperparameters (no
+    --hparam / --hparams-file) before one with set ones, then the first given; and the line that
+    says which and how to choose another."""
+    order = sorted(range(len(hits)), key=lambda i: (not hits[i].complete, hits[i].hparam_overrides != {}, i))
+    best = hits[order[0]]
+    why = (["complete"] if best.complete and any(not r.complete for r in hits) else []) + \
+        (["default hyperparameters"] if best.hparam_overrides == {} else [])
+    rivals = [r for r in hits if r is not best and r.complete == best.complete
+              and (r.hparam_overrides == {}) == (best.hparam_overrides == {})]
+    if rivals:
+        why.append("first given")
+    where = f" for {g.model_spec}" if several_groups else ""
+    labels = ", ".join(repr(r.label) for r in hits)
+    return best, (f"Baseline{where}: {best.label} (run directory {best.name}), chosen among the "
+                  f"{len(hits)} {baseline} runs ({', '.join(why)}); choose another with --baseline LABEL "
+                  f"({labels}) or --baseline none.")
+
+
+def resolve_baseline(groups: list[Group], baseline: str | None,
+                     pick: bool = False) -> tuple[dict[str, Run | None], dict[str, str]]:
     """The baseline run of each group for `baseline`: a run directory name, a run label or an
-    editor name (in that order of precedence); None or "none" means no comparison. An editor name
-    that matches several runs of one group is a BenchError listing them: the choice must be
-    explicit."""
+    editor name (in that order of precedence); None or "none" means no comparison. Also, per
+    group, a line saying how the default chose its run (see `pick`).
+
+    Named by the user (`pick` False): an editor name that matches several runs of one group is a
+    BenchError listing them (the choice must be explicit), and a name that matches no run of
+    any group is a BenchError listing the labels. The default (`pick` True): several matching
+    runs give one, chosen by _choice, and no match anywhere only a note in each group."""
     out: dict[str, Run | None] = {g.gid: None for g in groups}
+    notes: dict[str, str] = {}
     if baseline is None or baseline == "none":
-        return out
+        return out, notes
     for g in groups:
         for attr in ("name", "label", "editor"):
             hits = [r for r in g.runs if getattr(r, attr) == baseline]
+            if len(hits) > 1 and pick:
+                out[g.gid], notes[g.gid] = _choice(g, baseline, hits, len(groups) > 1)
+                break
             if len(hits) > 1:
                 names = ", ".join(f"{r.name} (label '{r.label}')" for r in hits)
                 raise BenchError(f"--baseline {baseline!r} matches {len(hits)} runs in one group "
@@ -521,13 +563,19 @@ def resolve_baseline(groups: list[Group], baseline: str | None) -> dict[str, Run
             if hits:
                 out[g.gid] = hits[0]
                 break
-    return out
+    if not pick and all(run is None for run in out.values()):
+        labels = ", ".join(repr(x) for x in dict.fromkeys(r.label for g in groups for r in g.runs))
+        raise BenchError(f"--baseline {baseline!r} matches no run: name a run label ({labels}), a run "
+                         "directory name or an editor name, or pass --baseline none")
+    return out, notes
 
 
-def comparison(g: Group, base: Run | None, baseline: str | None, pairing: Pairing | None = None) -> dict:
+def comparison(g: Group, base: Run | None, baseline: str | None, pairing: Pairing | None = None,
+               choice: str = "") -> dict:
     """Every other run of the group against the baseline run, per column and overall, over the
-    cases both finished. Marks are Holm-adjusted over every non-reference cell of the table."""
-    out: dict[str, Any] = {"baseline": baseline, "base": base, "note": "", "rows": [],
+    cases both finished. Marks are Holm-adjusted over every non-reference cell of the table.
+    `choice`: how the default baseline was chosen among several runs (resolve_baseline)."""
+    out: dict[str, Any] = {"baseline": baseline, "base": base, "note": choice, "rows": [],
                            "columns": list(g.columns), "n_tests": 0}
     if baseline is None or baseline == "none":
         out["note"] = "No baseline chosen (--baseline none)."
@@ -536,7 +584,8 @@ def comparison(g: Group, base: Run | None, baseline: str | None, pairing: Pairin
         out["note"] = f"Baseline '{baseline}' is not among the runs of this group; no comparison."
         return out
     if not base.cases:
-        out["note"] = "The baseline run has no cases.jsonl records; no paired comparison possible."
+        out["note"] = " ".join(x for x in (choice, "The baseline run has no cases.jsonl records; "
+                                                    "no paired comparison possible.") if x)
     pairing = pairing or Pairing(g)
     family: list[dict] = []
     for r in g.runs:
@@ -628,7 +677,7 @@ def verdicts(g: Group, ov: list[dict], ho: dict, cmp: dict, pairing: Pairing | N
     for t in ho["tasks"]:
         key = g.rank_key
         cands = [(r, g.composite.get((r.slug, t, key))) for r in g.runs
-                 if not r.reference and t in r.summary["tasks"] and r.unseen(t)]
+                 if _competes(r) and t in r.summary["tasks"] and r.unseen(t)]
         cands = [(r, c) for r, c in cands if c is not None]
         if not cands:
             continue

@@ -221,3 +221,33 @@ def test_weights_fingerprint_reads_zero_dim_buffers():
     assert weights_fingerprint(module) == before
     module.scale.fill_(26.0)
     assert weights_fingerprint(module) != before
+
+
+def test_generated_corpus_bar_advances_per_batch_and_only_when_generating(tmp_path, monkeypatch, tiny_lm):
+    bars = []
+
+    class Spy(corpus.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.updates, self.postfixes = [], []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+        def set_postfix_str(self, s="", refresh=True):
+            self.postfixes.append(s)
+            return super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(corpus, "tqdm", Spy)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    logs = []
+    texts = corpus.generated_corpus(tiny_lm, seed=5, log=logs.append, n_docs=20, new_tokens=12)
+    (bar,) = bars
+    assert bar.total == 20 and bar.updates == [8, 8, 4] and bar.n == 20  # one step per batch
+    assert "token 1/12 of this batch" in bar.postfixes  # and the batch's decoding steps show
+    assert len(logs) == 1 and logs[0].startswith("generating the perplexity corpus")
+    # from the cache: the same text, no bar, no "generating" line
+    assert corpus.generated_corpus(tiny_lm, seed=5, log=logs.append, n_docs=20, new_tokens=12) == texts
+    assert len(bars) == 1 and len(logs) == 1

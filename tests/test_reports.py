@@ -276,10 +276,100 @@ def test_baseline_difference_matches_hand_computation(report):
 
 
 def test_missing_baseline_is_noted_not_an_error(tmp_path):
-    build_report([NONE, ROME], tmp_path, baseline="ft")
+    """The default baseline (ft) missing is a note; a baseline the user names that matches no
+    run is a one-line error listing the labels."""
+    build_report([NONE, ROME], tmp_path)
     html = (tmp_path / "index.html").read_text()
     assert "Baseline &#39;ft&#39; is not among the runs" in html
     assert not tables(tmp_path / "index.html", "comparison")
+    for name in ("ft", "bogus"):
+        with pytest.raises(BenchError) as e:
+            build_report([NONE, ROME], tmp_path / name, baseline=name)
+        assert str(e.value) == (f"--baseline {name!r} matches no run: name a run label ('none', 'rome'), "
+                                "a run directory name or an editor name, or pass --baseline none")
+
+
+def _stopped_copy(src: Path, dst: Path, keep: int, summary_kept: bool) -> Path:
+    """`src` as a run stopped after its first `keep` cases: cases.jsonl cut, config.json still
+    planning every case; summary.json removed (SIGKILL) or left as it was."""
+    shutil.copytree(src, dst)
+    lines = (dst / "cases.jsonl").read_text().splitlines(keepends=True)
+    (dst / "cases.jsonl").write_text("".join(lines[:keep]))
+    if not summary_kept:
+        (dst / "summary.json").unlink()
+    return dst
+
+
+@pytest.mark.parametrize("summary_kept", [False, True], ids=["summary-rebuilt", "summary-kept"])
+def test_an_unfinished_run_is_marked_incomplete_and_not_ranked(tmp_path, summary_kept):
+    """ROME, the best run, stopped after 5 of its 14 cases (no zsre case at all): listed in every
+    format with "incomplete (5 of 14 cases)", without a rank, a best-value mark or a verdict;
+    the complete runs are ranked among themselves. Without summary.json the summary is rebuilt
+    from cases.jsonl (the report CLI's rebuild), with a note."""
+    from bench.cli.report import rebuild_summary
+
+    rome = _stopped_copy(ROME, tmp_path / "rome-stopped", 5, summary_kept)
+    if not summary_kept:  # without the CLI's rebuild: an error that says how to go on
+        with pytest.raises(BenchError, match=r"no summary\.json \(the run was stopped before it wrote one\): "
+                                             r"`bench report` rebuilds it from cases\.jsonl, or finish the run "
+                                             r"with `bench run --resume .*rome-stopped`$"):
+            build_report([FT, rome], tmp_path / "no-rebuild")
+    out = build_report([NONE, FT, rome, MEND, INSTRUCTEDIT], tmp_path / "out", fmt="all",
+                       rebuild_summary=rebuild_summary).parent
+    mark = "incomplete (5 of 14 cases)"
+    g = doc_of(out)["groups"][0]
+    rows = {r["editor"]: r for r in g["rows"]}
+    r = rows["rome"]
+    assert (r["complete"], r["rank"], r["status"], r["cases"], r["summary_rebuilt"]) == \
+        (False, None, mark, {"finished": 5, "planned": 14}, not summary_kept)
+    assert all(x["complete"] and x["status"] == "complete" and x["rank"] is not None
+               for e, x in rows.items() if e not in ("rome", "none"))
+    assert min(x["rank"] for x in rows.values() if x["rank"] is not None) == 1
+    assert [x["editor"] for x in g["rows"]][-2:] == ["rome", "none"]  # listed after the ranked runs
+    assert not any("rome" in v for v in g["verdicts"])
+    # the page: the mark beside the label, no rank, no best-of-column highlight
+    html = (out / "index.html").read_text()
+    row = re.search(r'<tr data-run="rome">\s*<td class="num" data-v="">(.*?)</td>\s*<th[^>]*>(.*?)</th>', html, re.S)
+    assert row and "not ranked" in row.group(1) and mark in row.group(2)
+    (table,) = tables(out / "index.html", "overview")
+    assert not any("best" in c["attrs"].get("class", "") for c in table["td"] if c["attrs"].get("data-run") == "rome")
+    assert "\u201cincomplete (n of N cases)\u201d mark and not ranked" in doc_of(out)["ranking"]
+    md = (out / "leaderboard.md").read_text()
+    assert f"| – | rome — {mark}, not ranked |" in md
+    line = pd.read_csv(out / "leaderboard.csv").set_index("editor").loc["rome"]
+    assert (line["complete"], line["status"], line["finished_cases"], line["planned_cases"]) == (False, mark, 5, 14)
+    assert pd.isna(line["rank"])
+
+
+def test_default_baseline_picks_one_ft_run_and_says_which(tmp_path):
+    """Two FT runs and no --baseline: the complete one with default hyperparameters, else the
+    first given; one line (and the comparison's note) says which and how to choose another."""
+    tuned = tmp_path / "ft-tuned"
+    shutil.copytree(FT, tuned)
+    cfg = json.loads((tuned / "config.json").read_text())
+    cfg["options"]["hparams"] = {"lr": 0.001}
+    (tuned / "config.json").write_text(json.dumps(cfg))
+
+    def chosen(runs: list[Path], name: str) -> tuple[str, list[str]]:
+        lines: list[str] = []
+        cmp = doc_of(build_report(runs, tmp_path / name, log=lines.append).parent)["groups"][0]["baseline_comparison"]
+        assert cmp["note"] == lines[0] and len(lines) == 1
+        return cmp["baseline_run_dir"], lines
+
+    run_dir, lines = chosen([tuned, FT, ROME], "default-hparams")
+    assert run_dir == "ft-fixture"
+    assert lines[0] == ("Baseline: ft (fixture) (run directory ft-fixture), chosen among the 2 ft runs (default "
+                        "hyperparameters); choose another with --baseline LABEL ('ft (tuned)', 'ft (fixture)') "
+                        "or --baseline none.")
+    second = tmp_path / "ft-second"
+    shutil.copytree(FT, second)
+    assert chosen([second, FT, ROME], "first")[0] == "ft-second"  # both default: the first given
+    assert "(default hyperparameters, first given)" in chosen([second, FT, ROME], "first-again")[1][0]
+    stopped = _stopped_copy(FT, tmp_path / "ft-stopped", 3, summary_kept=True)
+    assert chosen([stopped, tuned], "complete")[0] == "ft-tuned"  # a complete run first
+    # a baseline the user names must be unambiguous
+    with pytest.raises(BenchError, match="matches 2 runs in one group"):
+        build_report([second, FT], tmp_path / "named", baseline="ft")
 
 
 def test_interval_pvalue_agrees_with_the_interval():

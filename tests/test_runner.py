@@ -125,7 +125,9 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     assert summary["tasks"]["recent"]["portability"]["n"] == 2  # recent-test-3 has none
     assert summary["tasks"]["recent"]["reliability"]["n"] == 3
     assert summary["tasks"]["counterfact"]["reliability"]["n"] == 6
-    assert strip_volatile(summary) == summarize_run(config, records)
+    # a finished run's summary says so (bench.core.runfiles.completeness)
+    assert strip_volatile(summary) == {**summarize_run(config, records), "complete": True,
+                                       "finished_cases": len(records), "planned_cases": sum(N_CASES.values())}
     assert any("records skipped" in line for line in logs)  # the printed table notes skips
     assert any(f"results: {path}" == line for line in logs)
 
@@ -225,7 +227,7 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path, tiny_model_dir
     try:
         run_path = wait_for_lines(lambda: out.glob("*/cases.jsonl"), 3, proc)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.communicate()  # SIGKILLed: it exits at once
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -359,7 +361,7 @@ def test_a_run_in_use_cannot_be_resumed_by_a_second_process(tmp_path, tiny_model
         assert err.count("\n") == 1 and "is in use by another bench process" in err, err
         assert (run_path / "cases.jsonl").read_bytes() == before  # the second process wrote nothing
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.communicate()  # SIGKILLed: it exits at once
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -367,6 +369,104 @@ def test_a_run_in_use_cannot_be_resumed_by_a_second_process(tmp_path, tiny_model
     records = read_lines(run_path / "cases.jsonl")
     keys = [(r["task"], r["case_id"]) for r in records]
     assert len(keys) == len(set(keys)) == N_CASES["counterfact"]  # every case exactly once
+
+
+def test_a_run_stopped_by_sigterm_writes_its_summary_and_reports(tmp_path, tiny_model_dir):
+    """SIGTERM in the middle of the 4th edit: the process saves the summary of its 3 finished
+    cases, marked incomplete, says where they are and how to continue, and exits 143. `bench
+    report` lists it as incomplete, unranked; without summary.json (as after SIGKILL) the report
+    rebuilds the same summary from cases.jsonl."""
+    from bench.cli import main
+    from bench.cli.report import rebuild_summary
+
+    out = tmp_path / "stopped"
+    args = ["--editor", "ft", "--task", ",".join(TASKS), "--model", tiny_model_dir, "--device", "cpu",
+            "--data-dir", FIXTURE_DATA, "--output-dir", out, "--limit", "0", "--batch-size", "4",
+            "--hparam", "steps=2", "--hparam", "layers=1", "--name", "stopped"]
+    proc = start([sys.executable, "-m", "tests.helpers", "slow-run"] + args, cwd=tmp_path,
+                 SLOW_EDIT_DELAY="0.1", SLOW_EDIT_HANG_AFTER="3")
+    try:
+        run_path = wait_for_lines(lambda: out.glob("*/cases.jsonl"), 3, proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate()  # no deadline: the hang ends with the signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"bench: interrupted: finished cases are saved in {run_path}; "
+                                            f"continue with: bench run --resume {run_path}")
+    records = read_lines(run_path / "cases.jsonl")
+    assert [r["task"] for r in records] == ["counterfact"] * 3
+    summary = json.loads((run_path / "summary.json").read_text())
+    total = sum(N_CASES.values())
+    assert (summary["complete"], summary["finished_cases"], summary["planned_cases"]) == (False, 3, total)
+    assert {t: (i["n_cases"], i["planned_cases"]) for t, i in summary["task_info"].items()} == \
+        {t: (3 if t == "counterfact" else 0, n) for t, n in N_CASES.items()}
+    assert summary["tasks"]["counterfact"]["reliability"]["n"] == 3 and summary["tasks"]["zsre"] == {}
+    config = json.loads((run_path / "config.json").read_text())
+    assert strip_volatile(summary) == {**summarize_run(config, records), "complete": False,
+                                       "finished_cases": 3, "planned_cases": total}
+
+    def reported(name: str) -> dict:
+        assert main(["report", str(run_path), "-o", str(tmp_path / name), "--baseline", "none"]) == 0
+        (row,) = json.loads((tmp_path / name / "leaderboard.json").read_text())["groups"][0]["rows"]
+        return row
+
+    row = reported("report")
+    assert (row["complete"], row["rank"], row["status"], row["summary_rebuilt"]) == \
+        (False, None, f"incomplete (3 of {total} cases)", False)
+    assert f"incomplete (3 of {total} cases)" in (tmp_path / "report" / "index.html").read_text()
+
+    # as after SIGKILL: no summary.json; the report rebuilds the one SIGTERM wrote
+    (run_path / "summary.json").unlink()
+    rebuilt = rebuild_summary(run_path, config, records)
+    assert rebuilt.pop("rebuilt").startswith("by bench report from cases.jsonl")
+    assert rebuilt == strip_volatile(summary)
+    row = reported("rebuilt")
+    assert (row["complete"], row["rank"], row["status"], row["summary_rebuilt"]) == \
+        (False, None, f"incomplete (3 of {total} cases)", True)
+    assert not (run_path / "summary.json").exists()  # the report writes nothing into the run
+
+
+class TogetherEditor(editors.base.Editor):
+    """Computes edits three at a time; records the progress bar's postfix and count at each
+    joint call (the runner's bar is the last one tests.test_runner.BARS holds)."""
+
+    name = "together"
+    Hparams = FineTune.Hparams
+    edits_per_call = 3
+    seen: list[tuple[str, int]] = []
+
+    def apply(self, model, tokenizer, case):
+        return editors.base.EditHandle(model, [])
+
+    def apply_many(self, model, tokenizer, cases):
+        TogetherEditor.seen.append((BARS[-1].postfix, BARS[-1].n))
+        yield from super().apply_many(model, tokenizer, cases)
+
+
+BARS: list = []
+
+
+def test_the_progress_bar_says_when_edits_are_computed_together(tmp_path, tiny_load, monkeypatch):
+    """While a joint edit is computed the bar has not moved: its postfix says why; it then counts
+    each case as its evaluation finishes, and its rate is the average since the start."""
+    import bench.runner
+
+    class RecordingBar(bench.runner.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            BARS.append(self)
+
+    monkeypatch.setattr(bench.runner, "tqdm", RecordingBar)
+    monkeypatch.setitem(editors.BUILTIN, "together", "tests.test_runner:TogetherEditor")
+    monkeypatch.setattr(TogetherEditor, "seen", [])
+    execute(options(tmp_path, editor="together", tasks=["counterfact"], hparams={}), log=lambda s: None)
+    # 6 cases in two joint calls: the bar at 0, then at 3, each time "editing 3 cases together"
+    assert TogetherEditor.seen == [("counterfact: editing 3 cases together", 0),
+                                   ("counterfact: editing 3 cases together", 3)]
+    bar = BARS[-1]
+    assert (bar.n, bar.total, bar.postfix, bar.smoothing) == (6, 6, "counterfact", 0)
 
 
 @pytest.mark.parametrize("name", ["../../escape", "/abs/path", "a/b", "=cmd", ".hidden", "", "x" * 201])

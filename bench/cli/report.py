@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bench.core.errors import BenchError
-from reports import build_report
+from bench.core.runfiles import RunDir, completeness
 
 
 def register(sub) -> None:
@@ -16,10 +16,11 @@ def register(sub) -> None:
                    help="the matrix.json of `bench holdout-matrix`: its runs are included and the page "
                         "opens with the leave-one-task-out matrix (docs/holdout.md)")
     p.add_argument("-o", "--output", required=True, help="output directory (e.g. leaderboards/NAME)")
-    p.add_argument("--baseline", default="ft",
-                   help="the run the others are compared with: a run directory name, a run label or an editor "
-                        "name (an editor with several runs in one group is an error listing them); "
-                        "'none' turns the comparison off (default ft)")
+    p.add_argument("--baseline", default=None, metavar="LABEL",
+                   help="the run the others are compared with: a run label, a run directory name or an "
+                        "editor name (an editor with several runs in one group is an error listing them); "
+                        "'none' turns the comparison off (default: an FT run; with several, the complete one "
+                        "with default hyperparameters, else the first given, and a line says which)")
     p.add_argument("--format", choices=["html", "md", "all"], default="html")
     p.add_argument("--title", default=None)
     p.add_argument("--no-case-text", action="store_true",
@@ -27,11 +28,42 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
+def rebuild_summary(path: Path, config: dict, cases: list[dict]) -> dict:
+    """The summary.json a run stopped before writing one (SIGKILL) would have written, made from
+    its config.json and finished cases as the runner makes it (bench.runner.summarize_run, and
+    for a sequential run its last checkpoint), stamped `complete` (bench.core.runfiles) and
+    `rebuilt`. Nothing is written to the run directory."""
+    from bench.runner import summarize_run  # late: the harness imports torch; only a stopped run needs it
+
+    try:
+        summary = summarize_run(config, cases)
+        if summary["config"]["mode"] == "sequential":
+            from bench.sequential import sequential_summary  # late: as bench.runner
+
+            checkpoints = RunDir(path).read_checkpoints()
+            planned = sum(int(t["n_cases"]) for t in config["tasks"])
+            if not checkpoints or checkpoints[-1]["n_edits"] != planned:  # as the runner does
+                summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
+            summary["sequential"] = sequential_summary(config, checkpoints, planned)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BenchError(f"{path}: no summary.json, and config.json lacks what rebuilding it needs "
+                         f"({type(exc).__name__}: {exc}); continue the run with `bench run --resume {path}`") from None
+    summary.update(completeness(summary))
+    summary["rebuilt"] = "by bench report from cases.jsonl: the run was stopped before it wrote summary.json"
+    state = "complete" if summary["complete"] else \
+        f"incomplete ({summary['finished_cases']} of {summary['planned_cases']} cases)"
+    print(f"report: {path.name}: no summary.json (the run was stopped): rebuilt from cases.jsonl, {state}")
+    return summary
+
+
 def main(args: argparse.Namespace) -> int:
     if not args.run_dirs and not args.matrix:
         raise BenchError("give run directories or --matrix MATRIX_JSON")
+    from reports import build_report  # late: pandas and jinja2, not needed for --help
+
     out = build_report([Path(p) for p in args.run_dirs], Path(args.output), baseline=args.baseline,
                        fmt=args.format, title=args.title, case_text=not args.no_case_text,
-                       matrix=Path(args.matrix) if args.matrix else None)
+                       matrix=Path(args.matrix) if args.matrix else None,
+                       rebuild_summary=rebuild_summary, log=lambda line: print(f"report: {line}"))
     print(f"report: {out}")
     return 0

@@ -6,12 +6,14 @@ import argparse
 
 from bench.cli.common import add_editor_arguments, editor_hparams, task_options
 from bench.core.errors import BenchError
-from bench.session import RunOptions, set_up
 from editors import get_editor_class
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a learned editor (mend, instructedit) and cache it")
+    p = sub.add_parser("train", help="train a learned editor (mend, instructedit) and cache it",
+                       description="Train a learned editor and cache its checkpoint. The training "
+                       "state is saved every checkpoint_every steps (--hparam checkpoint_every=N, "
+                       "default 50) and on Ctrl-C; the same command resumes from it.")
     add_editor_arguments(p, default_editor="mend")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (hparam max_steps)")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
@@ -20,6 +22,8 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.session import RunOptions, set_up  # late: the harness imports torch; the parser does not
+
     if not get_editor_class(args.editor).learns:
         raise BenchError(f"editor {args.editor!r} does not learn; nothing to train")
     hparams = editor_hparams(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from tqdm import tqdm
+
 from bench.core.io import cache_dir
 from bench.core.samples import SampleBatch, cached_samples, sample_batches
 
@@ -36,10 +38,27 @@ def generated_corpus(lm, seed: int, log: Callable[[str], None] = print, n_docs: 
     batches = [SampleBatch(tuple(openers[i:i + CORPUS_BATCH]), max_new_tokens=new_tokens)
                for i in range(0, n_docs, CORPUS_BATCH)]
 
-    def produce() -> list[list[int]]:
+    def produce() -> list[list[int]]:  # called only when the corpus is not in the cache
         log(f"generating the perplexity corpus from the unedited model ({n_docs} docs, seed {seed}) ...")
-        rows = sample_batches(lm.model, lm.tokenizer, batches, seed=seed, top_k=TOP_K, top_p=TOP_P)
-        return [gen for batch in rows for _, gen in batch]
+        # One step per batch of documents; within a batch the postfix counts its decoding steps.
+        bar = tqdm(total=n_docs, desc="perplexity corpus", unit="doc", leave=False)
+        steps = [0]
+
+        def tokens(n: int) -> None:
+            steps[0] += 1
+            if steps[0] > 1:  # the first call is the batch's prompt tokens
+                bar.set_postfix_str(f"token {steps[0] - 1}/{new_tokens} of this batch")
+
+        docs = []
+        try:
+            for batch in sample_batches(lm.model, lm.tokenizer, batches, seed=seed, top_k=TOP_K,
+                                        top_p=TOP_P, progress=tokens):
+                docs += [gen for _, gen in batch]
+                steps[0] = 0
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        return docs
 
     spec = {"openers": openers, "new_tokens": new_tokens, "seed": seed, "top_k": TOP_K,
             "top_p": TOP_P, "batch": CORPUS_BATCH}

@@ -1,5 +1,9 @@
 """Checkpoints of a trained editor network: safetensors (tensors) + JSON (everything else);
-loading never unpickles. The cache key names exactly what training produced a network from."""
+loading never unpickles. The cache key names exactly what training produced a network from.
+
+Training in progress keeps its state (networks, optimizer, RNGs, validation history, data order)
+in one file beside the final checkpoint, `<stem>.partial.safetensors` (the JSON part rides in the
+safetensors header), replaced atomically each time; it is removed once the final one is written."""
 
 from __future__ import annotations
 
@@ -8,12 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bench.core.errors import BenchError
 from editors.mend.networks import EditorNetwork
 
 CHECKPOINT_FORMAT = "instructedit-bench/meta-editor/v1"
+TRAINING_FORMAT = "instructedit-bench/meta-editor-training/v1"
 
 
 def cache_key(identity: str, editor: str, hparams: dict, tasks: list[str], seed: int,
@@ -57,3 +63,36 @@ def load_checkpoint(stem: Path, network: EditorNetwork) -> dict:
     device = network.edit_lrs.device
     network.load_state_dict({k: v.to(device) for k, v in tensors.items()})
     return meta
+
+
+def partial_path(stem: Path) -> Path:
+    """The training state of the checkpoint `stem` while it is being trained (same cache key)."""
+    stem = Path(stem)
+    return stem.with_name(f"{stem.name}.partial.safetensors")
+
+
+def save_training_state(path: Path, tensors: dict, state: dict) -> Path:
+    """`tensors` and the JSON-able `state` in one safetensors file, written to a temporary file,
+    flushed to disk and renamed over `path`: a kill at any moment leaves the previous state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": TRAINING_FORMAT, "state": json.dumps(state)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: the previous state stays, no debris
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_training_state(path: Path) -> tuple[dict, dict]:
+    """(tensors, state) from a file written by save_training_state. No pickle involved."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != TRAINING_FORMAT or "state" not in meta:
+        raise BenchError(f"{path}: not a {TRAINING_FORMAT} file")
+    return load_file(str(path)), json.loads(meta["state"])

@@ -23,7 +23,7 @@ from bench.core.errors import BenchError
 from bench.core.hparams import hparams_to_dict, param
 from bench.core.layout import text_config
 from editors.base import EditContext, EditHandle, Editor
-from editors.mend.checkpoint import cache_key, load_checkpoint, save_checkpoint
+from editors.mend.checkpoint import cache_key, load_checkpoint, partial_path, save_checkpoint
 from editors.mend.factors import edit_factors, select_targets
 from editors.mend.networks import EditorNetwork, stored_delta
 from editors.mend.trainer import MetaTrainer, split_train_val
@@ -40,7 +40,9 @@ class MendHparams:
     validation edits (held out of the training splits, split evenly across tasks), checked every
     val_every steps, stopping after `patience` checks without improvement (0 = never);
     mixture: round_robin or uniform over training tasks; grad_clip: max gradient norm;
-    checkpoint: load this checkpoint (path without suffix) instead of the cache (never trains)."""
+    checkpoint: load this checkpoint (path without suffix) instead of the cache (never trains);
+    checkpoint_every: save the training state every N steps (and on Ctrl-C) beside the final
+    checkpoint, so that the same command resumes an interrupted training (0 = never)."""
 
     layers: list[int] | None = param(None, layer="index")
     modules: list[str] = param(["mlp_in", "mlp_out"], choices=("mlp_in", "mlp_out"))
@@ -60,10 +62,11 @@ class MendHparams:
     mixture: str = param("round_robin", choices=("round_robin", "uniform"))
     grad_clip: float = param(100.0, ge=0)
     checkpoint: str | None = None
+    checkpoint_every: int = param(50, ge=0)
 
 
 # Hyperparameters that do not change what training produces (left out of the cache key).
-NOT_TRAINING = ("checkpoint",)
+NOT_TRAINING = ("checkpoint", "checkpoint_every")
 
 
 class Mend(Editor):
@@ -144,12 +147,17 @@ class Mend(Editor):
             return
         ctx.log(f"{self.name}: training the editor network on {', '.join(data.tasks)} "
                 f"(held out: {', '.join(data.holdout) or 'none'}); checkpoint {stem}")
-        meta = self.train(lm, ctx)
+        # Training in progress is saved beside the final checkpoint (same key) and resumed from
+        # there by the same command, --retrain or not: it gives the same network.
+        partial = partial_path(stem) if hp.checkpoint_every else None
+        meta = self.train(lm, ctx, partial=partial)
         meta["cache_key"] = self.key_for(lm, ctx)
         if ctx.shard.world > 1:
             meta["data_parallel_processes"] = ctx.shard.world
         if ctx.shard.rank == 0:  # the copies are identical: one writes
             save_checkpoint(stem, self.network, meta)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
         ctx.shard.barrier()
         self.checkpoint_meta = meta
         ctx.log(f"{self.name}: trained {meta['steps']} steps in {meta['train_time_s']} s "
@@ -174,8 +182,9 @@ class Mend(Editor):
 
     # -- training ------------------------------------------------------------------------------
 
-    def train(self, lm, ctx: EditContext) -> dict:
-        """Train the network (in place) on ctx.training and return the checkpoint meta."""
+    def train(self, lm, ctx: EditContext, partial: Path | None = None) -> dict:
+        """Train the network (in place) on ctx.training and return the checkpoint meta. With
+        `partial`, the training state is saved to that file as it goes and resumed from it."""
         if self.network is None:
             torch.manual_seed(ctx.seed)
             self.setup(lm)
@@ -210,8 +219,10 @@ class Mend(Editor):
                               holdout=list(data.holdout), seed=ctx.seed,
                               prepare_case=prepare_case, log=ctx.log, shard=ctx.shard)
         started = time.time()
-        info = trainer.fit()
-        torch.random.set_rng_state(random_state)
+        try:
+            info = trainer.fit(partial, key=self.key_for(lm, ctx))
+        finally:
+            torch.random.set_rng_state(random_state)
         for name in tasks:
             counts[name]["sampled"] = info["sampled_per_task"].get(name, 0)
         meta = {
@@ -225,6 +236,7 @@ class Mend(Editor):
             "stop_reason": info["stop_reason"], "train_time_s": info["train_time_s"],
             "s_per_step": info["s_per_step"], "final_validation": info["final_validation"],
             "history": info["history"], "started": started,
+            "resumed_at_step": info["resumed_at_step"],
             "torch": torch.__version__,
         }
         self.checkpoint_meta = meta

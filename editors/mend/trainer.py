@@ -1,14 +1,26 @@
 """Meta-training of the editor network: batches of edits drawn from several tasks, each edited
 on its own; the loss is the NLL of the new target on the edit and rephrase prompts after the edit
 plus the KL to the unedited model on locality prompts. Validation, early stopping, a time budget,
-a progress bar, and data-parallel training across processes (bench.core.distributed)."""
+a progress bar, and data-parallel training across processes (bench.core.distributed).
+
+Training can be stopped and resumed: every `checkpoint_every` steps, and at the step boundary after
+a first Ctrl-C, the whole training state (network, Adam state, step, RNG states, validation
+history and best network so far, each task's data order) is saved to a file (editors/mend/
+checkpoint.py); `fit` resumes from that file and ends with exactly the network a run without the
+interruption gives. A second Ctrl-C, or one raised inside a step, stops at once (the last saved
+state stays). Either way `fit` raises bench.core.errors.Interrupted, which says what was saved."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
+import signal
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,7 +29,8 @@ from tqdm import tqdm
 
 from bench.core.cases import EditCase
 from bench.core.distributed import Shard
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, Interrupted
+from editors.mend.checkpoint import load_training_state, save_training_state
 from editors.mend.factors import (EditTarget, LowRankEdits, base_hidden, encode_batch, factor_pass,
                                   logprobs_at_answers, per_sequence_mean, rerun_blocks)
 from editors.mend.networks import EditorNetwork
@@ -241,69 +254,228 @@ class MetaTrainer:
                 max(1, sum(k for k, st in rows if not math.isnan(st[key])))
                 for key in rows[0][1]} if total else {}
 
-    def fit(self) -> dict:
-        hp = self.hp
-        started = time.perf_counter()
-        best = {"loss": float("inf")}
-        best_state, best_step, bad_rounds = None, 0, 0
-        history, recent = [], []
-        step, stop_reason = 0, "max_steps"
-        main = self.shard.rank == 0
-        bar = tqdm(total=hp.max_steps, desc=f"train {self.lm.spec}", unit="step", dynamic_ncols=True,
-                   disable=not main)
+    # -- training state (stop and resume) ------------------------------------------------------
+
+    def save_state(self, path: Path, fs: "FitState", key: str) -> None:
+        """Everything `fit` needs to go on from `fs` exactly as if it had never stopped."""
+        tensors = {f"net/{k}": v for k, v in self.net.state_dict().items()}
+        if fs.best_state is not None:
+            tensors.update({f"best/{k}": v for k, v in fs.best_state.items()})
+        scalars: dict = {}
+        for i, entry in self.opt.state_dict()["state"].items():
+            for name, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"opt/{i}/{name}"] = value
+                else:
+                    scalars.setdefault(str(i), {})[name] = value
+        tensors["rng/torch"] = torch.random.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        where = {t: {id(c): i for i, c in enumerate(self.train_by_task[t])} for t in self.tasks}
+        state = {"key": key, "step": fs.step, "max_steps": self.hp.max_steps,
+                 "elapsed_s": fs.elapsed_s, "stop_reason": fs.stop_reason, "best": fs.best,
+                 "best_step": fs.best_step, "bad_rounds": fs.bad_rounds, "history": fs.history,
+                 "recent": fs.recent, "rng": list(self.rng.getstate()), "rr": self._rr,
+                 "sampled": self.sampled, "n_train": {t: len(self.train_by_task[t]) for t in self.tasks},
+                 "orders": {t: [where[t][id(c)] for c in self._orders[t]] for t in self.tasks},
+                 "opt_scalars": scalars}
+        save_training_state(path, tensors, state)
+
+    def load_state(self, path: Path, key: str) -> "FitState | None":
+        """Restore the state saved by save_state; None (nothing changed) when the file is
+        unreadable or belongs to another training."""
         try:
-            while step < hp.max_steps:
-                over = bool(hp.time_budget_s and time.perf_counter() - started > hp.time_budget_s)
-                if self.shard.world > 1:
-                    over = self.shard.broadcast(over)  # every process stops at the same step
-                if over:
-                    stop_reason = "time_budget"
-                    break
-                t0 = time.perf_counter()
-                stats = self.train_step(self.next_batch())
-                stats["s_per_step"] = time.perf_counter() - t0
-                step += 1
-                recent.append(stats)
-                recent = recent[-20:]
-                avg = _mean_stats(recent)
-                bar.update(1)
-                bar.set_postfix_str(f"loss {avg['loss']:.3f} nll {avg['edit_nll']:.2f} "
-                                    f"acc {avg['edit_acc']:.2f} kl {avg['loc_kl']:.3f} "
-                                    f"{avg['s_per_step']:.2f}s/step")
-                last = step == hp.max_steps
-                if self.val_by_task and (step % hp.val_every == 0 or last):
-                    val = self.shard.broadcast(self.validate())  # same decisions everywhere
-                    val["step"] = step
-                    val["elapsed_s"] = round(time.perf_counter() - started, 1)
-                    history.append({"step": step, "train": avg, "val": val})
-                    if main:
-                        bar.write(f"step {step}: val loss {val['loss']:.4f} edit acc {val['edit_acc']:.3f} "
-                                  f"rephrase acc {val['rephrase_acc']:.3f} loc agree {val['loc_agree']:.3f} "
-                                  f"| train loss {avg['loss']:.4f} {avg['s_per_step']:.2f}s/step")
-                    if val["loss"] < best["loss"]:
-                        best, best_step, bad_rounds = val, step, 0
-                        best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            tensors, state = load_training_state(path)
+        except Exception as exc:  # noqa: BLE001 - an unusable file means: start from step 0
+            self.log(f"cannot resume from {path} ({type(exc).__name__}: {exc}); training from step 0")
+            return None
+        if state.get("key") != key or state.get("n_train") != {t: len(self.train_by_task[t]) for t in self.tasks}:
+            self.log(f"{path} belongs to another training; training from step 0")
+            return None
+        device = self.net.edit_lrs.device
+        self.net.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("net/")})
+        best_state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best/")} or None
+        opt_state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt/"):
+                _, i, name = k.split("/", 2)
+                opt_state.setdefault(int(i), {})[name] = v
+        for i, entry in state["opt_scalars"].items():
+            opt_state.setdefault(int(i), {}).update(entry)
+        opt = self.opt.state_dict()
+        opt["state"] = opt_state
+        self.opt.load_state_dict(opt)
+        torch.random.set_rng_state(tensors["rng/torch"])
+        cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([tensors[f"rng/cuda/{i}"] for i in range(len(cuda))])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self._rr, self.sampled = state["rr"], dict(state["sampled"])
+        self._orders = {t: [self.train_by_task[t][i] for i in state["orders"][t]] for t in self.tasks}
+        return FitState(step=state["step"], elapsed_s=state["elapsed_s"], stop_reason=state["stop_reason"],
+                        best=state["best"], best_step=state["best_step"], bad_rounds=state["bad_rounds"],
+                        history=state["history"], recent=state["recent"], best_state=best_state)
+
+    # -- the training loop ---------------------------------------------------------------------
+
+    def fit(self, partial: Path | None = None, key: str = "") -> dict:
+        """Train until max_steps, early stopping or the time budget; leave the best network in
+        place. With `partial` (a file) and hp.checkpoint_every > 0, resume from that file when it
+        holds the state of this training (`key`), and save the state there every
+        `checkpoint_every` steps and when Ctrl-C asks to stop."""
+        hp = self.hp
+        main = self.shard.rank == 0
+        every = hp.checkpoint_every if partial is not None else 0
+        fs = FitState()
+        saved_step = None
+        if every and self.shard.broadcast(Path(partial).is_file()):
+            resumed = self.load_state(Path(partial), key)
+            if resumed is not None:
+                fs, saved_step = resumed, resumed.step
+                self.log(f"resuming training from {partial} at step {fs.step} of {hp.max_steps}")
+        resumed_at = fs.step
+        started = time.perf_counter() - fs.elapsed_s
+
+        def save() -> None:
+            nonlocal saved_step
+            fs.elapsed_s = round(time.perf_counter() - started, 3)
+            if main:
+                self.save_state(Path(partial), fs, key)
+            self.shard.barrier()
+            saved_step = fs.step
+
+        def interrupted() -> Interrupted:
+            head = f"training interrupted at step {fs.step} of {hp.max_steps}"
+            if saved_step is None:
+                why = f"first save at step {every}" if every else "checkpoint_every=0"
+                return Interrupted(f"{head}: nothing saved yet ({why}); the same command trains from step 0")
+            at = f" (step {saved_step})" if saved_step != fs.step else ""
+            return Interrupted(f"{head}: saved {partial}{at}; run the same command again to continue")
+
+        ctrl_c = _StopAfterStep(enabled=bool(every))
+        bar = tqdm(total=hp.max_steps, initial=fs.step, desc=f"train {self.lm.spec}", unit="step",
+                   dynamic_ncols=True, disable=not main)
+        try:
+            with ctrl_c:
+                while fs.stop_reason is None:
+                    over = bool(hp.time_budget_s and time.perf_counter() - started > hp.time_budget_s)
+                    stop = ctrl_c.requested
+                    if self.shard.world > 1:  # every process stops at the same step
+                        over, stop = self.shard.broadcast((over, stop))
+                    if stop:
+                        save()
+                        raise interrupted()
+                    if fs.step >= hp.max_steps:
+                        fs.stop_reason = "max_steps"
+                    elif over:
+                        fs.stop_reason = "time_budget"
                     else:
-                        bad_rounds += 1
-                        if hp.patience and bad_rounds >= hp.patience:
-                            stop_reason = "early_stopping"
-                            break
+                        self._one_step(fs, started, bar, main)
+                        if every and fs.stop_reason is None and fs.step % every == 0 \
+                                and fs.step < hp.max_steps:  # the final checkpoint follows anyway
+                            save()
+                if self.shard.broadcast(ctrl_c.requested):  # Ctrl-C in the step that ended training
+                    save()
+                    raise interrupted()
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            raise interrupted() from None
         finally:
             bar.close()
-        if self.val_by_task and step and (not history or history[-1]["step"] != step):
+        best, best_state, best_step = fs.best, fs.best_state, fs.best_step
+        step = fs.step
+        if self.val_by_task and step and (not fs.history or fs.history[-1]["step"] != step):
             val = self.shard.broadcast(self.validate())  # stopped by the time budget between validations
             val["step"] = step
-            history.append({"step": step, "train": _mean_stats(recent), "val": val})
+            fs.history.append({"step": step, "train": _mean_stats(fs.recent), "val": val})
             if val["loss"] < best["loss"]:
                 best, best_step, best_state = val, step, None
         if best_state is not None:
             self.net.load_state_dict(best_state)
         elapsed = time.perf_counter() - started
-        return {"steps": step, "best_step": best_step, "stop_reason": stop_reason,
+        return {"steps": step, "best_step": best_step, "stop_reason": fs.stop_reason,
                 "train_time_s": round(elapsed, 1),
                 "s_per_step": round(elapsed / max(step, 1), 3),
                 "final_validation": best if best_step else None,
-                "history": history, "sampled_per_task": dict(self.sampled)}
+                "history": fs.history, "sampled_per_task": dict(self.sampled),
+                "resumed_at_step": resumed_at or None}
+
+    def _one_step(self, fs: "FitState", started: float, bar, main: bool) -> None:
+        """One optimizer step, then validation (and early stopping) when it is due."""
+        hp = self.hp
+        t0 = time.perf_counter()
+        stats = self.train_step(self.next_batch())
+        stats["s_per_step"] = time.perf_counter() - t0
+        fs.step += 1
+        step = fs.step
+        fs.recent = (fs.recent + [stats])[-20:]
+        avg = _mean_stats(fs.recent)
+        bar.update(1)
+        bar.set_postfix_str(f"loss {avg['loss']:.3f} nll {avg['edit_nll']:.2f} "
+                            f"acc {avg['edit_acc']:.2f} kl {avg['loc_kl']:.3f} "
+                            f"{avg['s_per_step']:.2f}s/step")
+        last = step == hp.max_steps
+        if self.val_by_task and (step % hp.val_every == 0 or last):
+            val = self.shard.broadcast(self.validate())  # same decisions everywhere
+            val["step"] = step
+            val["elapsed_s"] = round(time.perf_counter() - started, 1)
+            fs.history.append({"step": step, "train": avg, "val": val})
+            if main:
+                bar.write(f"step {step}: val loss {val['loss']:.4f} edit acc {val['edit_acc']:.3f} "
+                          f"rephrase acc {val['rephrase_acc']:.3f} loc agree {val['loc_agree']:.3f} "
+                          f"| train loss {avg['loss']:.4f} {avg['s_per_step']:.2f}s/step")
+            if val["loss"] < fs.best["loss"]:
+                fs.best, fs.best_step, fs.bad_rounds = val, step, 0
+                fs.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            else:
+                fs.bad_rounds += 1
+                if hp.patience and fs.bad_rounds >= hp.patience:
+                    fs.stop_reason = "early_stopping"
+
+
+@dataclass
+class FitState:
+    """Where `fit` stands: what save_state writes besides the network, optimizer and sampler."""
+
+    step: int = 0
+    elapsed_s: float = 0.0
+    stop_reason: str | None = None  # set once training has ended
+    best: dict = field(default_factory=lambda: {"loss": float("inf")})
+    best_step: int = 0
+    bad_rounds: int = 0
+    history: list = field(default_factory=list)
+    recent: list = field(default_factory=list)  # the last 20 steps' statistics (progress bar)
+    best_state: dict | None = None
+
+
+class _StopAfterStep:
+    """While training (main thread, default Ctrl-C handling): the first Ctrl-C only asks to stop
+    at the next step boundary, where the state is saved; a second one interrupts at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self.installed = enabled, False, False
+
+    def __enter__(self) -> "_StopAfterStep":
+        self.installed = (self.enabled and threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.installed:
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:  # a raw write: a signal handler must not re-enter a buffered stream
+            os.write(2, b"\nstopping after this training step to save its state "
+                        b"(Ctrl-C again stops at once)\n")
+        except OSError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _mean_stats(rows: list[dict]) -> dict:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bench.core.errors import BenchError
 from bench.core.io import read_corpus
-from bench.core.samples import SampleBatch, cached_samples, sample_batches
+from bench.core.samples import SampleBatch, cached_samples, sample_batches, samples_path
 
 # Openers for text sampled from the model (statistics corpus when none is given).
 SAMPLE_STARTERS = (
@@ -84,7 +84,8 @@ def corpus_tag(corpus: str | None, seed: int) -> str:
 @torch.no_grad()
 def sample_documents(model: nn.Module, tokenizer, n_tokens: int, seed: int) -> list[list[int]]:
     """Token-id documents sampled from the model (top-k 50, temperature 1, SAMPLE_BATCH at a
-    time after the openers in turn), each cut after its first EOS, until `n_tokens`."""
+    time after the openers in turn), each cut after its first EOS, until `n_tokens`. The bar
+    counts the kept tokens as they are generated (not only when a batch ends)."""
     eos = tokenizer.eos_token_id
 
     def batches():
@@ -95,16 +96,21 @@ def sample_documents(model: nn.Module, tokenizer, n_tokens: int, seed: int) -> l
     docs: list[list[int]] = []
     total = 0
     bar = tqdm(total=n_tokens, desc="sampling statistics text", unit="tok", leave=False)
-    for rows in sample_batches(model, tokenizer, batches(), seed=seed, top_k=SAMPLE_TOP_K):
-        for prompt, gen in rows:
-            if eos is not None and eos in gen:  # keep the EOS token, drop what follows
-                gen = gen[: gen.index(eos) + 1]
-            docs.append(prompt + gen)
-            total += len(docs[-1])
-            bar.update(len(docs[-1]))
-        if total >= n_tokens:
-            break
-    bar.close()
+    try:
+        for rows in sample_batches(model, tokenizer, batches(), seed=seed, top_k=SAMPLE_TOP_K,
+                                   progress=bar.update):
+            for prompt, gen in rows:
+                if eos is not None and eos in gen:  # keep the EOS token, drop what follows
+                    gen = gen[: gen.index(eos) + 1]
+                docs.append(prompt + gen)
+                total += len(docs[-1])
+            if bar.n != total:  # the counts during generation are exact; this is only a guard
+                bar.n = total
+                bar.refresh()
+            if total >= n_tokens:
+                break
+    finally:
+        bar.close()
     return docs
 
 
@@ -198,12 +204,22 @@ def layer_stats(model: nn.Module, tokenizer, layout, identity: str, layers: list
     missing = [layer for layer in layers if layer not in out]
     if missing:
         if corpus is None:
-            log(f"rome: sampling {n_samples} tokens of text from the model for key statistics "
-                f"(seed {seed}; cached)")
             spec = {"n_tokens": n_samples, "seed": seed, "top_k": SAMPLE_TOP_K, "batch": SAMPLE_BATCH,
                     "new_tokens": SAMPLE_NEW_TOKENS, "starters": SAMPLE_STARTERS}
-            docs = cached_samples(cache_dir, "stats-text", identity, spec,
-                                  lambda: sample_documents(model, tokenizer, n_samples, seed))
+            text_path = samples_path(cache_dir, "stats-text", identity, spec)
+            sampled = []
+
+            def produce() -> list[list[int]]:  # called only when the text is not in the cache
+                where = f"; to be cached as {text_path}" if text_path is not None else "; not cached"
+                log(f"rome: sampling {n_samples} tokens of text from the model for key statistics "
+                    f"(seed {seed}{where})")
+                sampled.append(True)
+                return sample_documents(model, tokenizer, n_samples, seed)
+
+            docs = cached_samples(cache_dir, "stats-text", identity, spec, produce)
+            if not sampled:
+                log(f"rome: key-statistics text read from the cache: {text_path} "
+                    f"({sum(map(len, docs))} tokens, seed {seed})")
         else:
             docs = [tokenizer(text).input_ids for text in read_corpus(corpus, "stats_corpus file")]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
