@@ -98,6 +98,11 @@ class _BatchMember:
     def original(self, name: str):
         return self.handle.original(name)
 
+    def __getattr__(self, name: str):
+        """Everything else the runner reads of a handle (its view, `reusable_blocks`, ...) is the
+        batch handle's."""
+        return getattr(self.handle, name)
+
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """NAME:K=V,K=V; a comma-separated piece without "=" continues the previous value

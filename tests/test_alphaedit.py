@@ -216,3 +216,27 @@ def test_sequential_run_through_the_runner(tmp_path, tiny_load):
     assert len(calls) == 2 and all({"z_s", "keys_s", "solve_s"} <= set(c) for c in calls)
     state = load_file(str(path / "sequential" / "state.safetensors"))
     assert {k for k in state if k.startswith("editor.")} == {"editor.preserved.1", "editor.preserved.2"}
+
+
+def test_kl_position_changes_the_update(shared_cache):
+    from tests.test_memit import batch_update
+
+    lm = tiny_model("llama")
+    threshold = median_eigenvalue(lm, shared_cache, 1) * 10
+    after, subject = (batch_update(AlphaEdit, tiny_model("llama"), shared_cache, kl_position=position,
+                                   nullspace_threshold=threshold)
+                      for position in ("after_prompt", "subject_last"))
+    assert after.norm() > 0 and (after - subject).norm() / after.norm() > 1e-2  # measured: 6e-2
+
+
+def test_easyedit_preset_is_easyedits_alphaedit_with_the_kl_term_at_the_subject():
+    from bench.core.tiny import tiny_config
+    from bench.session import build_editor, hparams_source
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 32  # the preset's layers 4-8 must exist
+    hp = build_editor("alphaedit", hparams_source("alphaedit", "easyedit"), config).hparams
+    assert hp.kl_position == "subject_last"
+    assert (hp.layers, hp.v_lr, hp.v_weight_decay, hp.clamp_norm_factor, hp.nullspace_threshold,
+            hp.l2) == ([4, 5, 6, 7, 8], 0.1, 0.5, 0.75, 2e-2, 10.0)
+    assert build_editor("alphaedit", {}, config).hparams.kl_position == "after_prompt"

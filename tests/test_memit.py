@@ -329,3 +329,68 @@ def test_memit_writes_through_gemmas_post_feed_forward_norm(shared_cache):
     assert next_token(lm, CASE.prompt) == target
     handle.restore()
     assert_same(lm.model, before)
+
+
+# --------------------------------------------------------------------------------------------
+# kl_position: where the KL term reads "{subject} is a" (docs/memit.md)
+# --------------------------------------------------------------------------------------------
+
+
+def batch_update(cls, lm, cache, **changes) -> torch.Tensor:
+    """Every edited weight's change after apply_batch of two cases, flattened (then restored)."""
+    editor = prepared(cls, lm, cache, v_num_grad_steps=8, kl_factor=1.0, **changes)
+    before = snapshot(lm.model)
+    handle = editor.apply_batch(lm.model, lm.tokenizer, [CASE, CASE2])
+    params = dict(lm.model.named_parameters())
+    delta = torch.cat([(params[n].detach() - handle.original(n)).flatten() for n in handle.changed])
+    handle.restore()
+    assert_same(lm.model, before)
+    return delta
+
+
+def test_kl_position_changes_the_update_on_both_paths(shared_cache):
+    """The two positions give different updates; each gives the same update with and without
+    the fast path (where the essence row is fed from its subject's last token on)."""
+    deltas = {(position, reuse): batch_update(Memit, tiny_model("llama"), shared_cache,
+                                              kl_position=position, reuse_context_prefix=reuse)
+              for position in ("after_prompt", "subject_last") for reuse in (True, False)}
+    for position in ("after_prompt", "subject_last"):
+        fast, plain = deltas[position, True], deltas[position, False]
+        assert (fast - plain).norm() / plain.norm() < 1e-4, position  # measured: 2e-7
+    after, subject = deltas["after_prompt", False], deltas["subject_last", False]
+    assert (after - subject).norm() / after.norm() > 1e-2  # measured: 8e-2
+    rows = CaseRows.build(tiny_model("llama").tokenizer, [CASE], ["{}"], "subject_last")
+    essence = rows.seqs[-1]
+    assert rows.is_essence(1) and essence.kl_pos == essence.lookup < len(essence.ids) - 1
+
+
+@pytest.mark.parametrize("name", ["memit", "alphaedit"])
+def test_unknown_kl_position_fails_before_the_model_loads(name, capsys, tmp_path, monkeypatch):
+    import bench.session
+    from bench.cli import main
+    from tests.helpers import FIXTURE_DATA
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench.session, "load_model", refuse)
+    monkeypatch.setattr(bench.session, "load_config", lambda *a, **k: tiny_config("llama"))
+    code = main(["run", "--editor", name, "--task", "zsre", "--data-dir", str(FIXTURE_DATA),
+                 "--output-dir", str(tmp_path / "runs"), "--hparam", "kl_position=last"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.strip() == (f"bench: error: {name}: hyperparameter kl_position must be one of "
+                           "after_prompt, subject_last, got 'last'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_easyedit_preset_is_easyedits_memit_with_the_kl_term_at_the_subject():
+    from bench.session import build_editor, hparams_source
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 32  # the preset's layers 4-8 must exist
+    hp = build_editor("memit", hparams_source("memit", "easyedit"), config).hparams
+    assert hp.kl_position == "subject_last"
+    assert (hp.layers, hp.v_lr, hp.v_weight_decay, hp.clamp_norm_factor, hp.mom2_update_weight,
+            hp.context_lengths, hp.context_counts) == ([4, 5, 6, 7, 8], 0.5, 1e-3, 4.0, 15000.0, [10], [5])
+    assert build_editor("memit", {}, config).hparams.kl_position == "after_prompt"

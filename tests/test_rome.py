@@ -13,9 +13,12 @@ import editors.rome.layer_stats as layer_stats
 from bench.core.io import read_corpus
 from bench.core.cases import EditCase
 from bench.core.errors import BenchError
+from bench.session import build_editor, hparams_source
 from editors.base import EditContext
 from editors.rome import Rome, rank_one_update
 from editors.rome.contexts import context_templates
+from editors.rome.hparams import KL_POSITIONS, RomeHparams
+from editors.rome.inputs import build_sequences
 from editors.rome.tokens import find_subject, last_token_in_span
 from bench.core.tiny import ARCHS, tiny_config, tiny_model
 
@@ -282,3 +285,140 @@ def test_value_stop_rule_and_steps_in_the_case_record(rule, threshold, expected,
     assert handle.info["steps"] == expected
     assert set(handle.info) >= {"loss", "nll", "kl", "steps", "key_s", "value_s", "update_s"}
     handle.restore()
+
+
+# --------------------------------------------------------------------------------------------
+# kl_position: where the KL term reads "{subject} is a" (docs/rome.md)
+# --------------------------------------------------------------------------------------------
+
+
+def test_kl_position_reads_the_essence_prompt_at_its_end_or_at_the_subject():
+    lm = tiny_model("llama")
+    _, after = build_sequences(lm.tokenizer, CASE, ["{}"], "after_prompt")
+    _, subject = build_sequences(lm.tokenizer, CASE, ["{}"], "subject_last")
+    assert after.ids == subject.ids and after.lookup == subject.lookup
+    assert after.kl_pos == len(after.ids) - 1  # the token "a": the next word's distribution
+    assert subject.kl_pos == subject.lookup < after.kl_pos  # the reference's position
+    assert lm.tokenizer.decode(subject.ids[: subject.kl_pos + 1]) == CASE.subject
+    assert RomeHparams().kl_position == "after_prompt"  # the default is unchanged
+
+
+def test_kl_position_changes_the_update_on_both_paths(shared_cache):
+    """The two positions give different edits (only v* changes: the keys do not read the KL
+    prompt); each position gives the same edit with and without the fast path."""
+    deltas = {}
+    for position in KL_POSITIONS:
+        for reuse in (True, False):
+            lm = tiny_model("llama")
+            editor = Rome(tiny_hparams(lm, kl_position=position, reuse_context_prefix=reuse,
+                                       v_num_grad_steps=8, kl_factor=1.0))
+            editor.prepare(lm, ctx_for(shared_cache))
+            handle = editor.apply(lm.model, lm.tokenizer, CASE)
+            [name] = handle.changed
+            deltas[position, reuse] = dict(lm.model.named_parameters())[name].detach() - handle.original(name)
+            handle.restore()
+    for position in KL_POSITIONS:
+        fast, plain = deltas[position, True], deltas[position, False]
+        assert (fast - plain).norm() / plain.norm() < 1e-4, position  # measured: 2e-7
+    after, subject = deltas["after_prompt", False], deltas["subject_last", False]
+    assert (after - subject).norm() / after.norm() > 1e-3  # measured: 7e-3
+
+
+def test_unknown_kl_position_fails_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """`--hparam kl_position=...` outside its choices: one line, exit 2, no model loaded."""
+    import bench.session
+    from bench.cli import main
+    from tests.helpers import FIXTURE_DATA
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench.session, "load_model", refuse)
+    monkeypatch.setattr(bench.session, "load_config", lambda *a, **k: tiny_config("llama"))
+    code = main(["run", "--editor", "rome", "--task", "zsre", "--data-dir", str(FIXTURE_DATA),
+                 "--output-dir", str(tmp_path / "runs"), "--hparam", "kl_position=subject_first"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.strip() == ("bench: error: rome: hyperparameter kl_position must be one of "
+                           "after_prompt, subject_last, got 'subject_first'")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(BenchError, match="kl_position must be one of"):
+        build_sequences(tiny_model("llama").tokenizer, CASE, ["{}"], "end")
+
+
+def test_easyedit_preset_reads_the_kl_term_at_the_subject():
+    config = tiny_config("llama")
+    config.num_hidden_layers = 32  # the preset's layer 5 must exist
+    hp = build_editor("rome", hparams_source("rome", "easyedit"), config).hparams
+    assert hp.kl_position == "subject_last" and hp.layer == 5 and hp.mom2_adjustment is False
+    assert build_editor("rome", {}, config).hparams.kl_position == "after_prompt"
+
+
+def spy_bars(module, monkeypatch) -> list:
+    """Every tqdm bar `module` makes, recording its update() and set_postfix_str() calls."""
+    bars = []
+
+    class Spy(module.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(module, "tqdm", Spy)
+    return bars
+
+
+def test_statistics_text_bar_moves_during_generation(monkeypatch):
+    """The sampling bar advances after every decoding step, by exactly the tokens kept."""
+    lm = tiny_model("llama")
+    bars = spy_bars(layer_stats, monkeypatch)
+    batches = []
+    real = layer_stats.sample_batches
+
+    def counted(*a, **k):
+        for rows in real(*a, **k):
+            batches.append(len(rows))
+            yield rows
+
+    monkeypatch.setattr(layer_stats, "sample_batches", counted)
+    docs = layer_stats.sample_documents(lm.model, lm.tokenizer, 300, seed=0)
+    (bar,) = bars
+    assert bar.total == 300 and bar.n == sum(map(len, docs)) >= 300
+    assert sum(bar.updates) == bar.n  # no correction after a batch: the counts were exact
+    assert len(bar.updates) > 10 * len(batches)  # per decoding step, not per batch
+    assert max(bar.updates[1:]) <= layer_stats.SAMPLE_BATCH
+
+
+def test_statistics_text_says_cached_only_when_read_from_the_cache(tmp_path, monkeypatch):
+    lm = tiny_model("llama")
+    common = dict(corpus=None, n_samples=200, dtype_name="float32", seed=0)
+    logs = []
+    layer_stats.layer_stats(lm.model, lm.tokenizer, lm.layout, lm.identity, [1], cache_dir=tmp_path,
+                            log=logs.append, **common)
+    (text_file,) = (tmp_path / "samples").glob("stats-text-*.safetensors")
+    sampling = [line for line in logs if "text from the model" in line]
+    assert sampling == [f"rome: sampling 200 tokens of text from the model for key statistics "
+                        f"(seed 0; to be cached as {text_file})"]
+    assert not any("read from the cache" in line for line in logs)
+
+    def boom(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(layer_stats, "sample_batches", boom)
+    logs.clear()  # another layer: new statistics, the same text
+    layer_stats.layer_stats(lm.model, lm.tokenizer, lm.layout, lm.identity, [2], cache_dir=tmp_path,
+                            log=logs.append, **common)
+    assert not any("sampling" in line for line in logs)
+    assert any(line.startswith(f"rome: key-statistics text read from the cache: {text_file} (")
+               for line in logs)
+
+    monkeypatch.undo()
+    logs.clear()  # no cache directory: sampled, and said not to be cached
+    layer_stats.layer_stats(lm.model, lm.tokenizer, lm.layout, lm.identity, [1], cache_dir=None,
+                            log=logs.append, **common)
+    assert [line for line in logs if "text from the model" in line] == [
+        "rome: sampling 200 tokens of text from the model for key statistics (seed 0; not cached)"]

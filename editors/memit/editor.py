@@ -152,7 +152,7 @@ class Memit(Editor):
         """(rows, z per case, each case's facts, seconds); the model is left as it was."""
         st = self._state_for(model, tokenizer)
         t0 = time.perf_counter()
-        rows = CaseRows.build(tokenizer, cases, st.templates)
+        rows = CaseRows.build(tokenizer, cases, st.templates, self.hparams.kl_position)
         z, infos = optimise_z(model, st.layout, self.hparams, rows, st.layers[-1], self._prefix(model, st))
         return rows, z, infos, time.perf_counter() - t0
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bench.core.hparams import param
 from bench.core.layout import text_config
-from editors.rome.hparams import STOP_RULES
+from editors.rome.hparams import KL_POSITIONS, STOP_RULES
 
 # The edited range, chosen by the sweeps on SmolLM2-135M (30 layers, docs/memit.md): five
 # consecutive layers from a sixth of the depth (5..9). MEMIT's and AlphaEdit's published ranges
@@ -28,8 +28,11 @@ _SHARED_DOC = """
     v_lr: Adam learning rate of each case's delta.
     v_loss_layer: block whose output (after the final norm) gives the logits of the z loss;
         -1 = the last block (the model's own output); never below L.
-    kl_factor: weight of KL(edited || original) on the next-token distribution after the
-        essence prompt "{subject} is a" (the delta is added at its subject token too).
+    kl_factor: weight of KL(edited || original) on a next-token distribution of the essence
+        prompt "{subject} is a" (the delta is added at its subject token too).
+    kl_position: where that distribution is read, as for ROME: "after_prompt" (its last token;
+        the default) or "subject_last" (the subject's last token, as MEMIT's, AlphaEdit's and
+        EasyEdit's code do).
     v_weight_decay: weight of ||delta|| / ||h||^2 in the loss, h the original hidden state at
         L (MEMIT's form).
     clamp_norm_factor: after each step the delta is scaled back to at most this multiple of
@@ -64,6 +67,7 @@ class BatchEditHparams:
     v_lr: float = param(0.5, gt=0)
     v_loss_layer: int = param(-1, layer="signed")
     kl_factor: float = param(0.0625, ge=0)
+    kl_position: str = param("after_prompt", choices=KL_POSITIONS)
     v_weight_decay: float = param(0.5, ge=0)
     clamp_norm_factor: float = param(0.75, gt=0)
     v_stop_rule: str = param("loss", choices=STOP_RULES)

@@ -33,10 +33,11 @@ class CaseRows:
     per_case: int
 
     @classmethod
-    def build(cls, tokenizer, cases: list[EditCase], templates: list[str]) -> "CaseRows":
+    def build(cls, tokenizer, cases: list[EditCase], templates: list[str],
+              kl_position: str = "after_prompt") -> "CaseRows":
         seqs: list[Seq] = []
         for case in cases:
-            rewrite, essence = build_sequences(tokenizer, case, templates)
+            rewrite, essence = build_sequences(tokenizer, case, templates, kl_position)
             seqs += rewrite + [essence]
         return cls(seqs, len(cases), len(templates) + 1)
 

@@ -1,7 +1,8 @@
 """MEMIT's target hidden states z: for each case, the output of block L (the last edited layer)
 at the subject's last token plus a delta optimised so that target_new follows every rewriting
-prompt, while the next-token distribution after the essence prompt stays close (KL) and the delta
-stays small (weight decay, norm clamp), as ROME optimises its value one layer lower.
+prompt, while a next-token distribution of the essence prompt (at the position `kl_position`
+selects, the essence row's kl_pos) stays close (KL) and the delta stays small (weight decay, norm
+clamp), as ROME optimises its value one layer lower.
 
 All cases of a call are optimised together: one forward/backward per step for the rows of every
 case still running, a separate delta, Adam state and stopping rule per case. A case's loss depends

@@ -12,8 +12,8 @@ One module per part of the method, as ROME's own code keeps them apart:
   * contexts.py:     the context texts sampled once from the model itself (seeded, cached);
   * keys.py:         k*, the mean key over the prompt and its context-prefixed forms;
   * values.py:       v*, the original output plus a delta optimised with Adam so that target_new
-                     follows every prompt, with a KL term after "{subject} is a", weight decay
-                     and a norm clamp;
+                     follows every prompt, with a KL term on "{subject} is a" (read at its
+                     end or at the subject, `kl_position`), weight decay and a norm clamp;
   * layer_stats.py:  C, the uncentred second moment E[k k^T] of keys at the layer over text
                      (identity when `mom2_adjustment` is off), cached;
   * update.py:       the rank-one write;

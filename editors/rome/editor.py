@@ -102,7 +102,7 @@ class Rome(Editor):
         """k*, v* and the residual key for `case`; the model is left as it was."""
         st = self._state_for(model, tokenizer)
         t0 = time.perf_counter()
-        rewrite, essence = build_sequences(tokenizer, case, st.templates)
+        rewrite, essence = build_sequences(tokenizer, case, st.templates, self.hparams.kl_position)
         keys = compute_keys(model, st, rewrite, essence)
         key = keys.mean(0)  # k*: the update direction is C^-1 k*
         t1 = time.perf_counter()

@@ -11,6 +11,12 @@ from bench.core.layout import text_config
 # (30 layers; docs/rome.md): round(0.07 * 30) = 2.
 DEFAULT_LAYER_FRACTION = 0.07
 STOP_RULES = ("loss", "nll")
+# Where the KL (essence-drift) term reads the next-token distribution of the essence prompt
+# "{subject} is a" (editors/rome/inputs.py `kl_index`): "after_prompt", its last token (the
+# distribution of the word after "is a"; this harness's default), or "subject_last", the subject's
+# last token, where ROME's, MEMIT's, AlphaEdit's and EasyEdit's code read it (their
+# find_fact_lookup_idx with fact_token "subject_last" applied to the KL prompt).
+KL_POSITIONS = ("after_prompt", "subject_last")
 
 
 @dataclass
@@ -22,8 +28,10 @@ class RomeHparams:
     v_lr: Adam learning rate for the delta.
     v_loss_layer: block whose output (after the final norm) gives the logits of the value loss;
         -1 = the last block (the model's own output).
-    kl_factor: weight of KL(edited || original) on the next-token distribution after the
-        essence prompt "{subject} is a".
+    kl_factor: weight of KL(edited || original) on a next-token distribution of the essence
+        prompt "{subject} is a" (the delta is added at its subject token too).
+    kl_position: where that distribution is read: "after_prompt" (its last token, "a"; the
+        default) or "subject_last" (the subject's last token, as ROME's and EasyEdit's code do).
     v_weight_decay: weight of ||delta|| / ||v_orig||^2 in the loss (ROME's form).
     clamp_norm_factor: after each step the delta is scaled back to at most this multiple of
         the original value's norm.
@@ -59,6 +67,7 @@ class RomeHparams:
     v_lr: float = param(0.5, gt=0)
     v_loss_layer: int = param(-1, layer="signed")
     kl_factor: float = param(0.0625, ge=0)
+    kl_position: str = param("after_prompt", choices=KL_POSITIONS)
     v_weight_decay: float = param(1e-3, ge=0)
     clamp_norm_factor: float = param(4.0, gt=0)
     v_stop_rule: str = param("loss", choices=STOP_RULES)

@@ -11,6 +11,7 @@ import torch
 
 from bench.core.errors import BenchError
 from editors.base import param_name
+from editors.rome.hparams import KL_POSITIONS
 from editors.rome.prefix_cache import PrefixCache, crop, current_prefix_cache
 from editors.rome.tokens import encode, find_subject, last_token_in_span, pad, prefix_tokens, split_prompt_target
 
@@ -36,13 +37,25 @@ class Seq:
     lookup: int  # subject's last token
     tgt_start: int = 0  # first target token (rewriting prompts)
     tgt_len: int = 0
-    kl_pos: int = -1  # essence prompt: position whose next-token distribution is kept
+    kl_pos: int = -1  # essence prompt: position whose next-token distribution is kept (kl_index)
     labels: list[int] = field(default_factory=list)  # target token ids
     prefix_len: int | None = 0  # leading tokens that are the context text (None: unknown)
 
 
-def build_sequences(tokenizer, case, templates: list[str]) -> tuple[list[Seq], Seq]:
-    """The rewriting prompts (one per template; row 0 is the bare prompt) and the essence prompt."""
+def kl_index(kl_position: str, subject_last: int, n_tokens: int) -> int:
+    """The position of the essence prompt (`n_tokens` tokens, the subject ending at token
+    `subject_last`) whose next-token distribution the KL term keeps (hparams.KL_POSITIONS)."""
+    if kl_position == "after_prompt":
+        return n_tokens - 1
+    if kl_position == "subject_last":
+        return subject_last
+    raise BenchError(f"kl_position must be one of {', '.join(KL_POSITIONS)}, got {kl_position!r}")
+
+
+def build_sequences(tokenizer, case, templates: list[str],
+                    kl_position: str = "after_prompt") -> tuple[list[Seq], Seq]:
+    """The rewriting prompts (one per template; row 0 is the bare prompt) and the essence prompt,
+    its KL term read at `kl_position` (see kl_index)."""
     span = find_subject(case.prompt, case.subject)
     rewrite = []
     for template in templates:
@@ -59,8 +72,8 @@ def build_sequences(tokenizer, case, templates: list[str]) -> tuple[list[Seq], S
                            prefix_len=prefix_tokens(prefix, ids, offsets)))
     e_text = ESSENCE_TEMPLATE.format(case.subject)
     e_ids, e_off = encode(tokenizer, e_text)
-    essence = Seq(e_ids, last_token_in_span(tokenizer, e_text, 0, len(case.subject), e_ids, e_off),
-                  kl_pos=len(e_ids) - 1)
+    e_lookup = last_token_in_span(tokenizer, e_text, 0, len(case.subject), e_ids, e_off)
+    essence = Seq(e_ids, e_lookup, kl_pos=kl_index(kl_position, e_lookup, len(e_ids)))
     return rewrite, essence
 
 

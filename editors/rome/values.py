@@ -1,7 +1,7 @@
 """ROME's value v*: the edited projection's original output at the subject's last token plus a
-delta optimised so that the target follows every rewriting prompt, while the next-token
-distribution after the essence prompt stays close to the original (KL) and the delta stays small
-(weight decay, norm clamp)."""
+delta optimised so that the target follows every rewriting prompt, while a next-token
+distribution of the essence prompt (at the position `kl_position` selects, the essence Seq's
+kl_pos) stays close to the original (KL) and the delta stays small (weight decay, norm clamp)."""
 
 from __future__ import annotations
 
