@@ -4,11 +4,15 @@ the hooks the orchestrator calls at fixed points of its loop."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from bench.core.cases import EditCase
 from bench.core.generation import Generation
+from bench.core.layout import output_logits
 from bench.core.metrics import case_scores
 from bench.core.probes import CaseEval, evaluate_case, predictions
 from bench.core.prompts import format_case
@@ -87,6 +91,69 @@ def evaluate_wild(lm, jobs: list[Job], states: list[EvalState], batch_size: int,
         for k, g, f in zip(ks, gens, flu):
             states[k].generations, states[k].fluency = g, f
             states[k].wild_s += share
+
+
+# An activation whose square overflows float32 (the precision norms compute in): the next norm
+# reads inf and the model's output collapses (uniform logits: every prediction the first token),
+# though every number stays finite. Real models stay many orders of magnitude below it.
+OVERFLOW = math.sqrt(torch.finfo(torch.float32).max)  # about 1.8e19
+
+
+def broken_edit(lm, handle, post: CaseEval | None = None, prompts: list[str] = ()) -> str | None:
+    """Why an applied edit is numerically broken, or None: a NaN or infinite value in a weight it
+    changed (`handle.changed`); in the post-edit teacher-forced log-probabilities `post`; or, on
+    one pass over `prompts` (as the edited model is given them), in a transformer block's output
+    or the next-token logits, or a block output so large that its square overflows float32
+    (OVERFLOW: finite weights that blow up the activations leave every logit finite but equal).
+    Modules and hooks have no weights to look at: the outputs catch those. A broken edit fails its
+    case with this reason; it is never scored."""
+    params = dict(lm.model.named_parameters())
+    bad = [n for n in handle.changed if n in params and not bool(torch.isfinite(params[n]).all())]
+    if bad:
+        more = f" and {len(bad) - 2} more" if len(bad) > 2 else ""
+        return (f"numerically broken edit: NaN or infinite values in the changed weight(s) "
+                f"{', '.join(bad[:2])}{more}; not scored")
+    if post is not None:
+        probes = [post.reliability, *post.generality, *post.locality, *post.portability,
+                  *([post.truth_prompt] if post.truth_prompt is not None else []),
+                  *post.truth_rephrase, *post.new_on_locality]
+        if not all(math.isfinite(r.mean_logprob) for r in probes):
+            return "numerically broken edit: post-edit log-probabilities are NaN or infinite; not scored"
+    why = _overflow(lm, list(prompts)) if prompts else None
+    return f"numerically broken edit: {why}; not scored" if why else None
+
+
+@torch.no_grad()
+def _overflow(lm, texts: list[str]) -> str | None:
+    """What overflows in one batched pass over `texts` (None: nothing): a block's output at the
+    texts' real positions (NaN, inf, or beyond OVERFLOW), or the logits after each text."""
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
+    real = mask.bool()
+    worst: list[tuple[int, float]] = []  # (block, largest |output|), NaN counted as inf
+
+    def record(index):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if torch.is_tensor(out) and out.shape[:2] == real.shape:
+                x = out[real].float().abs()
+                worst.append((index, float("inf") if bool(torch.isnan(x).any()) else float(x.max())))
+        return hook
+
+    hooks = [block.register_forward_hook(record(i)) for i, block in enumerate(lm.layout.blocks)]
+    try:
+        hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    for block, value in worst:
+        if not value < OVERFLOW:
+            what = "NaN or infinite" if math.isinf(value) else f"{value:.3g}, beyond {OVERFLOW:.2g}"
+            return f"the output of block {block} is {what} (the activations overflow)"
+    last = hidden[torch.arange(len(texts), device=hidden.device), mask.sum(1) - 1]  # right padding
+    if not bool(torch.isfinite(output_logits(lm.model, last).float()).all()):
+        return "the edited model's logits are NaN or infinite"
+    return None
 
 
 def case_record(job: Job, tokenizer, pre: EvalState) -> dict:

@@ -10,11 +10,16 @@ tasks it trained on, each evaluation an ordinary run directory (bench.runner.exe
   same for every editor.
 * Reuse: a checkpoint is found in the editors' cache (never retrained); a run directory whose
   stored options equal the cell's is reused: skipped when complete, resumed when not.
-* matrix.json (beside the run directories) names the run directory of every (held-out task,
-  editor, instruction mode); `bench report --matrix` renders it (reports.matrix).
+* matrix.json (beside the run directories) names the run directory of every (held-out task or
+  "none", editor, instruction mode, seed); `bench report --matrix` renders it (reports.matrix).
 * Columns: `columns` makes only some held-out tasks' runs, so that processes (or machines
   sharing the output directory) can make different columns at once; such a partial invocation
   writes no matrix.json (it would overwrite another one's), a later full one finds every run.
+* Multi-task (`multitask`): one more column, MULTITASK ("none" held out): every editor trained on
+  every task with train data, evaluated in distribution on each of `tasks`.
+* Seeds (`seeds`): every cell once per training seed (the run's seed, which is part of the
+  checkpoint's cache key: one checkpoint per seed); run directories are named `...-seed<S>`, and
+  a run of an earlier single-seed matrix (no suffix) with the same options is reused.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from bench.core.runfiles import CONFIG, SUMMARY, RunDir, check_run_name
 from bench.session import RunOptions
 from editors import get_editor_class
 from reports.matrix import (MATRIX_FILE, MATRIX_FORMAT, NO_INSTRUCTION, INSTRUCTION_MODES, format_matrix,
-                            matrix_view, run_dirs)
+                            matrix_view, read_matrix, run_dirs)
+from reports.seeded import MULTITASK
 from reports.runs import assign_labels, load_run
 from tasks.registry import get_card
 
@@ -43,25 +49,40 @@ from tasks.registry import get_card
 # editor trains exactly max_steps steps, no early stopping, no time budget (InstructEdit's longer
 # prompts would otherwise stop it earlier than MEND). Overridable with --hparam.
 
-# Options that do not change what a run computes (a run is reused whatever their values).
-IGNORED_OPTIONS = ("output_dir", "retrain")
+# Options that do not change what a run computes (a run is reused whatever their values); the
+# run name is matched by the directory's name (a seeded cell also takes an unseeded run).
+IGNORED_OPTIONS = ("output_dir", "retrain", "run_name")
 _STAMP = r"-\d{8}-\d{6}(-\d+)?"  # bench.core.runfiles.new_run_dir's suffix
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the matrix: `editor` trained without `holdout`, evaluated with the `instruction`
-    description ("seen", "unseen"; NO_INSTRUCTION for an editor without instructions)."""
+    """One run of the matrix: `editor` trained without `holdout` (MULTITASK: on every task),
+    evaluated with the `instruction` description ("seen", "unseen"; NO_INSTRUCTION for an editor
+    without instructions); `seed`: the training seed of a matrix with --seeds (None: the run
+    options' seed, and no seed in the name)."""
 
     holdout: str
     editor: str
     instruction: str
+    seed: int | None = None
+
+    @property
+    def unseeded_label(self) -> str:
+        mode = "" if self.instruction == NO_INSTRUCTION else f"-{self.instruction}"
+        where = "multitask" if self.holdout == MULTITASK else f"holdout-{self.holdout}"
+        return f"{self.editor}{mode}-{where}"
 
     @property
     def label(self) -> str:
         """The run directory's name before its time stamp."""
-        mode = "" if self.instruction == NO_INSTRUCTION else f"-{self.instruction}"
-        return f"{self.editor}{mode}-holdout-{self.holdout}"
+        return self.unseeded_label + ("" if self.seed is None else f"-seed{self.seed}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The names a run of this cell may have: its label, and for a seeded cell the unseeded
+        one (a run of a single-seed matrix; its stored seed must be the cell's)."""
+        return (self.label,) if self.seed is None else (self.label, self.unseeded_label)
 
 
 @dataclass
@@ -71,28 +92,45 @@ class MatrixPlan:
     output_dir: Path
     base: RunOptions  # model, data, limit, seed, protocols...: what every run shares
     hparams: dict  # the overrides every editor gets (EQUAL_STEPS under --hparam)
-    columns: list[str] | None = None  # held-out tasks to make now (None: all of `tasks`)
+    columns: list[str] | None = None  # held-out tasks (or MULTITASK) to make now (None: all)
+    multitask: bool = False  # a column with no task held out
+    seeds: list[int] | None = None  # training seeds (None: base.seed, run names without a seed)
+
+    @property
+    def all_columns(self) -> list[str]:
+        """The matrix's columns: each held-out task, then MULTITASK with --multitask."""
+        return list(self.tasks) + ([MULTITASK] if self.multitask else [])
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.base.seed]
 
     @property
     def partial(self) -> bool:
-        return self.columns is not None and set(self.columns) != set(self.tasks)
+        return self.columns is not None and set(self.columns) != set(self.all_columns)
 
     def cells(self) -> list[Cell]:
+        """Seed by seed (a killed matrix has finished whole seeds first), column by column."""
         out = []
-        for task in self.tasks:
-            if self.columns is not None and task not in self.columns:
-                continue
-            for editor in self.editors:
-                modes = INSTRUCTION_MODES if get_editor_class(editor).uses_instructions else (NO_INSTRUCTION,)
-                out += [Cell(task, editor, mode) for mode in modes]
+        for seed in (self.seeds or [None]):
+            for column in self.all_columns:
+                if self.columns is not None and column not in self.columns:
+                    continue
+                for editor in self.editors:
+                    modes = INSTRUCTION_MODES if get_editor_class(editor).uses_instructions else (NO_INSTRUCTION,)
+                    out += [Cell(column, editor, mode, seed) for mode in modes]
         return out
 
     def options(self, cell: Cell) -> RunOptions:
-        """The cell's run: every task evaluated, the cell's task held out of training."""
+        """The cell's run: every task evaluated, the cell's task held out of training (none for
+        the multi-task column), the cell's seed."""
         mode = "seen" if cell.instruction == NO_INSTRUCTION else cell.instruction
-        return dataclasses.replace(self.base, editor=cell.editor, tasks=list(self.tasks), holdout=[cell.holdout],
-                                   instruction_mode=mode, hparams=dict(self.hparams), run_name=cell.label,
-                                   output_dir=str(self.output_dir), retrain=False, mode="single")
+        holdout = [] if cell.holdout == MULTITASK else [cell.holdout]
+        seed = self.base.seed if cell.seed is None else cell.seed
+        return dataclasses.replace(self.base, editor=cell.editor, tasks=list(self.tasks), holdout=holdout,
+                                   seed=seed, instruction_mode=mode, hparams=dict(self.hparams),
+                                   run_name=cell.label, output_dir=str(self.output_dir), retrain=False,
+                                   mode="single")
 
 
 def _names(kind: str, names: list[str]) -> None:
@@ -101,13 +139,21 @@ def _names(kind: str, names: list[str]) -> None:
         raise BenchError(f"--{kind} names {', '.join(dup)} twice")
 
 
-def check_inputs(editors: list[str], tasks: list[str], columns: list[str] | None = None) -> None:
+def check_inputs(editors: list[str], tasks: list[str], columns: list[str] | None = None,
+                 multitask: bool = False, seeds: list[int] | None = None) -> None:
     """One-line errors for a matrix that cannot be made, before anything loads."""
     _names("editors", editors)
     _names("tasks", tasks)
+    if seeds is not None:
+        _names("seeds", [str(s) for s in seeds])
+        if not seeds:
+            raise BenchError("--seeds needs at least one seed")
     for name in columns or ():
-        if name not in tasks:
-            raise BenchError(f"--columns names {name!r}, which is not one of --tasks ({','.join(tasks)})")
+        if name == MULTITASK and not multitask:
+            raise BenchError(f"--columns names {MULTITASK!r} (the multi-task column), which needs --multitask")
+        if name not in tasks and name != MULTITASK:
+            raise BenchError(f"--columns names {name!r}, which is not one of --tasks ({','.join(tasks)})"
+                             + (f" or {MULTITASK}" if multitask else ""))
     for name in editors:
         if not get_editor_class(name).learns:  # an unknown name is an error here too
             raise BenchError(f"editor {name!r} does not learn: the matrix trains editors on all tasks "
@@ -176,12 +222,12 @@ def run_complete(path: Path) -> bool:
 
 
 def find_run(output_dir: Path, cell: Cell, opts: RunOptions) -> Path | None:
-    """The cell's run directory from an earlier invocation: named after the cell, with the same
-    options (model, data, limit, seed, hyperparameters, ...). A complete one first, else the
-    newest; None when there is none."""
+    """The cell's run directory from an earlier invocation: named after the cell (a seeded cell:
+    or unseeded, from a single-seed matrix), with the same options (model, data, limit, seed,
+    hyperparameters, ...). A complete one first, else the newest; None when there is none."""
     if not output_dir.is_dir():
         return None
-    pattern = re.compile(re.escape(cell.label) + _STAMP)
+    pattern = re.compile("(?:" + "|".join(re.escape(lab) for lab in cell.labels) + ")" + _STAMP)
     want = _comparable(dataclasses.asdict(opts))
     found = []
     for path in sorted(output_dir.iterdir()):
@@ -214,18 +260,24 @@ def _training(path: Path) -> dict:
 
 
 def _same_training(doc: dict) -> dict[str, bool]:
-    """Per held-out task: whether every editor trained on the same tasks, as many steps, with the
-    same draws per task (the first run of each editor)."""
+    """Per column (held-out task or MULTITASK): whether, for every seed, every editor trained on
+    the same tasks, as many steps, with the same draws per task (the first run of each editor)."""
     out = {}
-    for task, by_editor in doc["training"].items():
-        facts = [(t["train_tasks"], t["steps"], t["sampled"]) for t in by_editor.values()]
-        out[task] = all(f == facts[0] for f in facts)
+    for column, by_editor in doc["training"].items():
+        seeds = sorted({s for by_seed in by_editor.values() for s in by_seed}, key=int)
+        same = True
+        for seed in seeds:
+            facts = [(t["train_tasks"], t["steps"], t["sampled"]) for t in
+                     (by_seed.get(seed) for by_seed in by_editor.values())
+                     if t is not None]
+            same = same and len(facts) == len(by_editor) and all(f == facts[0] for f in facts)
+        out[column] = same
     return out
 
 
 def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Make (or complete) every run of the matrix and write matrix.json; returns its content."""
-    check_inputs(plan.editors, plan.tasks, plan.columns)
+    check_inputs(plan.editors, plan.tasks, plan.columns, plan.multitask, plan.seeds)
     for cell in plan.cells():
         check_run_name(cell.label)
     plan.base.check()
@@ -233,7 +285,8 @@ def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[s
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     doc = {"format": MATRIX_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "bench " + " ".join(argv or []), "editors": list(plan.editors), "tasks": list(plan.tasks),
-           "model": plan.base.model, "seed": plan.base.seed, "limit": plan.base.limit,
+           "model": plan.base.model, "seed": plan.seed_list[0], "seeds": plan.seed_list,
+           "multitask": plan.multitask, "columns": plan.all_columns, "limit": plan.base.limit,
            "hparams": dict(plan.hparams), "training_hparams": training_hparams,
            "runs": {}, "training": {}}
     matrix_path = plan.output_dir / MATRIX_FILE
@@ -251,8 +304,11 @@ def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[s
         else:
             log(f"{where}: new run (held out: {cell.holdout})")
             path = runner.execute(opts, argv=argv, log=log)
-        doc["runs"].setdefault(cell.holdout, {}).setdefault(cell.editor, {})[cell.instruction] = Path(path).name
-        doc["training"].setdefault(cell.holdout, {}).setdefault(cell.editor, _training(Path(path)))
+        seed = str(opts.seed)
+        doc["runs"].setdefault(cell.holdout, {}).setdefault(cell.editor, {}).setdefault(
+            cell.instruction, {})[seed] = Path(path).name
+        doc["training"].setdefault(cell.holdout, {}).setdefault(cell.editor, {}).setdefault(
+            seed, _training(Path(path)))
         if not plan.partial:
             write_json_atomic(matrix_path, doc)  # progress is visible, and a partial matrix reportable
     doc["same_training"] = _same_training(doc)
@@ -264,12 +320,14 @@ def run_matrix(plan: MatrixPlan, argv: list[str] | None = None, log: Callable[[s
     for task, same in doc["same_training"].items():
         if not same:
             log(f"warning: with {task} held out the editors did not train alike (tasks, steps or draws "
-                f"differ; see {MATRIX_FILE}, training)")
+                f"differ, or a seed lacks an editor's run; see {MATRIX_FILE}, training)")
     return doc
 
 
 def print_matrix(doc: dict, output_dir: Path, log: Callable[[str], None] = print) -> None:
-    """The matrix as text tables, from the runs matrix.json names."""
+    """The matrix as text tables, from the runs matrix.json names (a document as run_matrix
+    returns it, or a v1 one as an older version wrote it)."""
+    doc = read_matrix(output_dir / MATRIX_FILE) if doc.get("format") != MATRIX_FORMAT else doc
     runs = [load_run(p) for p in run_dirs(doc, output_dir)]
     assign_labels(runs)  # as the report does: every run its own label and slug
     log(format_matrix(matrix_view(doc, output_dir, runs)))

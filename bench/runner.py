@@ -26,9 +26,10 @@ from bench.core.errors import BenchError
 from bench.core.layout import find_layout
 from bench.core.metrics import summarize_task
 from bench.core.replay import BlockOutputs
-from bench.core.runfiles import RunDir, check_run_name, new_run_dir
-from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, case_record, evaluate_forced,
-                              evaluate_wild, viewed)
+from bench.core.io import check_writable_dir
+from bench.core.runfiles import RunDir, check_resume_limit, check_run_config, check_run_name, new_run_dir
+from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, broken_edit, case_record,
+                              evaluate_forced, evaluate_wild, viewed)
 from bench.regression.hook import RegressionHook
 from bench.sequential import run_sequential, sequential_summary
 from bench.session import RunOptions, Setup, evaluation_case, options_from_config, run_config, set_up
@@ -59,7 +60,9 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
     every prompt, modules and hooks in place). Its teacher-forced part runs the pre-edit one's
     batches again; the blocks below the lowest one the edit changed (`handle.reusable_blocks`)
     are not run again but replaced by their recorded outputs (identical results;
-    `reuse_unchanged_blocks=False` runs them)."""
+    `reuse_unchanged_blocks=False` runs them). A numerically broken edit (bench.evaluation.
+    broken_edit: a NaN or inf in its changed weights or post-edit log-probabilities, or
+    activations that overflow) gets `error` with the reason and no scores."""
     protocol = protocol or Protocol()
     model, tok = lm.model, lm.tokenizer
     layout = find_layout(model)
@@ -95,10 +98,15 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
             with kept[k].replay(handle.reusable_blocks(layout)):
                 post = EvalState(forced=evaluate_forced(lm, seen, protocol, batch_size))
             post.forced_s = time.perf_counter() - t2
-            evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
-            add_post(record, job, tok, pre, post, handle)
-            if while_edited is not None:
-                while_edited(job.case, handle)
+            # a NaN or inf in the changed weights or the edited model's outputs: an error, no scores
+            broken = broken_edit(lm, handle, post.forced, prompts=[seen.case.prompt])
+            if broken is None:
+                evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
+                add_post(record, job, tok, pre, post, handle)
+                if while_edited is not None:
+                    while_edited(job.case, handle)
+            else:
+                record["error"] = broken
         finally:
             handle.restore()
             kept[k] = None  # free the recorded outputs
@@ -185,6 +193,8 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
     gives hooks besides the regression (which --regression adds)."""
     if opts.run_name is not None:
         check_run_name(opts.run_name)
+    if resume_dir is None:  # /proc, /sys, below a file, read-only: one line before anything loads
+        check_writable_dir(opts.output_dir, "--output-dir")
     shard = Shard.current(opts.device)
     rank = shard.rank if shard.world > 1 else None
     run = None
@@ -336,6 +346,8 @@ def resume(run_path: Path, log: Callable[[str], None] = print, limit: int | None
     run = RunDir(run_path)
     config = run.read_config()
     opts = options_from_config(config)
+    check_run_config(config, str(run.path))
+    check_resume_limit(run, limit)
     # Pin every editor hyperparameter as the run resolved it, so a changed default in the code
     # cannot silently edit the remaining cases differently from the finished ones.
     opts.hparams = {**config["editor"]["hparams"], **opts.hparams}

@@ -21,6 +21,12 @@ the case records of edits made after it (lost with the process, so made again), 
 checkpoint if its record is missing, and goes on: nothing is applied twice and no finished
 checkpoint is lost. The edits are seeded per position, so a resumed run ends in the state an
 uninterrupted one reaches.
+
+A numerically broken batch (a NaN or inf in the weights it changed; a NaN, inf or float32-
+overflowing activation or logit after its edit prompts: bench.evaluation.broken_edit) is undone
+at once: its handle is
+restored (weights, modules, the editor's own sequential state), each of its cases fails with the
+reason, and the run goes on from the model as it was before the batch.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from bench.core.runfiles import RunDir
 from bench.core.scorers import normalize_answer
 from bench.core.wild import (fluency_texts, generate_cases, generated_texts, locality_verdicts, ngram_entropy,
                              score_generations)
-from bench.evaluation import (EvalState, Job, Protocol, RunHook, case_record, evaluate_forced, evaluate_wild,
-                              wild_groups)
+from bench.evaluation import (EvalState, Job, Protocol, RunHook, broken_edit, case_record, evaluate_forced,
+                              evaluate_wild, wild_groups)
 from editors.base import CombinedHandle, EditHandle
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
@@ -238,6 +244,15 @@ def _apply(editor, model, tok, cases: list[EditCase]) -> tuple[EditHandle | None
     return _Handles(handles), errors
 
 
+def _broken_batch(lm, handle: EditHandle, views: list[EditHandle], prompts: list[str]) -> str | None:
+    """Why a batch's edit is numerically broken (bench.evaluation.broken_edit: its changed
+    weights, then one pass over the batch's edit prompts, read through the view of every edit so
+    far with this one), or None."""
+    view = CombinedHandle(views + [handle]) if set(handle.kinds) - {"weights"} else (
+        CombinedHandle(views) if views else None)
+    return broken_edit(lm, handle, prompts=[view.view_text(p) if view is not None else p for p in prompts])
+
+
 class _Handles(CombinedHandle):
     """Several batch handles (a failed batch retried case by case) read as one, each case's
     facts in `info["cases"]`."""
@@ -380,6 +395,12 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
             t0 = time.perf_counter()
             handle, errs = _apply(editor, model, tok, [jobs[i].case for i in idx])
             edit_s = time.perf_counter() - t0
+            if handle is not None:
+                prompts = [jobs[i].case.prompt for i, e in zip(idx, errs) if e is None]
+                broken = _broken_batch(lm, handle, views, prompts)
+                if broken is not None:  # undone (weights, modules, the editor's own state): its cases fail
+                    handle.restore()
+                    handle, errs = None, [e or broken for e in errs]
             infos = [{} for _ in idx]
             batch_info = {}
             if handle is not None:

@@ -22,11 +22,12 @@ import transformers
 from bench import __version__
 from bench.core.cases import EditCase, SkippedRecord
 from bench.core.defaults import (DEFAULT_EVAL_EVERY, DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_LOCALITY_PROBES,
-                                 DEFAULT_MODEL, PROTOCOLS, RUN_MODES)
+                                 DEFAULT_MODEL, MAX_GENERATED, PROTOCOLS, RUN_MODES, SEED_MAX)
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams
 from bench.core.io import cache_dir
+from bench.core.runfiles import check_stored_options
 from bench.core.metrics import METRIC_DEFINITIONS
 from bench.core.generation import StopRules
 from bench.core.judge import JUDGE_PROMPT_VERSION, HTTPJudge, LocalJudge
@@ -42,8 +43,8 @@ from tasks.instructions import MODES as INSTRUCTION_MODES
 from tasks.card import merge_options
 from tasks.instructions import instruct
 from tasks import sources
-from tasks.registry import (data_file_hashes, get_card, list_cards, load_split, provide,
-                            resolve_data_dir, trainable)
+from tasks.registry import (NOT_NAMED, data_file_hashes, get_card, has_train_split, list_cards, load_split,
+                            provide, resolve_data_dir, trainable)
 
 @dataclass
 class RunOptions:
@@ -92,6 +93,13 @@ class RunOptions:
 
     def check(self) -> None:
         """Option errors that need no data, model or editor."""
+        if not 0 <= self.seed <= SEED_MAX:
+            raise BenchError(f"--seed must be between 0 and {SEED_MAX}, got {self.seed}")
+        resolve_device(self.device)  # unknown or unavailable (meta, mps, cuda:7): before any data
+        cache_dir()  # $BENCH_CACHE a file or not writable: one line before anything loads
+        if not self.model.strip():
+            raise BenchError("--model is empty: give a preset (bench list models), a checkpoint "
+                             "directory, a .gguf file or a hub id")
         if self.instruction_mode not in INSTRUCTION_MODES:
             raise BenchError(f"--instruction must be seen or unseen, got {self.instruction_mode!r}")
         if self.limit is not None and self.limit < 1:
@@ -127,6 +135,9 @@ class RunOptions:
             raise BenchError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.fluency_tokens < 0:
             raise BenchError(f"--fluency must be >= 0, got {self.fluency_tokens}")
+        for flag, n in (("--max-new-tokens", self.max_new_tokens), ("--fluency", self.fluency_tokens)):
+            if n is not None and n > MAX_GENERATED:  # a huge count generates (nearly) without end
+                raise BenchError(f"{flag} must be at most {MAX_GENERATED} tokens, got {n}")
         if self.judge and self.judge_url:
             raise BenchError("give --judge (a local model) or --judge-url (an endpoint), not both")
         if self.judge_url and not self.judge_model:
@@ -135,6 +146,25 @@ class RunOptions:
             get_scorer(self.wild_scorer)
         if self.wild_scorer == "judge" and not (self.judge or self.judge_url):
             raise BenchError("--wild-scorer judge needs --judge MODEL or --judge-url URL")
+        # a judge option the run would not use is an error, not a warning (docs/wild.md)
+        if (self.judge or self.judge_url) and "wild" not in self.protocols:
+            raise BenchError(f"{'--judge' if self.judge else '--judge-url'} judges generated answers, "
+                             "which only --protocol wild makes; add wild to --protocol or drop it")
+        if self.judge_model and not self.judge_url:
+            raise BenchError("--judge-model names the model a --judge-url endpoint serves; "
+                             "give --judge-url or drop --judge-model")
+        # any other option that a part of the run it does not make would read: an error, not ignored
+        wild_only = [flag for flag, given in (("--max-new-tokens", self.max_new_tokens is not None),
+                                              ("--wild-scorer", self.wild_scorer is not None),
+                                              ("--fluency", self.fluency_tokens != 0)) if given]
+        if wild_only and "wild" not in self.protocols:
+            raise BenchError(f"{', '.join(wild_only)} only apply to generated answers, which only "
+                             "--protocol wild makes; add wild to --protocol or drop them")
+        regression_only = [flag for flag, given in (("--regression-corpus", self.regression_corpus is not None),
+                                                    ("--lm-limit", self.lm_limit != DEFAULT_LM_LIMIT)) if given]
+        if regression_only and not self.regression:
+            raise BenchError(f"{', '.join(regression_only)} only apply to the lm-eval regression "
+                             "(--regression TASKS, bench regress); add it or drop them")
 
     def regression_options(self) -> RegressionOptions:
         return RegressionOptions(lm_tasks=list(self.regression), mode=self.mode,
@@ -154,6 +184,7 @@ def options_from_config(config: dict) -> RunOptions:
         unknown = sorted(set(stored) - known) if isinstance(stored, dict) else ["options"]
         raise BenchError(f"this run directory was written by another version of the harness "
                          f"(unknown options: {', '.join(unknown)}); start a new run")
+    check_stored_options(stored, RunOptions, "config.json")  # a hand-edited file: checked as input
     return RunOptions(**stored)
 
 
@@ -174,11 +205,13 @@ def _without_data_dir(found: dict[str, dict], left_out: dict[str, str]) -> str:
     """The one line that says what a run without a data directory uses instead."""
     sample = [n for n, s in found.items() if s["data"] == "built-in sample"]
     real = [n for n, s in found.items() if s["data"] == "real"]
-    notes = list(dict.fromkeys(s["note"] for s in found.values() if s.get("note")))
+    notes = list(dict.fromkeys(s["note"] for s in found.values() if s.get("note") and s["note"] != NOT_NAMED))
     offline = sources.offline()
     why = (f" and the hub is offline ({offline} is set)" if offline
            else f" and nothing could be fetched ({notes[0]})" if notes else "")
     parts = [f"no data directory (--data-dir, $BENCH_DATA, ../shared/data){why}"]
+    if not offline and (left_out or any(s.get("note") == NOT_NAMED for s in found.values())):
+        parts.append(NOT_NAMED)
     if sample:
         parts.append(f"using the built-in sample records for {', '.join(sample)} "
                      f"(numbers are not comparable)")
@@ -192,16 +225,18 @@ def _without_data_dir(found: dict[str, dict], left_out: dict[str, str]) -> str:
 def gather_tasks(opts: RunOptions, data_dir: Path | None,
                  log: Callable[[str], None]) -> dict[str, dict]:
     """The run's tasks (those named with --task and --holdout, else every task) with where their
-    data comes from (tasks.registry.task_source), each fetched on first use when the hub is
-    reachable. A named task whose data cannot be had is an error; any other is left out with one
-    line saying why and how to supply it; without a data directory a single line says what the
-    run uses instead. A file whose sha256 differs from its card's pin is always an error."""
+    data comes from (tasks.registry.task_source); a named task is fetched on first use when the
+    hub is reachable, any other only used when found without the network (data directory, cache,
+    built-in sample), so what a run evaluates never depends on whether the network answers. A
+    named task whose data cannot be had is an error; any other is left out with one line saying
+    why and how to supply it; without a data directory a single line says what the run uses
+    instead. A file whose sha256 differs from its card's pin is always an error."""
     explicit = list(dict.fromkeys(list(opts.tasks) + list(opts.holdout)))
     names = explicit if opts.tasks else list(dict.fromkeys(list(list_cards()) + explicit))
     found, left_out = {}, {}
     for name in names:
         try:
-            found[name] = provide(name, data_dir)
+            found[name] = provide(name, data_dir, fetch=name in explicit)
         except sources.DigestMismatch:
             raise
         except BenchError as exc:
@@ -283,8 +318,10 @@ def training_data(data_dir: Path | None, holdout: list[str],
 def hparams_source(editor: str, hparams_file: str | None) -> dict:
     """The mapping of a --hparams-file: a YAML path, or the name of a preset shipped for the
     editor (editors/presets/<editor>/<name>.yaml)."""
-    if not hparams_file:
+    if hparams_file is None:
         return {}
+    if not hparams_file.strip():
+        raise BenchError("--hparams-file is empty: give a YAML file or a preset name")
     shipped = presets(editor)
     if not Path(hparams_file).exists() and hparams_file in shipped:
         return load_hparams_file(shipped[hparams_file])
@@ -310,12 +347,27 @@ def edit_context(opts: RunOptions, editor: Editor, data_dir: Path | None, shard:
     """The one EditContext builder: cache, seed, training data (learned editors: without the
     held-out tasks; editors that read train splits, e.g. IKE's demonstrations: every task's),
     instruction wrapper, this process's shard."""
+    training = (training_data(data_dir, list(opts.holdout) if editor.learns else [], opts.task_options)
+                if editor.learns or editor.reads_train_split else None)
+    if training is not None and shard.rank == 0:
+        log(training_note(training))
     return EditContext(cache_dir=cache_dir(), seed=opts.seed, retrain=opts.retrain, log=log,
-                       shard=shard,
-                       training=(training_data(data_dir, list(opts.holdout) if editor.learns else [],
-                                               opts.task_options)
-                                 if editor.learns or editor.reads_train_split else None),
+                       shard=shard, training=training,
                        instruct=lambda case, mode: instruct(case, mode, opts.seed))
+
+
+def training_note(data: TrainingData) -> str:
+    """The one line that says which train splits an editor gets: those found without the network
+    (data directory, cache, built-in sample), and those it does not get for want of local data
+    (a task is fetched only when a run names it, so the mixture never depends on the network)."""
+    absent = [n for n in list_cards() if n not in data.tasks and n not in data.holdout and has_train_split(n)]
+    line = f"train splits: {', '.join(data.tasks) or 'none'}"
+    if data.holdout:
+        line += f" (held out: {', '.join(data.holdout)})"
+    if absent:
+        line += (f"; not found here, so not used: {', '.join(absent)} (never fetched for training: "
+                 "--task NAME or bench data fetch NAME fetches one)")
+    return line
 
 
 def prepare_editor(editor: Editor, lm: LoadedModel, ctx: EditContext) -> None:
@@ -384,6 +436,8 @@ def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = Tr
         raise BenchError("lm-eval regression runs in one process; drop --regression or the launcher")
     device = shard.device_for(opts.device)
     resolve_dtype(opts.dtype, resolve_device(device))  # bad --device / --dtype: fail before loading
+    if opts.judge_url:  # an endpoint that does not answer: one line, before anything loads
+        HTTPJudge(opts.judge_url, opts.judge_model).check()
     editor = build_editor(opts.editor, opts.hparams, load_config(opts.model), opts.model)
     lm = load_model(opts.model, device=device, dtype=opts.dtype)
     check_prompt_format(lm.tokenizer, opts.prompt_format)

@@ -44,10 +44,11 @@ class FTHparams:
     separate change per case (each case is still applied, evaluated and restored alone, and
     gets the gradients, optimizer state and stopping it gets alone: equal up to float rounding).
     A step costs about as much for 8 short prompts as for 1 on CPU, since reading the weights
-    dominates (docs/speed.md)."""
+    dominates (docs/speed.md). Upper bounds (steps <= 100000, parallel_edits <= 1024) refuse a
+    typo that would run without end."""
 
-    layers: list[int] | None = param(None, layer="index")
-    steps: int = param(25, ge=0)
+    layers: list[int] | None = param(None, layer="index", nonempty=True)
+    steps: int = param(25, ge=0, le=100_000)
     lr: float = param(5e-4, gt=0)
     weight_decay: float = param(0.0, ge=0)
     norm_constraint: float | None = param(5e-3, ge=0)
@@ -55,7 +56,7 @@ class FTHparams:
     min_loss: float = param(1e-2, ge=0)
     frozen_prefix: bool = True  # compute blocks below the lowest tuned layer once per edit
     fused_vocab_loss: bool = True  # on CPU: loss and its gradient in one read of the vocabulary
-    parallel_edits: int = param(1, ge=1)  # independent edits optimised together in one batch
+    parallel_edits: int = param(1, ge=1, le=1024)  # independent edits optimised together in one batch
 
 
 class FineTune(Editor):

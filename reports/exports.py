@@ -12,9 +12,11 @@ from typing import Any
 import pandas as pd
 
 from reports.matrix import matrix_json, metric_tables, training_table
-from reports.stats import ALPHA, MIN_PAIRS, comparison_text
-from reports.views import (COMPOSITES, FAILURE_RULE, FAMILIES, METRIC_ABBR, METRICS,
-                           RANK_RULE, Group)
+from reports.stats import ALPHA, MIN_PAIRS, comparison_text, signed
+from reports.cases import FAILURE_RULE
+from reports.groups import COMPOSITES, FAMILIES, METRIC_ABBR, METRICS, Group
+from reports.ranking import RANK_RULE
+from reports.sequential import metric_title
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -24,7 +26,9 @@ MARK_RULE = ("Paired comparison over the cases both runs finished (matched by ta
              "▲/▼: the interval excludes 0 and the comparison survives Holm's adjustment over the {n} "
              "comparisons of this table; △/▽: it excludes 0 but does not survive the adjustment; · the "
              "interval contains 0 (or fewer than {min_pairs} shared cases: no test).")
-PEAK_MEMORY_NOTE = "peak memory: – when the runs do not record it (they do not yet)"
+PEAK_MEMORY_NOTE = ("peak memory: the largest the run recorded, – where it recorded none (the runner does not "
+                    "measure it yet); training: a learned editor's training time and steps, – for an editor "
+                    "that does not train")
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -46,7 +50,7 @@ def _cmp_json(c: dict) -> dict:
 
 def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
                      cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None,
-                     mx: dict | None = None, xm: list | None = None) -> dict:
+                     mx: dict | None = None, xm: list | None = None, sq: dict | None = None) -> dict:
     """The content of leaderboard.json. `ov`, `ho`, `cmp`, `pg`, `pw` and `vd` map a group's gid to
     its overview, held-out view, baseline comparison, teacher-forced vs wild gap, pairwise
     comparisons and verdicts (reports.views); `mx` is the leave-one-task-out matrix, if any
@@ -78,18 +82,23 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
                     tasks.setdefault(c.task, {})[c.key] = _cell_json(s)
             o = row["overall"]
             gd["rows"].append({
-                "rank": row["rank"], "tied": row["tied"], "reference": r.reference,
-                "complete": r.complete, "status": r.incomplete_mark or "complete",
+                "rank": row["rank"], "tied": row["tied"], "letters": row["letters"], "reference": r.reference,
+                "complete": r.complete, "status": r.incomplete_mark or row["fewer"] or "complete",
+                "equal_footing": not row["fewer"],
+                "fewer_cases": [{"task": t, "finished": n, "full": full} for t, n, full in row["fewer_cases"]],
                 "cases": {"finished": r.finished_cases, "planned": r.planned_cases},
                 "summary_rebuilt": r.summary_rebuilt, "run": r.label,
                 "editor": r.editor, "data": r.data, "run_dir": r.name, "created": r.created, "mode": r.mode,
+                "command": r.command, "git_commit": r.git_commit, "look": {
+                    "family": r.family, "color": r.color, "marker": r.marker, "dash": r.dash, "variant": r.variant},
                 "holdout_tasks": [t for t in r.tasks if r.unseen(t)], "trained_on": r.train_tasks,
                 "score": None if o is None else {"composite": g.rank_key, "value": _r(o["value"]),
                                                  "ci": [_r(o["lo"]), _r(o["hi"])], "n_tasks": o["n_tasks"]},
                 "tasks": tasks, "mean": {m: _r(v) for m, v in row["means"].items()},
-                "cost": {"median_edit_s": _r(row["cost"]["edit_s"]), "peak_memory_mb": _r(row["cost"]["peak_mb"])}})
+                "cost": {"median_edit_s": _r(row["cost"]["edit_s"]), "peak_memory_mb": _r(row["cost"]["peak_mb"]),
+                         "training": row["cost"]["training"]}})
         h = ho[g.gid]
-        gd["holdout"] = {"tasks": h["tasks"], "rule": h["rule"], "rows": [
+        gd["holdout"] = {"tasks": h["tasks"], "rule": h["rule"], "note": h["note"], "rows": [
             {"run": row["run"].label, "reference": row["run"].reference, "trained_on": row["trained_on"],
              "holdout_tasks": row["unseen_tasks"], "status": row["status"],
              "tasks": {t: {c.key: _cell_json(s) for c, s in zip(h["columns"], row["cells"])
@@ -130,16 +139,68 @@ def leaderboard_json(title: str, baseline: str | None, groups: list[Group], ov: 
             {"run": row["run"].label, "task": t, "metric": tf, "wild_metric": wild, "teacher_forced": _r(x["tf"]),
              "wild": _r(x["wild"]), "gap": _r(x["gap"]), "n": x["n"]}
             for row in gap["rows"] for (t, tf, wild), x in zip(gap["columns"], row["cells"]) if x is not None]
+        if (sq or {}).get(g.gid):
+            gd["sequential"] = checkpoints_json(sq[g.gid])
         doc["groups"].append(gd)
     return doc
 
 
+def checkpoints_json(table: dict) -> dict:
+    """A sequential group's checkpoint table (reports.sequential.checkpoint_table) in
+    leaderboard.json."""
+    return {"rule": table["rule"], "trained": table["trained"],
+            "tasks": [{"task": t["task"], "metrics": t["metrics"], "runs": [
+                {"run": e["run"].label, "run_dir": e["run"].name, "pre": {m: _r(v) for m, v in e["pre"].items()},
+                 "checkpoints": [{"n_edits": c["n_edits"],
+                                  "metrics": {m: {"post": _r(x["post"]), "ci": [_r(x["lo"]), _r(x["hi"])], "n": x["n"]}
+                                              for m, x in c["cells"].items()}} for c in e["checkpoints"]]}
+                for e in t["runs"]]} for t in table["tasks"]],
+            "regression": [{"task": e["task"], "metric": e["metric"], "runs": [
+                {"run": x["run"].label, "run_dir": x["run"].name, "before": _r(x["before"], 6),
+                 "checkpoints": [{"n_edits": c["n_edits"], "value": _r(c["value"], 6)} for c in x["checkpoints"]]}
+                for x in e["runs"]]} for e in table["regression"]]}
+
+
+def checkpoints_frame(groups: list[Group], sq: dict) -> pd.DataFrame:
+    """Every checkpoint of every sequential group, one row per (run, task, edits, metric): the rows
+    of checkpoints.csv. n_edits 0 is the unedited model (post = its value)."""
+    cols = ["group", "run", "editor", "run_dir", "task", "n_edits", "metric", "post", "ci_lo", "ci_hi", "n"]
+    records = []
+    for g in groups:
+        table = sq.get(g.gid)
+        if not table:
+            continue
+        for t in table["tasks"]:
+            for e in t["runs"]:
+                r = e["run"]
+                base = {"group": g.heading, "run": r.label, "editor": r.editor, "run_dir": r.name, "task": t["task"]}
+                for m in t["metrics"]:
+                    if e["pre"].get(m) is not None:
+                        records.append({**base, "n_edits": 0, "metric": m, "post": _r(e["pre"][m])})
+                for c in e["checkpoints"]:
+                    for m, x in c["cells"].items():
+                        records.append({**base, "n_edits": c["n_edits"], "metric": m, "post": _r(x["post"]),
+                                        "ci_lo": _r(x["lo"]), "ci_hi": _r(x["hi"]), "n": x["n"]})
+        for e in table["regression"]:
+            for x in e["runs"]:
+                r = x["run"]
+                base = {"group": g.heading, "run": r.label, "editor": r.editor, "run_dir": r.name,
+                        "task": e["task"], "metric": e["metric"]}
+                if x["before"] is not None:
+                    records.append({**base, "n_edits": 0, "post": _r(x["before"], 6)})
+                for c in x["checkpoints"]:
+                    records.append({**base, "n_edits": c["n_edits"], "post": _r(c["value"], 6)})
+    df = pd.DataFrame.from_records(records, columns=cols)
+    return df.astype({"n_edits": "Int64", "n": "Int64"})
+
+
 def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
     """The overview of every group as one table (the rows of leaderboard.csv)."""
-    records, cols = [], ["group", "mode", "rank", "tied", "reference", "complete", "status", "finished_cases",
-                         "planned_cases", "run", "editor", "data", "model",
-                         "source_hash", "metric_definitions", "run_dir", "score", "score/ci_lo", "score/ci_hi",
-                         "median_edit_s", "peak_memory_mb"]
+    records, cols = [], ["group", "mode", "rank", "tied", "letters", "reference", "complete", "equal_footing",
+                         "status", "finished_cases", "planned_cases", "run", "editor", "data", "model",
+                         "source_hash", "metric_definitions", "run_dir", "git_commit", "command",
+                         "score", "score/ci_lo", "score/ci_hi",
+                         "median_edit_s", "peak_memory_mb", "train_time_s", "train_steps"]
     for g in groups:
         for c in g.columns:
             for name in (f"{c.task}/{c.key}", f"{c.task}/{c.key}/ci_lo", f"{c.task}/{c.key}/ci_hi", f"{c.task}/{c.key}/n"):
@@ -150,9 +211,14 @@ def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
         for row in ov[g.gid]:
             r = row["run"]
             o = row["overall"] or {}
+            train = row["cost"]["training"] or {}
             rec: dict[str, Any] = {"group": g.heading, "mode": g.mode, "rank": row["rank"], "tied": row["tied"],
-                                   "reference": r.reference, "complete": r.complete,
-                                   "status": r.incomplete_mark or "complete", "finished_cases": r.finished_cases,
+                                   "letters": row["letters"], "reference": r.reference, "complete": r.complete,
+                                   "equal_footing": not row["fewer"],
+                                   "status": r.incomplete_mark or row["fewer"] or "complete",
+                                   "finished_cases": r.finished_cases, "git_commit": r.git_commit,
+                                   "command": r.command, "train_time_s": _r(train.get("seconds")),
+                                   "train_steps": train.get("steps"),
                                    "planned_cases": r.planned_cases, "run": r.label, "editor": r.editor, "data": r.data,
                                    "model": g.model_spec, "source_hash": g.model_hash,
                                    "metric_definitions": g.metric_definitions, "run_dir": r.name,
@@ -169,7 +235,7 @@ def leaderboard_frame(groups: list[Group], ov: dict) -> pd.DataFrame:
             records.append(rec)
     present = [c for c in mean_cols if any(c in rec for rec in records)]
     df = pd.DataFrame.from_records(records, columns=cols + present)
-    return df.astype({c: "Int64" for c in df.columns if c.endswith("/n") or c == "rank"})
+    return df.astype({c: "Int64" for c in df.columns if c.endswith("/n") or c in ("rank", "train_steps")})
 
 
 def neutralise_csv_cell(value: Any) -> Any:
@@ -180,10 +246,11 @@ def neutralise_csv_cell(value: Any) -> Any:
     return value
 
 
-def write_leaderboard_csv(path: Path, groups: list[Group], ov: dict) -> None:
-    """leaderboard.csv, with every text cell (the header included) neutralised: run labels,
-    directory names, model and task names come from the runs and may start with '='."""
-    df = leaderboard_frame(groups, ov)
+def write_leaderboard_csv(path: Path, groups: list[Group], ov: dict, df: pd.DataFrame | None = None) -> None:
+    """leaderboard.csv (or the frame `df`, e.g. checkpoints_frame), with every text cell (the
+    header included) neutralised: run labels, directory names, model and task names come from
+    the runs and may start with '='."""
+    df = leaderboard_frame(groups, ov) if df is None else df
     for column in df.columns:
         if not pd.api.types.is_numeric_dtype(df[column]) and not pd.api.types.is_bool_dtype(df[column]):
             df[column] = df[column].map(neutralise_csv_cell)
@@ -258,7 +325,7 @@ def _held_mark(g: Group, task: str) -> str:
     return "†" if g.heldout_for(task) else ""
 
 
-def _run_md(r, reference_note: bool = True) -> str:
+def _run_md(r, g: Group | None = None, reference_note: bool = True, trained: bool = False) -> str:
     label = r.label
     if r.reference and reference_note:
         label += " (no edit: reference)"
@@ -266,12 +333,31 @@ def _run_md(r, reference_note: bool = True) -> str:
         label += f" ({r.data}: not comparable)"
     if not r.complete:
         label += f" — {r.incomplete_mark}, not ranked"
+    elif g is not None and g.fewer_mark(r):
+        label += f" — {g.fewer_mark(r)}, not ranked"
+    if trained and r.train_tasks is not None:
+        label += f" (trained on {', '.join(r.train_tasks) or 'nothing'})"
     return _md_escape(label)
+
+
+def _md_rank(row: dict) -> str:
+    r = row["run"]
+    if r.reference:
+        return "ref"
+    if row["rank"] is None:
+        return "–"
+    return f"{row['rank']}{'=' if row['tied'] else ''} {row['letters']}".strip()
+
+
+def _md_training(t: dict | None) -> str:
+    if t is None or t.get("seconds") is None:
+        return "–"
+    return f"{t['seconds']:.0f} s" + ("" if t.get("steps") is None else f" ({t['steps']} steps)")
 
 
 def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], ov: dict, ho: dict,
                          cmp: dict, pg: dict | None = None, pw: dict | None = None, vd: dict | None = None,
-                         mx: dict | None = None, xm: list | None = None) -> str:
+                         mx: dict | None = None, xm: list | None = None, sq: dict | None = None) -> str:
     """The content of leaderboard.md: the same tables as the HTML page (one per metric family),
     without the charts."""
     L = [f"# {_md_escape(title)}", "",
@@ -296,12 +382,11 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
             cols = [i for i, c in enumerate(g.columns) if c.family == fam]
             head = (["#", "Run"] + ([f"{rank_label} (mean over tasks)"] if fam == "token" and g.rank_key else [])
                     + [f"{_md_escape(g.columns[i].task)}{_held_mark(g, g.columns[i].task)} {g.columns[i].abbr}" for i in cols]
-                    + (["s/edit (median)", "peak memory"] if fam == "token" else []))
+                    + (["s/edit (median)", "peak memory", "training"] if fam == "token" else []))
             body = []
             for row in rows:
                 r = row["run"]
-                rank = "ref" if r.reference else ("–" if row["rank"] is None else f"{row['rank']}{'=' if row['tied'] else ''}")
-                cells = [rank, _run_md(r)]
+                cells = [_md_rank(row), _run_md(r, g, trained=True)]
                 if fam == "token" and g.rank_key:
                     o = row["overall"]
                     cells.append("–" if o is None else _md_stat({"post": o["value"], "lo": o["lo"], "hi": o["hi"]},
@@ -309,7 +394,8 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                 cells += [_md_stat(row["cells"][i], row["best"][i]) for i in cols]
                 if fam == "token":
                     cells += ["–" if row["cost"]["edit_s"] is None else f"{row['cost']['edit_s']:.3g} s",
-                              "–" if row["cost"]["peak_mb"] is None else f"{row['cost']['peak_mb']:.0f} MB"]
+                              "–" if row["cost"]["peak_mb"] is None else f"{row['cost']['peak_mb']:.0f} MB",
+                              _md_training(row["cost"]["training"])]
                 body.append(cells)
             L += [f"**{FAMILIES[fam][0][0].upper() + FAMILIES[fam][0][1:]}**", ""]
             L += _md_table(head, body, ["---:", ":---"] + ["---:"] * (len(head) - 2))
@@ -326,15 +412,17 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                    [f"{METRIC_ABBR[m]} held-out / other tasks (gap)" for m in h["metrics"]]
             body = []
             for row in h["rows"]:
-                cells = [_run_md(row["run"]), _md_escape(row["status"])]
+                cells = [_run_md(row["run"], g), _md_escape(row["status"])]
                 for i in idx:
                     cells.append("trained on" if row["trained"][i] else _md_stat(row["cells"][i], row["best"][i]))
                 for m in h["metrics"]:
                     gp = row["gap"][m]
                     cells.append(f"{_md_num(row['heldout'][m])} / {_md_num(row['other'][m])}"
-                                 + ("" if gp is None else f" ({gp:+.1f})"))
+                                 + ("" if gp is None else f" ({signed(gp)})"))
                 body.append(cells)
             L += _md_table(head, body)
+        elif h.get("note"):
+            L += [f"_{_md_escape(h['note'])}_", ""]
         c = cmp[g.gid]
         if c["base"] is not None and c["rows"]:
             L += [f"**Versus baseline {_md_escape(c['base'].label)}** (run directory {_md_escape(c['base'].name)}; "
@@ -349,7 +437,7 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
                     [f"{_md_escape(g.columns[i].task)}{_held_mark(g, g.columns[i].task)} {g.columns[i].abbr}" for i in cols]
                 body = []
                 for row in c["rows"]:
-                    cells = [_run_md(row["run"])]
+                    cells = [_run_md(row["run"], g)]
                     if fam == "token" and g.rank_key:
                         cells.append(comparison_text(row["overall"]))
                     cells += [comparison_text(row["cells"][i]) for i in cols]
@@ -372,10 +460,36 @@ def leaderboard_markdown(title: str, baseline: str | None, groups: list[Group], 
             L += ["**Teacher forced vs. in the wild** (post-edit %, teacher-forced / wild, and the gap "
                   "teacher-forced − wild in points):", ""]
             head = ["Run"] + [f"{_md_escape(t)} {gap['abbr'][tf]}" for t, tf, _ in gap["columns"]]
-            body = [[_md_escape(row["run"].label)] + ["–" if x is None else f"{x['tf']:.1f} / {x['wild']:.1f} ({x['gap']:+.1f})"
+            body = [[_md_escape(row["run"].label)] + ["–" if x is None else f"{x['tf']:.1f} / {x['wild']:.1f} ({signed(x['gap'])})"
                                                       for x in row["cells"]] for row in gap["rows"]]
             L += _md_table(head, body)
+        if (sq or {}).get(g.gid):
+            L += _checkpoints_markdown(sq[g.gid])
     return "\n".join(L).rstrip() + "\n"
+
+
+def _checkpoints_markdown(table: dict) -> list[str]:
+    """A sequential group's checkpoint table: per task a row per run and number of edits."""
+    L = ["**Sequential editing: checkpoints.** " + _md_escape(table["rule"]), ""]
+    if table["trained"]:
+        L += ["_Trained on the task shown: " + _md_escape("; ".join(f"{x['run']} ({', '.join(x['tasks'])})"
+                                                              for x in table["trained"])) + "._", ""]
+    for t in table["tasks"]:
+        head = ["Run", "edits"] + [_md_escape(metric_title(m)) for m in t["metrics"]]
+        body = []
+        for e in t["runs"]:
+            label = _md_escape(e["run"].label)
+            body.append([label, "before"] + [_md_num(e["pre"].get(m)) for m in t["metrics"]])
+            for c in e["checkpoints"]:
+                body.append([label, str(c["n_edits"])] + [_md_stat(c["cells"].get(m)) for m in t["metrics"]])
+        L += [f"_{_md_escape(t['task'])}_", ""] + _md_table(head, body, [":---"] + ["---:"] * (len(head) - 1))
+    for e in table["regression"]:
+        ns = [c["n_edits"] for c in e["runs"][0]["checkpoints"]]
+        head = ["Run", "before"] + [f"{n} edits" for n in ns]
+        body = [[_md_escape(x["run"].label), "–" if x["before"] is None else f"{x['before']:.4g}"]
+                + [f"{c['value']:.4g}" for c in x["checkpoints"]] for x in e["runs"]]
+        L += [f"_lm-eval {_md_escape(e['task'])}: {_md_escape(e['metric'])}_", ""] + _md_table(head, body)
+    return L
 
 
 def _matrix_markdown(mx: dict) -> list[str]:
@@ -390,5 +504,13 @@ def _matrix_markdown(mx: dict) -> list[str]:
     L += ["**Training** (each run's editor; kept step: the validation with the lowest loss, whose network is "
           "used; Score on its training tasks: mean over them of the per-task Score)", ""]
     L += _md_table(head, [[_md_escape(c) for c in row] for row in body],
-                   [":---"] * 3 + ["---:"] * (len(head) - 3))
+                   [":---"] * (len(head) - 3) + ["---:"] * 3)  # with seeds, a seed column
+    for line in mx.get("summary") or []:  # the multi-task column's mean difference (reports.seeded)
+        L += [f"**{_md_escape(line)}**", ""]
+    if mx.get("seed_table"):  # several training seeds: the per-seed values (reports.seeded)
+        head, body = mx["seed_table"]
+        L += ["**Per seed** (each run's value per training seed; each difference's per-seed values, their "
+              "standard deviation, the mean with its hierarchical-bootstrap interval and the verdict)", ""]
+        L += _md_table([_md_escape(h) for h in head], [[_md_escape(c) for c in row] for row in body],
+                       [":---"] * 4 + ["---:", ":---"])
     return L

@@ -1,11 +1,14 @@
 """The leave-one-task-out matrix (`bench holdout-matrix`, docs/holdout.md): for each held-out
 task, every editor's scores on it (trained on the other tasks only) and the paired difference of
-the first editor minus each other one, per metric.
+the first editor minus each other one, per metric; with `--multitask`, a column where no task is
+held out (every editor trained on all, evaluated on each task and on their mean).
 
 The matrix file (matrix.json, written by bench.holdout) names one run directory per (held-out
-task, editor, instruction mode), relative to its own folder. The statistics are the report's one
-statistic (reports.stats, through reports.views.Pairing): the difference over the cases both runs
-finished, its 95% paired-bootstrap interval and the p-value read off the same resamples; the
+task or "none", editor, instruction mode, training seed), relative to its own folder; a v1 file
+(one seed, no seed level) is read as a v2 one. With one seed the statistics are the report's one
+statistic (reports.stats, through reports.compare.Pairing): the difference over the cases both
+runs finished, its 95% paired-bootstrap interval and the p-value read off the same resamples;
+with several seeds, and for the multi-task mean row, reports.seeded's hierarchical bootstrap. The
 marks are Holm-adjusted over every difference of the matrix, as in the report's other tables.
 """
 
@@ -18,11 +21,15 @@ from typing import Any
 from bench.core.errors import BenchError
 from bench.core.io import read_json
 from reports.runs import Run, scrub_paths
+from reports.hierarchical import verdict
+from reports.seeded import MEAN_ROW, MULTITASK, MULTITASK_RULE, SEEDS_RULE, SeededStats, multitask_summary, seed_table
 from reports.stats import adjust_marks, comparison_text
-from reports.views import COMPOSITES, METRIC_ABBR, Column, Pairing, composite_cell, family_of, make_groups
+from reports.compare import Pairing
+from reports.groups import COMPOSITES, METRIC_ABBR, Column, composite_cell, family_of, make_groups
 
 MATRIX_FILE = "matrix.json"
-MATRIX_FORMAT = "instructedit-bench/holdout-matrix/v1"
+MATRIX_FORMAT = "instructedit-bench/holdout-matrix/v2"
+MATRIX_FORMAT_V1 = "instructedit-bench/holdout-matrix/v1"  # one seed: runs[task][editor][mode] = directory
 NO_INSTRUCTION = "none"  # the instruction-mode key of an editor that uses no instructions
 INSTRUCTION_MODES = ("seen", "unseen")
 # What each held-out task is judged on: the teacher-forced terms and their composite (Score)
@@ -40,10 +47,11 @@ MATRIX_RULE = ("Each editor trained on every task but the held-out one (same ste
 class Entry:
     """One run of the matrix: `editor` evaluated on the held-out task `holdout`."""
 
-    holdout: str
+    holdout: str  # a task, or MULTITASK (none held out)
     editor: str
     instruction: str  # "seen", "unseen", or NO_INSTRUCTION
     run_dir: str  # relative to the matrix file's folder
+    seed: int = 0  # the training seed
 
     @property
     def label(self) -> str:
@@ -56,34 +64,65 @@ def _text_list(where: str, value: Any) -> list[str]:
     return list(value)
 
 
+def _as_v2(doc: dict) -> dict:
+    """A v1 matrix (one seed, `seed`) in v2's shape: a seed level under each instruction mode."""
+    seed = str(doc.get("seed") if isinstance(doc.get("seed"), int) else 0)
+    runs = doc.get("runs")
+    if isinstance(runs, dict):
+        runs = {t: {e: {m: {seed: d} for m, d in by_mode.items()} if isinstance(by_mode, dict) else by_mode
+                    for e, by_mode in by_editor.items()} if isinstance(by_editor, dict) else by_editor
+                for t, by_editor in runs.items()}
+    training = doc.get("training") if isinstance(doc.get("training"), dict) else {}
+    training = {t: {e: {seed: x} for e, x in by.items()} for t, by in training.items() if isinstance(by, dict)}
+    return {**doc, "format": MATRIX_FORMAT, "seeds": [int(seed)], "runs": runs, "training": training,
+            "multitask": False}
+
+
 def read_matrix(path: Path) -> dict:
-    """The content of a matrix.json, checked: BenchError naming the file when it is not one."""
+    """The content of a matrix.json, checked (a v1 file in v2's shape): BenchError naming the
+    file when it is not one."""
     path = Path(path)
     doc = read_json(path, "matrix file")
-    if not isinstance(doc, dict) or doc.get("format") != MATRIX_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") not in (MATRIX_FORMAT, MATRIX_FORMAT_V1):
         raise BenchError(f"{path}: not an {MATRIX_FORMAT} file (as bench holdout-matrix writes)")
+    if doc["format"] == MATRIX_FORMAT_V1:
+        doc = _as_v2(doc)
     _text_list(f"{path}: editors", doc.get("editors"))
-    _text_list(f"{path}: tasks", doc.get("tasks"))
+    tasks = _text_list(f"{path}: tasks", doc.get("tasks"))
+    seeds = doc.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise BenchError(f"{path}: seeds must be a non-empty list of integers")
+    columns = doc.get("columns")
+    if columns is None:
+        columns = list(tasks) + ([MULTITASK] if doc.get("multitask") else [])
+    if not isinstance(columns, list) or not all(c in tasks or c == MULTITASK for c in columns):
+        raise BenchError(f"{path}: columns must name tasks of the matrix or {MULTITASK!r}")
     runs = doc.get("runs")
     ok = isinstance(runs, dict) and all(
         isinstance(by_editor, dict) and all(
-            isinstance(by_mode, dict) and all(isinstance(d, str) and d and Path(d).name == d
-                                              for d in by_mode.values())
+            isinstance(by_mode, dict) and all(
+                isinstance(by_seed, dict) and all(
+                    str(s).lstrip("-").isdigit() and isinstance(d, str) and d and Path(d).name == d
+                    for s, d in by_seed.items())
+                for by_seed in by_mode.values())
             for by_mode in by_editor.values())
         for by_editor in runs.values())
     if not ok:
-        raise BenchError(f"{path}: runs must map held-out task -> editor -> instruction mode -> "
+        raise BenchError(f"{path}: runs must map held-out task -> editor -> instruction mode -> seed -> "
                          "run directory name (in the matrix file's folder)")
-    return doc
+    return {**doc, "columns": columns, "multitask": MULTITASK in columns}
 
 
 def entries(doc: dict) -> list[Entry]:
-    """The matrix's runs, held-out task by held-out task, editors in the matrix's order."""
+    """The matrix's runs, column by column (held-out tasks, then "none"), editors in the
+    matrix's order, seeds in order."""
     out = []
-    for task in doc["tasks"]:
+    for column in doc["columns"]:
         for editor in doc["editors"]:
-            for mode, run_dir in (doc["runs"].get(task, {}).get(editor) or {}).items():
-                out.append(Entry(task, editor, mode, run_dir))
+            for mode, by_seed in (doc["runs"].get(column, {}).get(editor) or {}).items():
+                for seed, run_dir in sorted(by_seed.items(), key=lambda x: int(x[0])):
+                    out.append(Entry(column, editor, mode, run_dir, int(seed)))
     return out
 
 
@@ -140,35 +179,85 @@ def matrix_view(doc: dict, folder: Path, runs: list[Run]) -> dict:
                 return pairing.compare(a, b, Column(task, key, family_of(key)))
         return None  # different models or modes: no paired comparison
 
-    rows, family = [], []
-    for task in doc["tasks"]:
-        row = [e for e in found if e.holdout == task]
-        cols = []
-        for e in row:
-            r = found[e]
+    several = len(doc.get("seeds") or [0]) > 1
+    seeded = SeededStats()
+    training_cache: dict[int, dict] = {}
+
+    def training_of(r: Run, seed: int) -> dict:
+        """What a run's editor trained on, its steps, the step of the network kept and its mean
+        Score on its training tasks."""
+        if id(r) not in training_cache:
             trained = r.train_tasks or []
-            cols.append({"entry": e, "label": e.label, "run": r, "trained_on": trained,
-                         "cells": {m: _stat(r, task, m) for m in MATRIX_METRICS},
-                         "training_score": _mean([(_stat(r, t, "score") or {}).get("post")
-                                                  for t in r.tasks if t in trained]),
-                         "steps": r.notes.get("train_steps"),
-                         # the network kept is the best validation's: an early one means the
-                         # validation loss never got lower afterwards (unstable or overfitting)
-                         "kept_step": (r.notes.get("final_validation") or {}).get("step")})
+            training_cache[id(r)] = {
+                "seed": seed, "run_dir": r.name, "trained_on": trained, "steps": r.notes.get("train_steps"),
+                # the network kept is the best validation's: an early one means the validation
+                # loss never got lower afterwards (unstable or overfitting)
+                "kept_step": (r.notes.get("final_validation") or {}).get("step"),
+                "training_score": _mean([(_stat(r, t, "score") or {}).get("post") for t in r.tasks if t in trained])}
+        return training_cache[id(r)]
+
+    def cell(group: dict[int, Entry], tasks: list[str], key: str) -> dict | None:
+        if not several and len(tasks) == 1:  # one seed, one task: the report's own statistic
+            return _stat(found[next(iter(group.values()))], tasks[0], key)
+        return seeded.cell({s: found[e] for s, e in group.items()}, tasks, key)
+
+    def difference(ga: dict[int, Entry], gb: dict[int, Entry], tasks: list[str], key: str) -> dict | None:
+        if not several and len(tasks) == 1:
+            return compare(found[next(iter(ga.values()))], found[next(iter(gb.values()))], tasks[0], key)
+        return seeded.difference({s: found[e] for s, e in ga.items()}, {s: found[e] for s, e in gb.items()},
+                                 tasks, key)
+
+    # rows: each held-out task (evaluated on it), then the multi-task column on each task and
+    # on their mean
+    columns = doc.get("columns") or list(doc["tasks"])
+    specs = [(t, t, [t]) for t in doc["tasks"] if t in columns]
+    if MULTITASK in columns:
+        specs += [(MULTITASK, t, [t]) for t in doc["tasks"]] + [(MULTITASK, None, list(doc["tasks"]))]
+    rows, family = [], []
+    for col_key, task, tasks in specs:
+        groups: dict[tuple[str, str], dict[int, Entry]] = {}
+        for e in found:
+            if e.holdout == col_key:
+                groups.setdefault((e.editor, e.instruction), {})[e.seed] = e
+        cols = []
+        for group in groups.values():
+            seeds = sorted(group)
+            first = group[seeds[0]]
+            per_seed = [training_of(found[group[s]], s) for s in seeds]
+            cols.append({"entry": first, "label": first.label, "run": found[first], "seeds": seeds,
+                         "runs": {s: found[group[s]] for s in seeds}, "trained_on": per_seed[0]["trained_on"],
+                         "cells": {m: cell(group, tasks, m) for m in MATRIX_METRICS},
+                         "training": per_seed,
+                         "training_score": _mean([x["training_score"] for x in per_seed]),
+                         "steps": per_seed[0]["steps"], "kept_step": per_seed[0]["kept_step"]})
         diffs = []
-        for a, b in comparisons(row, doc["editors"][0]):
-            cells = {m: compare(found[a], found[b], task, m) for m in MATRIX_METRICS}
+        for a, b in comparisons([next(iter(g.values())) for g in groups.values()], doc["editors"][0]):
+            ga, gb = groups[(a.editor, a.instruction)], groups[(b.editor, b.instruction)]
+            cells = {m: difference(ga, gb, tasks, m) for m in MATRIX_METRICS}
             family += [c for c in cells.values() if c is not None]
             diffs.append({"label": f"{a.label} − {b.label}", "a": a.label, "b": b.label, "cells": cells})
-        rows.append({"holdout": task, "columns": cols, "diffs": diffs})
+        label = task if col_key != MULTITASK else f"{MULTITASK}: {task or MEAN_ROW}"
+        rows.append({"holdout": label, "column": col_key, "task": task, "tasks": tasks, "columns": cols,
+                     "diffs": diffs})
     adjust_marks(family)
+    for c in family:
+        c["verdict"] = verdict(c)
     n_tests = sum(1 for c in family if c.get("p") is not None)
     labels = list(dict.fromkeys(c["label"] for row in rows for c in row["columns"]))
     diff_labels = list(dict.fromkeys(d["label"] for row in rows for d in row["diffs"]))
-    return {"editors": list(doc["editors"]), "tasks": list(doc["tasks"]), "metrics": list(MATRIX_METRICS),
+    seeds = list(doc.get("seeds") or [0])
+    rule = MATRIX_RULE.format(n=n_tests)
+    if several:
+        rule += " " + SEEDS_RULE.format(s=len(seeds), seeds=", ".join(map(str, seeds)))
+    if MULTITASK in columns:
+        rule += " " + MULTITASK_RULE.format(seeds=" and, with several seeds, the seeds" if several else "")
+    view = {"editors": list(doc["editors"]), "tasks": list(doc["tasks"]), "metrics": list(MATRIX_METRICS),
             "labels": labels, "diff_labels": diff_labels, "rows": rows, "missing": missing,
-            "n_tests": n_tests, "rule": MATRIX_RULE.format(n=n_tests),
+            "n_tests": n_tests, "rule": rule, "seeds": seeds, "multitask": MULTITASK in columns,
             "command": scrub_paths(doc.get("command")), "training_hparams": doc.get("training_hparams") or {}}
+    view["summary"] = multitask_summary(view)
+    view["seed_table"] = seed_table(view)
+    return view
 
 
 def column(row: dict, label: str) -> dict | None:
@@ -217,16 +306,25 @@ def metric_tables(view: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def training_table(view: dict) -> tuple[list[str], list[list[str]]]:
-    """Per held-out task and run: what it trained on, its steps, the step of the network kept
-    (best validation loss), its mean Score on those tasks."""
-    head = ["held out", "run", "trained on", "steps", "kept step", "Score on its training tasks"]
-    body = []
+    """Per held-out task (the multi-task column once) and run, per seed when there are several:
+    what it trained on, its steps, the step of the network kept (best validation loss), its
+    mean Score on those tasks."""
+    several = len(view.get("seeds") or []) > 1
+    head = ["held out", "run"] + (["seed"] if several else []) + [
+        "trained on", "steps", "kept step", "Score on its training tasks"]
+    body, done = [], set()
     for row in view["rows"]:
+        col_key = row.get("column", row["holdout"])
         for c in row["columns"]:
-            body.append([row["holdout"], c["label"], ", ".join(c["trained_on"]) or "–",
-                         "–" if c["steps"] is None else str(c["steps"]),
-                         "–" if c.get("kept_step") is None else str(c["kept_step"]),
-                         "–" if c["training_score"] is None else f"{c['training_score']:.1f}"])
+            if (col_key, c["label"]) in done:
+                continue
+            done.add((col_key, c["label"]))
+            for x in c.get("training") or [c]:
+                body.append([col_key, c["label"]] + ([str(x.get("seed"))] if several else []) + [
+                    ", ".join(x["trained_on"]) or "–",
+                    "–" if x["steps"] is None else str(x["steps"]),
+                    "–" if x.get("kept_step") is None else str(x["kept_step"]),
+                    "–" if x["training_score"] is None else f"{x['training_score']:.1f}"])
     return head, body
 
 
@@ -241,6 +339,9 @@ def format_matrix(view: dict) -> str:
     for title, head, body in metric_tables(view):
         lines += [title] + table(head, body) + [""]
     lines += ["training"] + table(*training_table(view)) + [""]
+    if view.get("seed_table"):
+        lines += ["per seed"] + table(*view["seed_table"]) + [""]
+    lines += list(view.get("summary") or [])
     lines.append(view["rule"])
     if view["missing"]:
         lines.append(f"missing run directories: {', '.join(view['missing'])}")
@@ -253,20 +354,35 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 def matrix_json(view: dict) -> dict:
     """The matrix in leaderboard.json."""
+    def seeds(x):  # several seeds: the per-seed values (and a difference's spread)
+        if not x.get("per_seed"):
+            return {}
+        out = {"per_seed": [_r(v) for v in x["per_seed"]]}
+        if "sd_seeds" in x:
+            out["sd_seeds"] = _r(x["sd_seeds"])
+        return out
+
     def stat(s):
         return None if s is None else {"post": _r(s.get("post")), "ci": [_r(s.get("lo")), _r(s.get("hi"))],
-                                       "n": s.get("n")}
+                                       "n": s.get("n"), **seeds(s)}
 
     def cmp(c):
         return None if c is None else {"diff": _r(c.get("diff")), "ci": [_r(c.get("lo")), _r(c.get("hi"))],
                                        "p": _r(c.get("p"), 6), "p_holm": _r(c.get("p_holm"), 6),
-                                       "mark": c.get("mark", ""), "n": c.get("n")}
+                                       "mark": c.get("mark", ""), "verdict": c.get("verdict"), "n": c.get("n"),
+                                       **seeds(c)}
+
+    def training(x):
+        return {"seed": x["seed"], "run_dir": x["run_dir"], "steps": x["steps"], "kept_step": x.get("kept_step"),
+                "training_score": _r(x["training_score"])}
 
     return {"rule": view["rule"], "editors": view["editors"], "tasks": view["tasks"], "metrics": view["metrics"],
+            "seeds": view.get("seeds"), "multitask": view.get("multitask", False), "summary": view.get("summary") or [],
             "n_tests": view["n_tests"], "missing": view["missing"], "training_hparams": view["training_hparams"],
-            "rows": [{"holdout": row["holdout"],
+            "rows": [{"holdout": row["holdout"], "column": row.get("column"), "task": row.get("task"),
                       "runs": [{"run": c["label"], "run_dir": c["run"].name, "trained_on": c["trained_on"],
                                 "steps": c["steps"], "kept_step": c.get("kept_step"), "training_score": _r(c["training_score"]),
+                                "seeds": [training(x) for x in c.get("training") or []],
                                 "scores": {m: stat(s) for m, s in c["cells"].items()}} for c in row["columns"]],
                       "differences": [{"a": d["a"], "b": d["b"], "scores": {m: cmp(x) for m, x in d["cells"].items()}}
                                       for d in row["diffs"]]}

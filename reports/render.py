@@ -25,15 +25,20 @@ from markupsafe import Markup, escape
 
 from bench.core.errors import BenchError
 from bench.core.io import write_json_atomic
-from reports.exports import (agreement_text, cross_model_cell, leaderboard_json, leaderboard_markdown,
-                             write_leaderboard_csv)
+from reports.exports import (agreement_text, checkpoints_frame, cross_model_cell, leaderboard_json,
+                             leaderboard_markdown, write_leaderboard_csv)
 from reports.matrix import matrix_view, metric_grid, read_matrix, run_dirs as matrix_run_dirs, training_table
 from reports.runs import Run, SummaryRebuild, assign_labels, load_run, scrub_paths, slugify
-from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text
-from reports.svg import svg_bars, svg_curves, svg_scatter, svg_scores
-from reports.views import (COMPOSITES, DEFAULT_BASELINE, FAILURE_RULE, FAMILIES, METRIC_ABBR, RANK_RULE, Pairing,
-                           case_rows, comparison, cross_model, holdout_view, make_groups, overview, pairwise,
-                           protocol_gap, resolve_baseline, segments, sequential_curves, verdicts)
+from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text, signed
+from reports.svg import look_sample, svg_bars, svg_curves, svg_scatter, svg_scores
+from reports.cases import FAILURE_RULE, case_rows
+from reports.compare import DEFAULT_BASELINE, Pairing, comparison, pairwise, resolve_baseline
+from reports.crossmodel import cross_model
+from reports.groups import COMPOSITES, FAMILIES, METRIC_ABBR, make_groups, segments
+from reports.heldout import holdout_view, protocol_gap
+from reports.ranking import RANK_RULE, overview
+from reports.sequential import checkpoint_table, metric_title, sequential_curves
+from reports.verdicts import verdicts
 
 FORMATS = ("html", "md", "all")
 DEFAULT_TITLE = "instructedit-bench leaderboard"
@@ -86,17 +91,22 @@ def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda x, nd=1: "–" if x is None else f"{x:.{nd}f}"
-    env.filters["signed"] = lambda x: "–" if x is None else f"{x:+.1f}"
+    env.filters["signed"] = signed
     env.filters["pval"] = format_p
     env.filters["ptext"] = p_text
     env.filters["score"] = lambda x: "–" if x is None else f"{x:.3g}"
     env.filters["tojson_compact"] = lambda x: json.dumps(x, sort_keys=True, ensure_ascii=False)
     env.filters["dv"] = lambda x: "" if x is None else repr(float(x))
     env.filters["tok"] = show_text
-    env.globals.update(METRIC_ABBR=METRIC_ABBR, ALPHA=ALPHA, MIN_PAIRS=MIN_PAIRS, FAMILIES=FAMILIES,
+    env.globals.update(look_sample=look_sample, metric_title=metric_title, METRIC_ABBR=METRIC_ABBR, ALPHA=ALPHA, MIN_PAIRS=MIN_PAIRS, FAMILIES=FAMILIES,
                        COMPOSITES=COMPOSITES, RANK_RULE=RANK_RULE, segments=segments, FAILURE_RULE=FAILURE_RULE, zip=zip,
                        enumerate=enumerate)
     return env
+
+
+def environment() -> Environment:
+    """The Jinja environment of every page (reports.index renders the leaderboards' index)."""
+    return _env()
 
 
 def _task_file(run: Run, task: str) -> str:
@@ -179,12 +189,13 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = Non
     for line in choices.values():
         (log or (lambda _: None))(line)
     pairings = {g.gid: Pairing(g) for g in groups}
-    ov = {g.gid: overview(g) for g in groups}
+    pw = {g.gid: pairwise(g, pairings[g.gid]) for g in groups}  # the ranks come from its tests
+    ov = {g.gid: overview(g, pw[g.gid]) for g in groups}
     ho = {g.gid: holdout_view(g) for g in groups}
     cmp = {g.gid: comparison(g, bases[g.gid], baseline, pairings[g.gid], choices.get(g.gid, "")) for g in groups}
     pg = {g.gid: protocol_gap(g) for g in groups}
-    pw = {g.gid: pairwise(g, pairings[g.gid]) for g in groups}
-    vd = {g.gid: verdicts(g, ov[g.gid], ho[g.gid], cmp[g.gid], pairings[g.gid]) for g in groups}
+    vd = {g.gid: verdicts(g, ov[g.gid], ho[g.gid], cmp[g.gid], pw[g.gid], pairings[g.gid]) for g in groups}
+    sq = {g.gid: checkpoint_table(g) for g in groups if g.mode == "sequential"}
     mx = matrix_view(matrix_doc, Path(matrix).parent, runs) if matrix_doc is not None else None
     xm = cross_model(groups, ov)
 
@@ -194,10 +205,13 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = Non
     except OSError as e:
         raise BenchError(f"cannot create {out_dir}: {e.strerror}") from None
 
-    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd, "mx": mx, "xm": xm}
+    views = {"ov": ov, "ho": ho, "cmp": cmp, "pg": pg, "pw": pw, "vd": vd, "mx": mx, "xm": xm, "sq": sq}
     write_json_atomic(out_dir / "leaderboard.json", leaderboard_json(title, baseline, groups, **views))
     write_leaderboard_csv(out_dir / "leaderboard.csv", groups, ov)
     files = ["leaderboard.json", "leaderboard.csv"]
+    if sq:  # the checkpoints of the sequential groups, one row per run, task, edits and metric
+        write_leaderboard_csv(out_dir / "checkpoints.csv", groups, ov, df=checkpoints_frame(groups, sq))
+        files.append("checkpoints.csv")
 
     main: Path | None = None
     if fmt in ("md", "all"):
@@ -212,7 +226,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = Non
             groups=[{"g": g, "overview": ov[g.gid], "holdout": ho[g.gid], "cmp": cmp[g.gid], "gap": pg[g.gid],
                      "pairwise": pw[g.gid], "verdicts": vd[g.gid], "scores": svg_scores(g, ov[g.gid]),
                      "bars": svg_bars(g), "scatter": svg_scatter(g),
-                     "curves": svg_curves(g, sequential_curves(g)) if g.mode == "sequential" else None}
+                     "checkpoints": sq.get(g.gid),
+                     "curves": svg_curves(g, sequential_curves(g, sq[g.gid])) if g.gid in sq else None}
                     for g in groups],
             details={r.slug: _run_details(r) for r in runs}, task_file=_task_file,
             matrix=mx, matrix_grid=metric_grid(mx) if mx else [], cross_model=xm,

@@ -1,14 +1,11 @@
 """Loading `bench run` directories (docs/run-format.md) for the report, and telling them apart:
-each run gets a display label, a slug for file names and anchors, a chart colour and a marker.
-
-Colours and markers are fixed per editor name (docs/report.md, "Colours"): the palette was
-chosen so that every pair differs by a CIEDE2000 distance of at least 16 under normal vision and
-simulated deuteranopia, protanopia and tritanopia (Machado et al. 2009, severity 1), and every
-colour has at least 3:1 contrast on white. tests/test_reports.py recomputes both."""
+each run gets a display label (the editor, and what sets the run apart from the editor's other
+runs: FT-L / FT-M, hyperparameters, instruction mode, held-out tasks), a slug for file names and
+anchors, and a look (reports.looks: colour from the editor, marker and line style from the
+variant)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
@@ -19,15 +16,10 @@ from typing import Any, Callable
 from bench.core.errors import BenchError
 from bench.core.io import read_json
 from bench.core.runfiles import RunDir, completeness
+from reports.looks import (EDITOR_COLORS, EDITOR_FAMILIES, EDITOR_MARKERS, MARKERS, PALETTE,  # noqa: F401
+                           REFERENCE_COLOR, REFERENCE_EDITOR, assign_style)
 
-REFERENCE_EDITOR = "none"  # the no-edit editor: a reference line, never ranked
-REFERENCE_COLOR = "#6b6b6b"
-PALETTE = ("#005a96", "#a51e2d", "#00a569", "#a569ff", "#ff0f00", "#d278a5")
-EDITOR_COLORS = {"ft": PALETTE[0], "rome": PALETTE[1], "mend": PALETTE[2], "instructedit": PALETTE[3],
-                 "memit": PALETTE[4], "alphaedit": PALETTE[5], REFERENCE_EDITOR: REFERENCE_COLOR}
-MARKERS = ("circle", "square", "triangle", "diamond", "triangle-down", "hexagon")
-EDITOR_MARKERS = {"ft": "circle", "rome": "square", "mend": "triangle", "instructedit": "diamond",
-                  "memit": "triangle-down", "alphaedit": "hexagon", REFERENCE_EDITOR: "cross"}
+FT_NAMES = {"prompt_last": "FT-L", "target_masked": "FT-M"}  # FT's objectives, as the papers name them
 # An absolute path (POSIX, home-relative or a Windows drive) at the start of a word.
 _ABS_PATH = re.compile(r"""(?<![^\s=("'\[,])(?:~?/(?!/)|[A-Za-z]:\\)[^\s"'(),\[\]]*""")
 
@@ -62,8 +54,11 @@ class Run:
     summary_rebuilt: bool = False  # no summary.json (a SIGKILLed run): rebuilt from cases.jsonl
     label: str = ""
     slug: str = ""
+    family: str = ""  # the editor whose colour family the run wears (reports.looks)
+    variant: int = 0  # 0: the editor's first variant in the report
     color: str = PALETTE[0]
     marker: str = MARKERS[0]
+    dash: str = ""  # line style (SVG stroke-dasharray); '' is solid
 
     @property
     def name(self) -> str:
@@ -258,14 +253,83 @@ class Run:
         return [x for x in e if isinstance(x, dict)] if isinstance(e, list) else []
 
     @property
+    def argv(self) -> list[str] | None:
+        a = self.config.get("argv")
+        return [str(x) for x in a] if isinstance(a, list) else None
+
+    @property
+    def command(self) -> str | None:
+        """The command as recorded in config.json (absolute paths shortened)."""
+        c = self.config.get("command")
+        return scrub_paths(str(c)) if c is not None else None
+
+    @property
+    def git_commit(self) -> str | None:
+        """The commit of the code that made the run, where config.json records one (`git_commit`,
+        `git.commit` or `versions.git_commit`); None otherwise (runs do not record it yet)."""
+        git = self.config.get("git") if isinstance(self.config.get("git"), dict) else {}
+        versions = self.config.get("versions") if isinstance(self.config.get("versions"), dict) else {}
+        for v in (self.config.get("git_commit"), git.get("commit"), versions.get("git_commit"), versions.get("git")):
+            if isinstance(v, str) and v:
+                return v
+        return None
+
+    @property
     def hparam_overrides(self) -> dict | None:
-        """The hyperparameters set for this run (--hparam / --hparams-file): those that differ
-        from the editor's defaults. None when the run did not record its options."""
+        """The hyperparameters the command set (--hparam / --hparams-file), from
+        `config.options.hparams`. When config.json records the argv of a `bench run`, only the
+        keys the command line names (every key with --hparams-file): runs made before the
+        options kept only what was set recorded every resolved value there. None when the run
+        did not record its options."""
         opts = self.config.get("options")
         if not isinstance(opts, dict):
             return None
         h = opts.get("hparams")
-        return dict(h) if isinstance(h, dict) else {}
+        h = dict(h) if isinstance(h, dict) else {}
+        argv = self.argv
+        if argv is None or "run" not in argv or any(a == "--hparams-file" or a.startswith("--hparams-file=")
+                                                     for a in argv):
+            return h
+        named: list[str] = []
+        for i, a in enumerate(argv):
+            item = a[len("--hparam="):] if a.startswith("--hparam=") else \
+                argv[i + 1] if a == "--hparam" and i + 1 < len(argv) else None
+            if item is not None and "=" in item:
+                named.append(item.partition("=")[0].strip())
+        return {k: v for k, v in h.items() if k in named}
+
+    @property
+    def resolved_hparams(self) -> dict:
+        ed = self.config.get("editor")
+        hp = ed.get("hparams") if isinstance(ed, dict) else None
+        return hp if isinstance(hp, dict) else {}
+
+    @property
+    def uses_instructions(self) -> bool:
+        ed = self.config.get("editor")
+        return bool(isinstance(ed, dict) and ed.get("uses_instructions"))
+
+    @property
+    def instruction_mode(self) -> str | None:
+        """"seen" or "unseen" for an editor that reads instructions, else None."""
+        m = self.config.get("instruction_mode")
+        return str(m) if self.uses_instructions and m else None
+
+    @property
+    def held_out(self) -> list[str]:
+        """The tasks flagged held out (--holdout), else those a learned editor did not train on."""
+        flagged = [t for t in self.tasks if self.holdout(t)]
+        if flagged or self.train_tasks is None:
+            return flagged
+        return [t for t in self.tasks if t not in self.train_tasks]
+
+    @property
+    def display_editor(self) -> str:
+        """The editor's name as users know it: FT by its objective (FT-L: prompt_last, FT-M:
+        target_masked) when the run records it; else the editor's name."""
+        if self.editor == "ft":
+            return FT_NAMES.get(str(self.resolved_hparams.get("objective")), "ft")
+        return self.editor
 
     # ---- cost ----------------------------------------------------------------------------
 
@@ -305,15 +369,26 @@ class Run:
         return float(statistics.median(xs)) if xs else None
 
     def peak_memory_mb(self) -> float | None:
-        """The largest peak memory a case record reports (`time.peak_mem_mb` or
-        `memory.peak_mb`); None when no record has one (runs do not record it yet)."""
+        """The largest peak memory the run records: a case record's `time.peak_mem_mb` or
+        `memory.peak_mb`, or summary.json's `peak_memory_mb` / `memory.peak_mb`; None when it
+        records none (the runner does not measure it yet)."""
         peaks = []
-        for rec in self.cases:
-            for block, key in (("time", "peak_mem_mb"), ("memory", "peak_mb")):
-                b = rec.get(block)
+        for rec in self.cases + [self.summary]:
+            for block, key in (("time", "peak_mem_mb"), ("memory", "peak_mb"), (None, "peak_memory_mb")):
+                b = rec if block is None else rec.get(block)
                 if isinstance(b, dict) and finite_or_none(b.get(key)) is not None:
                     peaks.append(float(b[key]))
         return max(peaks) if peaks else None
+
+    @property
+    def training(self) -> dict | None:
+        """A learned editor's training cost from its notes: {'seconds', 'steps'} (None where not
+        recorded); None for an editor that does not train."""
+        if self.train_tasks is None and not any(k in self.notes for k in ("train_time_s", "train_steps")):
+            return None
+        steps = self.notes.get("train_steps")
+        return {"seconds": finite_or_none(self.notes.get("train_time_s")),
+                "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else None}
 
     @property
     def checkpoints(self) -> list[dict]:
@@ -361,126 +436,4 @@ def load_run(path: Path, rebuild_summary: SummaryRebuild | None = None) -> Run:
                summary_rebuilt=rebuilt)
 
 
-def slugify(s: str) -> str:
-    """`s` reduced to characters that are safe in a file name and an HTML anchor."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.") or "x"
-
-
-def _stable_index(name: str, n: int) -> int:
-    # Python's hash() is salted per process: a report must give a name the same slot every time.
-    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % n
-
-
-def assign_style(runs: list[Run]) -> None:
-    """Colour and marker per run, fixed by editor name: the first run (by directory name, those
-    named after the editor first) of a known editor gets its editor's colour and marker, an
-    unknown editor a free slot chosen from its name; a further run of the same editor the next
-    free slot. No two runs share a colour and a marker."""
-    used_c: set[str] = set()
-    used_m: set[str] = set()
-    used: set[tuple[str, str]] = set()
-    later: list[Run] = []
-    unknown: list[Run] = []
-    seen: set[str] = set()
-    # a directory named after its editor ("ft-<time>") before derived ones ("ablate-ft-...")
-    for r in sorted(runs, key=lambda r: (r.editor, not r.name.startswith(r.editor), r.name)):
-        if r.editor in seen:
-            later.append(r)
-            continue
-        seen.add(r.editor)
-        if r.editor not in EDITOR_COLORS:
-            unknown.append(r)
-            continue
-        r.color, r.marker = EDITOR_COLORS[r.editor], EDITOR_MARKERS[r.editor]
-        used_c.add(r.color)
-        used_m.add(r.marker)
-        used.add((r.color, r.marker))
-
-    def free_look(name: str, first: bool) -> tuple[str, str]:
-        # an unused colour and an unused marker while there are any; past six editors, a
-        # colour-and-marker pair no run has yet
-        free_c = [c for c in PALETTE if c not in used_c] or list(PALETTE)
-        free_m = [m for m in MARKERS if m not in used_m] or list(MARKERS)
-        pairs = [(c, m) for c in free_c for m in free_m if (c, m) not in used] or [(free_c[0], free_m[0])]
-        look = pairs[_stable_index(name, len(pairs))] if first else pairs[0]
-        used_c.add(look[0])
-        used_m.add(look[1])
-        used.add(look)
-        return look
-
-    for r in unknown:  # after the known editors, so a new editor never takes a known one's look
-        r.color, r.marker = free_look(r.editor, first=True)
-    for r in later:
-        r.color, r.marker = free_look(r.editor, first=False)
-
-
-def _hparams(run: Run) -> dict:
-    ed = run.config.get("editor")
-    hp = ed.get("hparams") if isinstance(ed, dict) else None
-    return hp if isinstance(hp, dict) else {}
-
-
-def _hparam_labels(editor: str, runs: list[Run]) -> dict[str, str]:
-    """Run name -> "editor (key=value, ...)" naming the hyperparameters in which runs of one
-    editor differ (FT-L and FT-M: "ft (objective=target_masked)"), when that tells every run
-    apart; {} otherwise. A value most of the runs share is not repeated in their labels."""
-    hps = [_hparams(r) for r in runs]
-    keys = sorted({k for hp in hps for k in hp})
-    differ = [k for k in keys if len({json.dumps(hp.get(k), sort_keys=True) for hp in hps}) > 1]
-    if not differ:
-        return {}
-    common = {}
-    for k in differ:  # a value most runs share is left out of the labels (a tie: none is)
-        values = [json.dumps(hp.get(k), sort_keys=True) for hp in hps]
-        counts = sorted((values.count(v) for v in set(values)), reverse=True)
-        common[k] = max(set(values), key=values.count) if counts[0] > counts[1] else None
-    labels = {}
-    for r, hp in zip(runs, hps):
-        parts = [f"{k}={_short(hp.get(k))}" for k in differ
-                 if json.dumps(hp.get(k), sort_keys=True) != common[k]]
-        labels[r.name] = f"{editor} ({', '.join(parts)})" if parts else editor
-    return labels if len(set(labels.values())) == len(runs) else {}
-
-
-def _short(value: Any) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def assign_labels(runs: list[Run]) -> None:
-    """Label = editor name; when an editor has several runs, add the run directory's name
-    (without a leading '<editor>-') so the rows can be told apart. Also sets each run's slug
-    (unique, case-insensitively), colour and marker."""
-    # runs are told apart within what the report ranks together (model, metric definitions,
-    # mode, prompt format): ft on two models is "ft" in each model's table
-    by_editor: dict[tuple, list[Run]] = {}
-    for r in runs:
-        by_editor.setdefault((r.comparison_key, r.editor), []).append(r)
-    for (_, editor), rs in by_editor.items():
-        if len(rs) == 1:
-            rs[0].label = editor
-            continue
-        by_hparams = _hparam_labels(editor, rs)
-        for r in rs:
-            suffix = r.name[len(editor) + 1:] if r.name.startswith(editor + "-") else r.name
-            r.label = by_hparams.get(r.name) or f"{editor} ({suffix or r.name})"
-    seen: dict[tuple, int] = {}
-    for r in runs:  # identical directory names under different parents
-        key = (r.comparison_key, r.label)
-        if key in seen:
-            seen[key] += 1
-            r.label = f"{r.label} #{seen[key]}"
-        else:
-            seen[key] = 1
-    slugs: set[str] = set()
-    for r in runs:
-        base = slugify(r.label)
-        slug, k = base, 2
-        while slug.lower() in slugs:
-            slug, k = f"{base}-{k}", k + 1
-        slugs.add(slug.lower())
-        r.slug = slug
-    assign_style(runs)
+from reports.labels import assign_labels, slugify, variant_labels  # noqa: E402,F401  (labelling: reports.labels)

@@ -157,6 +157,18 @@ def adjust_marks(cells: list[dict]) -> None:
         c["mark"] = mark(c["sig"], pa)
 
 
+def signed(x: float | None) -> str:
+    """A difference with its sign and one decimal; '0.0' for exactly zero (never '-0.0' nor
+    '+0.0'), and a non-zero value that rounds to zero with one significant digit ('-0.04'), so
+    that the sign shown is the sign of the value."""
+    if x is None:
+        return "–"
+    if x == 0:
+        return "0.0"
+    s = f"{x:+.1f}"
+    return f"{x:+.1g}" if s in ("+0.0", "-0.0") else s
+
+
 def p_text(p: float | None) -> str:
     """'p<0.001' or 'p=0.183' (format_p's value with its sign)."""
     v = format_p(p)
@@ -177,7 +189,7 @@ def comparison_text(x: dict | None) -> str:
     if x.get("diff") is None:
         return f"– (n={x['n']})"
     if x.get("lo") is None:
-        return f"{x['diff']:+.1f} (n={x['n']} < {MIN_PAIRS}: no test)"
+        return f"{signed(x['diff'])} (n={x['n']} < {MIN_PAIRS}: no test)"
     mark = f" {x['mark']}" if x.get("mark") else ""
     holm = "" if x.get("p_holm") is None else f" (Holm {format_p(x['p_holm'])})"
-    return f"{x['diff']:+.1f}{mark} [{x['lo']:+.1f}, {x['hi']:+.1f}] {p_text(x['p'])}{holm} n={x['n']}"
+    return f"{signed(x['diff'])}{mark} [{signed(x['lo'])}, {signed(x['hi'])}] {p_text(x['p'])}{holm} n={x['n']}"

@@ -12,7 +12,7 @@ from itertools import count
 from markupsafe import Markup, escape
 
 from reports.runs import REFERENCE_COLOR, Run
-from reports.views import COMPOSITES, METRIC_ABBR, Group
+from reports.groups import COMPOSITES, Group
 
 _ids = count(1)
 
@@ -35,8 +35,17 @@ def marker(shape: str, x: float, y: float, r: float, fill: str, stroke: str = "#
     if shape == "square":
         s = r * 0.9
         return f'<rect x="{_f(x - s)}" y="{_f(y - s)}" width="{_f(2 * s)}" height="{_f(2 * s)}" {attrs}>{t}</rect>'
-    if shape in ("triangle", "triangle-down", "diamond", "hexagon"):
-        if shape == "triangle":
+    if shape in ("triangle", "triangle-down", "diamond", "hexagon", "pentagon", "star", "plus"):
+        if shape == "pentagon":
+            pts = [(1.1 * math.cos(a), 1.1 * math.sin(a)) for a in (2 * math.pi / 5 * k - math.pi / 2 for k in range(5))]
+        elif shape == "star":
+            pts = [((1.3 if k % 2 == 0 else 0.55) * math.cos(a), (1.3 if k % 2 == 0 else 0.55) * math.sin(a))
+                   for k, a in enumerate(math.pi / 5 * k - math.pi / 2 for k in range(10))]
+        elif shape == "plus":
+            w = 0.42
+            pts = [(-w, -1.15), (w, -1.15), (w, -w), (1.15, -w), (1.15, w), (w, w), (w, 1.15), (-w, 1.15),
+                   (-w, w), (-1.15, w), (-1.15, -w), (-w, -w)]
+        elif shape == "triangle":
             pts = [(0, -1.2), (1.1, 0.75), (-1.1, 0.75)]
         elif shape == "triangle-down":
             pts = [(0, 1.2), (1.1, -0.75), (-1.1, -0.75)]
@@ -60,22 +69,41 @@ def _open(width: float, height: float, title: str, desc: str, cls: str = "chart"
             f'<title id="svgt{i}">{escape(title)}</title><desc id="svgd{i}">{escape(desc)}</desc>']
 
 
-def _legend(runs: list[Run], x0: float, y0: float, width: float, ref_line: bool = True) -> tuple[list[str], float]:
-    """Legend entries (marker + label; the reference as a dashed line) wrapped to `width`; also
-    returns the y below the last line."""
+def _dash_attr(r: Run) -> str:
+    return f' stroke-dasharray="{r.dash}"' if r.dash else ""
+
+
+def _legend(runs: list[Run], x0: float, y0: float, width: float, ref_line: bool = True,
+            lines: bool = False) -> tuple[list[str], float]:
+    """Legend entries (marker + label; with `lines` a line sample in the run's line style behind
+    the marker; the reference as a dashed line) wrapped to `width`; also returns the y below
+    the last line."""
     parts, x, y = [], x0, y0
+    sample = 26 if lines else 14
     for r in runs:
         label = r.label + (" (no edit: reference)" if r.reference else "")
-        w = 20 + _text_w(label) + 16
+        w = sample + 6 + _text_w(label) + 16
         if x + w > x0 + width and x > x0:
             x, y = x0, y + 18
         if r.reference and ref_line:
             parts.append(f'<path d="M{_f(x)} {_f(y - 4)}H{_f(x + 14)}" class="ref"/>')
         else:
-            parts.append(marker(r.marker, x + 7, y - 4, 5, r.color))
-        parts.append(f'<text x="{_f(x + 20)}" y="{_f(y)}">{escape(label)}</text>')
+            if lines:
+                color = REFERENCE_COLOR if r.reference else r.color
+                parts.append(f'<path d="M{_f(x)} {_f(y - 4)}H{_f(x + sample)}" stroke="{color}" stroke-width="1.8" '
+                             f'fill="none"{_dash_attr(r)}/>')
+            parts.append(marker(r.marker, x + sample / 2, y - 4, 5, r.color))
+        parts.append(f'<text x="{_f(x + sample + 6)}" y="{_f(y)}">{escape(label)}</text>')
         x += w
     return parts, y + 18
+
+
+def look_sample(r: Run) -> Markup:
+    """A small inline SVG of the run's look (line style and marker), for the HTML legend."""
+    color = REFERENCE_COLOR if r.reference else r.color
+    return Markup(f'<svg class="look" width="34" height="14" viewBox="0 0 34 14" aria-hidden="true" focusable="false">'
+                  f'<path d="M1 7H33" stroke="{color}" stroke-width="2" fill="none"{_dash_attr(r)}/>'
+                  f'{marker(r.marker, 17, 7, 5, color)}</svg>')
 
 
 def _bar_chart(g: Group, cats: list[tuple[str, str, dict]], title: str, desc: str, ylabel: str,
@@ -119,8 +147,9 @@ def _bar_chart(g: Group, cats: list[tuple[str, str, dict]], title: str, desc: st
             tip = (f"{r.label} · {upper} · {lower}: {s['post']:.1f}"
                    + (f" [{s['lo']:.1f}, {s['hi']:.1f}]" if s.get("lo") is not None and s.get("hi") is not None else "")
                    + (f" n={s['n']}" if s.get("n") is not None else ""))
+            outline = f' stroke="#222" stroke-width="1"{_dash_attr(r)}' if r.variant else ""
             p.append(f'<rect x="{_f(bx)}" y="{_f(yy)}" width="{bw - 2}" height="{_f(top + plot_h - yy)}" '
-                     f'fill="{r.color}"><title>{escape(tip)}</title></rect>')
+                     f'fill="{r.color}"{outline}><title>{escape(tip)}</title></rect>')
             cx = bx + (bw - 2) / 2
             if s.get("lo") is not None and s.get("hi") is not None:
                 y1, y2 = y(s["lo"]), y(s["hi"])
@@ -236,61 +265,77 @@ def svg_scatter(g: Group) -> Markup:
 
 
 def svg_curves(g: Group, curves: dict) -> Markup:
-    """Sequential runs: each run's post-edit mean after each number of edits (from the unedited
-    model at 0), one small titled chart per task and metric, then one per regression metric
-    (its own scale)."""
+    """Sequential runs (reports.sequential): one small titled chart per task and metric (the
+    Score first), then one per regression metric (its own scale). Each run's curve starts at its
+    first checkpoint, with its 95% interval as a band; its pre-edit value (the unedited model)
+    is a hollow marker of its own at 0 edits, not joined to the curve (no edit happened between
+    them as a line would suggest)."""
     charts = []
     for s in curves["series"]:
-        pts = [(r, p) for r, p in s["runs"] if p]
+        pts = [(r, p, pre) for r, p, pre in s["runs"] if p]
         if not pts:
             continue
-        xs = sorted({n for _, p in pts for n, _ in p})
+        xs = sorted({n for _, p, _ in pts for n, *_ in p})
         xmax = max(xs) or 1
-        values = [v for _, p in pts for _, v in p]
+        values = [v for _, p, pre in pts for _, v, lo, hi in p for v in (v, lo, hi, pre) if v is not None]
         if s["percent"]:
-            lo, hi, ticks = 0.0, 100.0, [0, 50, 100]
+            lo_v, hi_v, ticks = 0.0, 100.0, [0, 50, 100]
         else:
-            lo, hi = min(values), max(values)
-            pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 1.0
-            lo, hi = lo - pad, hi + pad
-            ticks = [lo + (hi - lo) * k / 2 for k in range(3)]
+            lo_v, hi_v = min(values), max(values)
+            pad = (hi_v - lo_v) * 0.1 or abs(hi_v) * 0.05 or 1.0
+            lo_v, hi_v = lo_v - pad, hi_v + pad
+            ticks = [lo_v + (hi_v - lo_v) * k / 2 for k in range(3)]
         size_w, size_h, left, top = 300, 170, 52, 30
-        legend, legend_bottom = _legend([r for r, _ in pts], 12, top + size_h + 50, size_w + 30, ref_line=False)
-        width, height = left + size_w + 16, legend_bottom + 8
-        metric = METRIC_ABBR.get(s["metric"], s["metric"])
-        title = (f"{s['task']}: {s['metric']}" + (" (%)" if s["percent"] else "")
-                 + (" · lm-eval regression" if s["regression"] else ""))
-        p = _open(width, height, f"{s['task']} {metric} as edits accumulate",
-                  (f"Post-edit {s['metric']} (%) on {s['task']}: of every edit made so far (locality: on the "
-                   f"run's fixed probes), after each number of edits; 0 = the unedited model."
-                   if s["percent"] else
-                   f"lm-eval {s['task']} {s['metric']} of the edited model after each number of edits; "
-                   f"0 = the unedited model."))
+        legend, legend_bottom = _legend([r for r, _, _ in pts], 12, top + size_h + 50, size_w + 30, ref_line=False,
+                                        lines=True)
+        width, height = left + size_w + 16, legend_bottom + 26
+        title = (f"{s['task']}: {s['title']}" + (" (%)" if s["percent"] else "")
+                 + (" (lm-eval)" if s["regression"] else ""))
+        what = (f"{s['title']} (%) on {s['task']}: of every edit made so far (locality: on the run's fixed "
+                f"probes), after each number of edits, with its 95% interval as a band"
+                if s["percent"] else f"lm-eval {s['task']} {s['title']} of the edited model after each number of edits")
+        p = _open(width, height, f"{s['task']} {s['title']} as edits accumulate",
+                  f"{what}; the hollow marker at 0 edits is the unedited model's value.")
         p.append(f'<text x="{left}" y="16" font-weight="600">{escape(title)}</text>')
 
         def sx(n):
             return left + size_w * n / xmax
 
         def sy(v):
-            return top + size_h * (1 - (max(lo, min(hi, v)) - lo) / (hi - lo))
+            return top + size_h * (1 - (max(lo_v, min(hi_v, v)) - lo_v) / (hi_v - lo_v))
 
         for v in ticks:
             label = f"{v:.0f}" if s["percent"] else f"{v:.3g}"
             p.append(f'<line x1="{left}" x2="{left + size_w}" y1="{_f(sy(v))}" y2="{_f(sy(v))}" class="grid"/>'
                      f'<text x="{left - 6}" y="{_f(sy(v) + 4)}" text-anchor="end">{label}</text>')
-        shown = xs if len(xs) <= 6 else [xs[0]] + xs[len(xs) // 2: len(xs) // 2 + 1] + [xs[-1]]
-        for n in shown:
+        shown = [0] + (xs if len(xs) <= 6 else [xs[0]] + xs[len(xs) // 2: len(xs) // 2 + 1] + [xs[-1]])
+        for n in dict.fromkeys(shown):
             p.append(f'<text x="{_f(sx(n))}" y="{top + size_h + 16}" text-anchor="middle">{n}</text>')
         p.append(f'<text x="{left + size_w / 2}" y="{top + size_h + 32}" text-anchor="middle">edits made</text>')
-        for r, series in pts:
+        for r, series, _ in pts:  # bands first, under every line
+            band = [(n, lo, hi) for n, _, lo, hi in series if lo is not None and hi is not None]
+            if len(band) >= 2:
+                color = REFERENCE_COLOR if r.reference else r.color
+                d = ("M" + "L".join(f"{_f(sx(n))} {_f(sy(hi))}" for n, _, hi in band)
+                     + "L" + "L".join(f"{_f(sx(n))} {_f(sy(lo))}" for n, lo, _ in reversed(band)) + "Z")
+                p.append(f'<path class="band" d="{d}" fill="{color}" fill-opacity="0.14" stroke="none"/>')
+        for r, series, pre in pts:
             color = REFERENCE_COLOR if r.reference else r.color
-            d = "M" + "L".join(f"{_f(sx(n))} {_f(sy(v))}" for n, v in series)
-            dash = ' stroke-dasharray="5 3"' if r.reference else ""
-            p.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>')
-            for n, v in series:
+            if len(series) > 1:
+                d = "M" + "L".join(f"{_f(sx(n))} {_f(sy(v))}" for n, v, _, _ in series)
+                p.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.8"{_dash_attr(r)}/>')
+            for n, v, lo, hi in series:
                 value = f"{v:.1f}" if s["percent"] else f"{v:.4g}"
-                p.append(marker(r.marker, sx(n), sy(v), 3.5, color, tip=f"{r.label}: {value} after {n} edits"))
+                ci = f" [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
+                p.append(marker(r.marker, sx(n), sy(v), 3.5, color, tip=f"{r.label}: {value}{ci} after {n} edits"))
+            if pre is not None:
+                value = f"{pre:.1f}" if s["percent"] else f"{pre:.4g}"
+                p.append(marker(r.marker, sx(0), sy(pre), 3.5, "none", stroke=color, sw=1.5,
+                                tip=f"{r.label}: {value} before editing (the unedited model)"))
         p += legend
+        p.append(marker("circle", 19, legend_bottom + 4, 3.5, "none", stroke="#555", sw=1.5)
+                 + f'<text x="30" y="{_f(legend_bottom + 8)}" class="muted">hollow at 0: before editing · '
+                 f'band: 95% interval</text>')
         p.append("</svg>")
         charts.append("".join(p))
     return Markup("".join(charts))

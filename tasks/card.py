@@ -58,7 +58,7 @@ from jinja2 import Environment, TemplateSyntaxError
 
 from bench.core.errors import BenchError
 from bench.core.hparams import coerce
-from bench.core.io import read_text
+from bench.core.io import YAML_MAX_BYTES, load_yaml, read_text
 from tasks.fields import FieldMapper
 
 KNOWN_METRICS = ("reliability", "generality", "locality", "portability", "counterfact")
@@ -293,9 +293,9 @@ def _parse_remotes(where: str, d: Any, file_keys: set[str]) -> tuple[Remote, ...
 
 
 def _read_yaml(path: Path) -> Any:
-    text = read_text(path, "task card")  # a byte order mark is accepted
+    text = read_text(path, "task card", max_bytes=YAML_MAX_BYTES)  # a byte order mark is accepted
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)  # safe_load with limits (an alias bomb, deep nesting)
     except yaml.YAMLError as exc:
         raise BenchError(f"task card {path}: invalid YAML ({exc.__class__.__name__})") from None
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date 2001-13-01

@@ -11,7 +11,8 @@ e.g. `options.strip_locality_prefix`; it hides a record field of the same name).
 A text field counts as empty ("blank") when it holds only invisible characters: whitespace,
 format characters (Unicode category Cf: zero-width space, BOM, joiners, bidi marks), control
 characters, or the few other default-ignorable code points (Hangul fillers, variation
-selectors). Such records are skipped with reason "empty <field>".
+selectors). Such records are skipped with reason "empty <field>". A text field longer than
+MAX_TEXT_CHARS, or a JSON NaN / Infinity where text belongs, skips its record too.
 
 Custom filters available in cards:
   fill_blank        'The capital of France is' -> 'Fill in the blank: "The capital of France is ___"\\nAnswer:'
@@ -23,6 +24,7 @@ Custom filters available in cards:
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from typing import Any
 
@@ -84,9 +86,12 @@ _FieldTemplate.environment_class = FieldEnvironment
 
 
 def _as_text(value: Any) -> str:
-    """A filter's input as text; a list or object is refused rather than printed as "['a']"."""
+    """A filter's input as text; a list or object is refused rather than printed as "['a']", a
+    non-finite number (JSON NaN, Infinity) rather than printed as "nan"."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"expected text, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected text, got the non-finite number {value}")
     return str(value)
 
 
@@ -111,6 +116,8 @@ def first_alias(answer: Any) -> str:
         answer = answer[0]
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise ValueError(f"answer is a {type(answer).__name__}, not text")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise ValueError(f"answer is the non-finite number {answer}, not text")
     return str(answer)
 
 
@@ -141,6 +148,12 @@ def make_environment() -> FieldEnvironment:
     return env
 
 
+# The longest text an edit case may hold in any field (prompt, target, rephrase, probe): 2,000
+# characters stay inside an 8k-token context even at one token per byte; the real data's longest
+# is a few hundred. A longer one skips its record (a 1 MB prompt would exhaust memory).
+MAX_TEXT_CHARS = 2000
+
+
 class RecordError(ValueError):
     """A record that cannot become a valid EditCase; the message is the skip reason."""
 
@@ -150,7 +163,11 @@ def _text(value: Any, what: str, allow_none: bool = False) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RecordError(f"{what} is {type(value).__name__}, not text")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN / Infinity: not an answer
+        raise RecordError(f"{what} is a non-finite number ({value}), not text")
     text = str(value)
+    if len(text) > MAX_TEXT_CHARS:  # would not fit the model's context (a 1 MB prompt: out of memory)
+        raise RecordError(f"{what} is longer than {MAX_TEXT_CHARS} characters ({len(text):,})")
     try:
         text.encode("utf-8")  # a JSON "\ud800" escape decodes to a lone surrogate
     except UnicodeEncodeError:

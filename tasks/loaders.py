@@ -11,6 +11,7 @@ raise BenchError naming the file. Files may be a JSON list (.json) or one object
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -114,6 +115,22 @@ def _parse(path: Path) -> list[dict]:
     return records
 
 
+def _nonfinite_field(rec: dict) -> str | None:
+    """The top-level field of `rec` that holds a non-finite float anywhere inside (the JSON
+    literals NaN, Infinity, -Infinity that Python's reader accepts), else None."""
+    for key, value in rec.items():
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(key)
+            if isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return None
+
+
 def _check(records: list[dict], required: tuple[str, ...],
            extra: Callable[[dict], str | dict | None] | None = None) -> list[RawRecord]:
     """Refuse records that miss a required field; `extra` may refuse (str) or normalise (dict)."""
@@ -122,6 +139,10 @@ def _check(records: list[dict], required: tuple[str, ...],
         missing = [k for k in required if rec.get(k) is None]
         if missing:
             out.append(RawRecord(i, None, f"missing field '{missing[0]}'"))
+            continue
+        nonfinite = _nonfinite_field(rec)
+        if nonfinite is not None:  # JSON NaN / Infinity: never a text, an id or a score
+            out.append(RawRecord(i, None, f"non-finite number (NaN or Infinity) in field {nonfinite!r}"))
             continue
         result = extra(rec) if extra else None
         if isinstance(result, str):

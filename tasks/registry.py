@@ -439,6 +439,18 @@ def task_source(name: str, data_dir: Path | None) -> dict:
     return out
 
 
+# Why a task the user did not name is not fetched (provide(fetch=False)): a run's tasks, and the
+# training mixture of a learned editor, never depend on whether the network answers.
+NOT_NAMED = "tasks not named with --task or --holdout are not fetched"
+
+
+def has_train_split(name: str) -> bool:
+    """Whether the task's card defines a train split of its published files (whether that data is
+    found here is `trainable`)."""
+    card = get_card(name)
+    return not card.holdout_only and card.rule("train", False, False) is not None
+
+
 def _cannot_have(card: TaskCard, data_dir: Path | None, why: str) -> BenchError:
     where = f"not in the data directory {data_dir}" if data_dir is not None else "no data directory"
     return BenchError(f"task {card.name!r}: {where}, no cached copy, and {why}; supply a local "
@@ -464,10 +476,11 @@ def _fetch(card: TaskCard, force: bool) -> None:
 
 
 def provide(name: str, data_dir: Path | None, sample: bool = True, force: bool = False,
-            check_local: bool = False) -> dict:
+            check_local: bool = False, fetch: bool = True) -> dict:
     """task_source(), after fetching the task's published copy into its cache when its files are
     neither in the data directory nor cached (`force`: download again unless the data directory
-    holds them). Offline (tasks.sources.offline) nothing is downloaded.
+    holds them). Offline (tasks.sources.offline) nothing is downloaded; with `fetch=False` (a
+    task the user did not name) neither: what a run uses then never depends on the network.
 
     With `sample`, a task with a built-in sample falls back to it when there is no data
     directory and nothing can be fetched (`note` then says why); without, that is an error.
@@ -490,6 +503,8 @@ def provide(name: str, data_dir: Path | None, sample: bool = True, force: bool =
     variable = sources.offline()
     if variable is not None:
         why = f"the hub is offline ({variable} is set)"
+    elif not fetch:
+        why = NOT_NAMED
     else:
         try:
             _fetch(card, force)
@@ -504,5 +519,5 @@ def provide(name: str, data_dir: Path | None, sample: bool = True, force: bool =
 
 
 __all__ = ["list_cards", "get_card", "resolve_data_dir", "load_split", "task_status",
-           "trainable", "data_file_hashes", "hash_bucket", "task_source", "provide",
-           "expected_paths", "TaskCard"]
+           "trainable", "has_train_split", "NOT_NAMED", "data_file_hashes", "hash_bucket", "task_source",
+           "provide", "expected_paths", "TaskCard"]

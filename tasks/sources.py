@@ -9,8 +9,11 @@ them, and checking them against the sha256 the card pins.
   URL alone: the sha256 pin, not a server's ETag, says whether the content is right.
 
 Offline ($HF_HUB_OFFLINE, $HF_DATASETS_OFFLINE or $TRANSFORMERS_OFFLINE set) nothing is
-downloaded. Files are read by the harness's own reader (tasks.loaders), whatever their origin,
-so a record is a case or a counted skip the same way from a data directory or a cache.
+downloaded. Online, each hub download is preceded by one request with a short timeout
+(HUB_TIMEOUT_S, no retry): a hub that does not answer is one error line, once per process (later
+files fail at once), instead of huggingface_hub's five retries with back-off for every file.
+Files are read by the harness's own reader (tasks.loaders), whatever their origin, so a record is
+a case or a counted skip the same way from a data directory or a cache.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 from pathlib import Path
 
 from huggingface_hub import errors as hub_errors
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
 from bench.core.errors import BenchError
 from bench.core.io import file_sha256
@@ -28,8 +31,11 @@ from tasks.card import Remote, TaskCard
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # Set once the hub could not be reached in this process: the next files fail at once instead of
-# waiting through huggingface_hub's retries again (about 20 s per file).
+# asking again.
 _hub_unreachable = False
+# How long the one request that checks whether the hub answers may wait (seconds). Without it,
+# huggingface_hub retries an unanswered request five times with back-off for every file.
+HUB_TIMEOUT_S = 10.0
 
 
 def offline() -> str | None:
@@ -95,9 +101,21 @@ def _download_hub(remote: Remote, key: str, force: bool) -> Path:
     if _hub_unreachable:
         raise BenchError(f"cannot reach the Hugging Face hub to download {where} (it could not be "
                          f"reached earlier in this process)")
+    # One request, no retry, HUB_TIMEOUT_S at most: a hub that does not answer is one line, once.
+    url = hf_hub_url(remote.location, remote.files[key], revision=remote.revision, repo_type="dataset")
+    try:
+        get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S, retry_on_errors=False)
+    except hub_errors.HfHubHTTPError:
+        pass  # the hub answered (a missing file, a gated repository): the download below says what
+    except Exception as exc:  # noqa: BLE001 - no connection, a timeout, offline mode
+        _hub_unreachable = True
+        raise BenchError(f"cannot reach the Hugging Face hub to download {where}: no answer within "
+                         f"{HUB_TIMEOUT_S:g} s ({_one_line(exc)}); HF_HUB_OFFLINE=1 skips the hub, "
+                         "--data-dir names local data") from None
     try:
         return Path(hf_hub_download(remote.location, remote.files[key], revision=remote.revision,
-                                    repo_type="dataset", force_download=force))
+                                    repo_type="dataset", force_download=force,
+                                    etag_timeout=HUB_TIMEOUT_S))
     except hub_errors.LocalEntryNotFoundError:  # no connection; before EntryNotFoundError, its base
         _hub_unreachable = True
         raise BenchError(f"cannot reach the Hugging Face hub to download {where}") from None

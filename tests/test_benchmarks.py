@@ -26,7 +26,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_benchmark_scripts():
     assert {p.name for p in SCRIPTS} == {"speed.py", "sweep.py", "compare_runs.py", "wild_cost.py",
-                                         "batch_edit_speed.py", "edit_memory.py", "validation_curve.py"}
+                                         "batch_edit_speed.py", "edit_memory.py", "validation_curve.py", "kl_position.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

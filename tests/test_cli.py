@@ -186,13 +186,13 @@ def no_model_load(monkeypatch):
 BAD_HPARAMS = [
     ("ft", ["norm_constraint=nan"], "ft: hyperparameter norm_constraint must be a finite number, got nan"),
     ("ft", ["norm_constraint=-1"], "ft: hyperparameter norm_constraint must be >= 0, got -1.0"),
-    ("ft", ["steps=-5"], "ft: hyperparameter steps must be >= 0, got -5"),
+    ("ft", ["steps=-5"], "ft: hyperparameter steps must be >= 0 and <= 100000, got -5"),
     ("ft", ["min_loss=nan"], "ft: hyperparameter min_loss must be a finite number, got nan"),
     ("ft", ["lr=inf"], "ft: hyperparameter lr must be a finite number, got inf"),
     ("ft", ["lr=nan"], "ft: hyperparameter lr must be a finite number, got nan"),
     ("ft", ["lr=0"], "ft: hyperparameter lr must be > 0, got 0.0"),
     ("ft", ["layers=99"], r"ft: hyperparameter layers: layer 99 is out of range for a model with 4 layers"),
-    ("ft", ["parallel_edits=0"], "ft: hyperparameter parallel_edits must be >= 1, got 0"),
+    ("ft", ["parallel_edits=0"], "ft: hyperparameter parallel_edits must be >= 1 and <= 1024, got 0"),
     ("ft", ["objective=bad"], "ft: hyperparameter objective must be one of prompt_last, target_masked, got 'bad'"),
     ("ft", ["steps=1.5"], "hyperparameter steps: expected int, got '1.5'"),
     ("rome", ["layer=99"], "rome: hyperparameter layer: layer 99 is out of range"),
@@ -200,7 +200,7 @@ BAD_HPARAMS = [
     ("rome", ["context_counts=1,2", "context_lengths=5"], "context_lengths and context_counts must have the same length"),
     ("rome", ["v_stop_rule=never"], "rome: hyperparameter v_stop_rule must be one of loss, nll"),
     ("mend", ["modules=mlp_up"], "mend: hyperparameter modules must be one of mlp_in, mlp_out, got 'mlp_up'"),
-    ("mend", ["batch_size=0"], "mend: hyperparameter batch_size must be >= 1, got 0"),
+    ("mend", ["batch_size=0"], "mend: hyperparameter batch_size must be >= 1 and <= 4096, got 0"),
 ]
 
 

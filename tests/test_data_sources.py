@@ -334,6 +334,7 @@ def test_hub_download_errors_are_one_line_and_an_unreachable_hub_is_tried_once(m
         raise huggingface_hub.errors.LocalEntryNotFoundError("no connection")
 
     monkeypatch.setattr(sources, "hf_hub_download", no_connection)
+    monkeypatch.setattr(sources, "get_hf_file_metadata", lambda *a, **k: None)  # the hub answers the check
     monkeypatch.setattr(sources, "_hub_unreachable", False)
     remote = get_card("wikicounterfact").remotes[0]
     for key in ("train", "test"):

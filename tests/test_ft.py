@@ -153,10 +153,10 @@ def test_parallel_edits_equal_one_at_a_time(arch, objective, frozen, extra):
                             r"layers \(0 \.\. 3\)"),
     (FTHparams(layers=[-1]), r"layers: layer -1 is out of range"),
     (FTHparams(layers=[0], objective="full"), "objective must be one of prompt_last, target_masked, got 'full'"),
-    (FTHparams(layers=[0], parallel_edits=0), "parallel_edits must be >= 1, got 0"),
+    (FTHparams(layers=[0], parallel_edits=0), "parallel_edits must be >= 1 and <= 1024, got 0"),
     (FTHparams(layers=[0], norm_constraint=float("nan")), "norm_constraint must be a finite number"),
     (FTHparams(layers=[0], lr=float("inf")), "lr must be a finite number"),
-    (FTHparams(layers=[0], steps=-5), "steps must be >= 0, got -5"),
+    (FTHparams(layers=[0], steps=-5), "steps must be >= 0 and <= 100000, got -5"),
 ])
 def test_bad_hparams_are_bench_errors_and_leave_the_model_alone(hp, match):
     lm = tiny_model("llama")

@@ -24,7 +24,7 @@ from editors.instructedit import InstructEdit
 from editors.mend import Mend
 from editors.mend.trainer import MetaTrainer
 from reports import build_report
-from reports.matrix import MATRIX_FORMAT, MATRIX_METRICS
+from reports.matrix import MATRIX_FORMAT, MATRIX_FORMAT_V1, MATRIX_METRICS
 from tasks.instructions import instruct
 from tests.test_benchmarks import FIXTURE_DATA, run_script
 from tests.test_mend import FIXTURES, small_hparams
@@ -58,9 +58,9 @@ def trainings(monkeypatch) -> list[list[str]]:
     calls = []
     real = Mend.train
 
-    def spy(self, lm, ctx):
+    def spy(self, lm, ctx, **kw):  # partial=: the training state saved as it goes
         calls.append(list(ctx.training.holdout))
-        return real(self, lm, ctx)
+        return real(self, lm, ctx, **kw)
 
     monkeypatch.setattr(Mend, "train", spy)
     return calls
@@ -147,11 +147,15 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
         {t: {"instructedit": ["seen", "unseen"], "mend": ["none"]} for t in TASKS}
     assert doc["training_hparams"]["patience"] == 0 and doc["training_hparams"]["time_budget_s"] == 0
     assert doc["training_hparams"]["max_steps"] == 2 and doc["same_training"] == {t: True for t in TASKS}
+    assert doc["seeds"] == [0] and doc["multitask"] is False and doc["columns"] == TASKS
     assert "/" not in json.dumps(doc["runs"]) and all(
-        "/" not in (x["checkpoint"] or "") for by in doc["training"].values() for x in by.values())
+        "/" not in (x["checkpoint"] or "") for by in doc["training"].values() for s in by.values()
+        for x in s.values())
     for task, by_editor in doc["runs"].items():
         for editor, modes in by_editor.items():
-            for mode, name in modes.items():
+            for mode, by_seed in modes.items():
+                assert list(by_seed) == ["0"]  # one seed: run names without it
+                name = by_seed["0"]
                 config = config_of(out / name)
                 assert name.startswith(f"{editor}{'' if mode == 'none' else '-' + mode}-holdout-{task}-")
                 assert [t["name"] for t in config["tasks"] if t["holdout"]] == [task]
@@ -161,7 +165,7 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
                 assert config["instruction_mode"] == ("unseen" if mode == "unseen" else "seen")
                 assert config["editor"]["hparams"]["max_steps"] == 2
         # both editors trained alike: same tasks, steps and draws per task
-        facts = [(x["train_tasks"], x["steps"], x["sampled"]) for x in doc["training"][task].values()]
+        facts = [(x["0"]["train_tasks"], x["0"]["steps"], x["0"]["sampled"]) for x in doc["training"][task].values()]
         assert facts[0] == facts[1] and facts[0][1] == 2
     for title in ("Score (harmonic mean of Rel, Gen, Loc)", "reliability (Rel)"):
         assert f"{title} on the held-out task" in printed
@@ -176,18 +180,18 @@ def test_matrix_trains_once_per_held_out_task_and_reuses_checkpoints_and_runs(
     assert capsys.readouterr().out.count("complete, kept") == 9
 
     # a lost run is made again from the cached checkpoint; a killed one is resumed
-    lost = out / doc["runs"]["zsre"]["mend"]["none"]
+    lost = out / doc["runs"]["zsre"]["mend"]["none"]["0"]
     shutil.rmtree(lost)
-    killed = out / doc["runs"]["counterfact"]["instructedit"]["unseen"]
+    killed = out / doc["runs"]["counterfact"]["instructedit"]["unseen"]["0"]
     lines = (killed / "cases.jsonl").read_text().splitlines(keepends=True)
     (killed / "cases.jsonl").write_text("".join(lines[:-1]))
     assert main(matrix_args(tiny_model_dir, out)) == 0
     assert run_calls == ["resume", "execute"] and trainings == []  # checkpoints from the cache
     again = json.loads((out / "matrix.json").read_text())
-    remade = out / again["runs"]["zsre"]["mend"]["none"]
+    remade = out / again["runs"]["zsre"]["mend"]["none"]["0"]
     # (a new directory; it may carry the lost one's name when made within the same second)
     assert remade.is_dir() and config_of(remade)["notes"]["checkpoint_source"] == "cache" and n_cases(remade) == 6
-    assert again["runs"]["counterfact"]["instructedit"]["unseen"] == killed.name and n_cases(killed) == 6
+    assert again["runs"]["counterfact"]["instructedit"]["unseen"]["0"] == killed.name and n_cases(killed) == 6
     assert "resuming " + killed.name in capsys.readouterr().out
 
     # the report renders the matrix from its file
@@ -251,7 +255,7 @@ def test_report_needs_run_directories_or_a_matrix(capsys, tmp_path):
     assert out == "" and err == "bench: error: give run directories or --matrix MATRIX_JSON\n"
     (tmp_path / "matrix.json").write_text(json.dumps({"format": "something else"}))
     assert main(["report", "--matrix", str(tmp_path / "matrix.json"), "-o", str(tmp_path / "r")]) == 2
-    assert "not an instructedit-bench/holdout-matrix/v1 file (as bench holdout-matrix writes)" in capsys.readouterr().err
+    assert "not an instructedit-bench/holdout-matrix/v2 file (as bench holdout-matrix writes)" in capsys.readouterr().err
 
 
 def test_unequal_training_hyperparameters_are_refused(monkeypatch, tmp_path, tiny_load):
@@ -319,7 +323,8 @@ def test_report_renders_the_matrix_from_fixture_like_runs(tmp_path):
                                   ("mend", "none", [0.0] * n)):
             name = f"{editor}-{mode}-holdout-{task}-20260101-000000"
             runs.setdefault(task, {}).setdefault(editor, {})[mode] = fake_run(folder, name, editor, task, mode, rel)
-    doc = {"format": MATRIX_FORMAT, "editors": ["instructedit", "mend"], "tasks": ["counterfact", "zsre"],
+    # a v1 file (one seed, no seed level), as the committed matrix was written: read as v2
+    doc = {"format": MATRIX_FORMAT_V1, "editors": ["instructedit", "mend"], "tasks": ["counterfact", "zsre"],
            "runs": runs, "command": "bench holdout-matrix --output-dir /home/someone/m"}
     (folder / "matrix.json").write_text(json.dumps(doc))
     out = build_report([], tmp_path / "report", baseline="none", fmt="all", matrix=folder / "matrix.json")

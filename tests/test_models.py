@@ -125,7 +125,9 @@ def test_resolve_dtype():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
-    assert resolve_dtype("float16", cpu) == torch.float16
+    assert resolve_dtype("float16", torch.device("cuda")) == torch.float16
+    with pytest.raises(BenchError, match="--dtype fp16 is not supported on CPU"):
+        resolve_dtype("fp16", cpu)  # edits overflow half precision there (issue 29)
     with pytest.raises(BenchError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", cpu)
 
@@ -345,8 +347,9 @@ def test_malformed_preset_is_one_line_error_naming_the_file(preset_dir, name):
 
 def test_bench_list_models_and_a_malformed_preset(preset_dir, capsys):
     (preset_dir / "broken.yaml").write_text("description: [\n")
-    assert main(["list", "models"]) == 0
-    out = capsys.readouterr().out
+    assert main(["list", "models"]) == 2  # every preset listed, then one line naming the broken one
+    out, err = capsys.readouterr()
+    assert err == "bench: error: malformed model preset file(s): broken (see above)\n"
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line and not line[0].isspace()}
     assert {"gemma3-270m", "smollm2-135m", "tiny-test", "broken"} <= set(rows)
     assert rows["gemma3-270m"].split()[1] == "no"  # the test cache is empty

@@ -12,18 +12,18 @@ import os
 import sys
 from pathlib import Path
 
-from bench.cli import ablate, data, holdout_matrix, listing, model, regress, report, run, train
-from bench.cli.common import Parser
+from bench.cli import ablate, analyze, data, holdout_matrix, listing, model, regress, report, run, train
+from bench.cli.common import Parser, one_line, threads
 from bench.cli.signals import SigtermAsInterrupt
 from bench.core.errors import BenchError, Interrupted
 from bench.core.runfiles import CONFIG, locked_runs
 
-SUBCOMMANDS = (run, train, regress, ablate, holdout_matrix, listing, data, report, model)
+SUBCOMMANDS = (run, train, regress, ablate, holdout_matrix, analyze, listing, data, report, model)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="bench", description="instructedit-bench: evaluate knowledge editors")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=threads, default=None, metavar="N",
                         help="CPU threads for the model's computations (default: one per core; 1 "
                              "is much faster when several jobs share the cores)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -50,7 +50,16 @@ def interrupted_message(args, runs: list[Path], saved: str | None = None) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for arg in argv:  # Python hands an undecodable byte over as a lone surrogate (\udcff)
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"bench: error: argument '{one_line(arg)}' is not UTF-8 text: bench reads its command "
+                  "line as UTF-8 (rename the file, or set a UTF-8 locale)", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
+    args.command_line = argv  # which options were given (bench.cli.common.given_options)
     already_locked = len(locked_runs())
     stop = SigtermAsInterrupt()  # SIGTERM stops a command as Ctrl-C does (finished work is saved)
     try:
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return args.func(args)
     except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
+        print(f"bench: error: {one_line(exc)}", file=sys.stderr)  # user text may hold a newline
         return 2
     except KeyboardInterrupt as exc:
         saved = exc.note if isinstance(exc, Interrupted) else None

@@ -8,7 +8,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from bench.core.defaults import (DEFAULT_EVAL_EVERY, DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_LOCALITY_PROBES,
-                                 DEFAULT_MODEL, PROTOCOLS)
+                                 DEFAULT_MODEL, PROTOCOLS, SEED_MAX)
 from bench.core.prompts import PROMPT_FORMATS
 from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
@@ -22,9 +22,16 @@ DATA_DIR_HELP = ("data directory (default: $BENCH_DATA, else ../shared/data of t
                  "published copy, else the built-in sample (bench data list shows which)")
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: a character that would break the line or not print (a
+    newline, a control or line-separator character, an undecodable byte of the command line)
+    written as its escape, e.g. a name given as $'a\\nb' is shown as a\\nb."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 class MarkGiven(argparse.Action):
@@ -52,6 +59,29 @@ def limit(value: str) -> int | None:
     return None if n == 0 else n
 
 
+MAX_THREADS = 4096
+
+
+def threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not 1 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_THREADS}, got {value}")
+    return n
+
+
+def seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not 0 <= n <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {SEED_MAX}, got {value}")
+    return n
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a model preset (bench list models; default {DEFAULT_MODEL}), a local "
@@ -61,7 +91,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_seed_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="random seed: which instruction wraps each case, torch's generator "
                         "(edits, learned editors' training and validation split), the sampled "
                         "regression corpus (default 0; editors' own seeds are hparams)")
@@ -134,6 +164,24 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="run directory name prefix")
 
 
+def given_options(argv: list[str], command: str) -> dict[str, str]:
+    """{dest: option} of the options of subcommand `command` that `argv` (a whole `bench`
+    command line) gives, however written (abbreviated, --opt=value, equal to the default): the
+    parser is built afresh with every default replaced by a marker, so only a given option
+    changes its value."""
+    from bench.cli import build_parser  # late: bench.cli imports this module
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    marker = object()
+    options = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    for action in options:  # an append action extends its default: None stays None until given
+        action.default = None if isinstance(action, argparse._AppendAction) else marker
+    namespace = parser.parse_args(argv)
+    return {a.dest: max(a.option_strings, key=len) for a in options
+            if getattr(namespace, a.dest, marker) is not marker and getattr(namespace, a.dest) is not None}
+
+
 def task_options(items: list[str]) -> dict[str, dict[str, str]]:
     """--task-option TASK.KEY=VALUE items as {task: {key: value}}."""
     out: dict[str, dict[str, str]] = {}
@@ -177,6 +225,6 @@ def options_from_args(args, **changes) -> RunOptions:
     return opts
 
 
-__all__ = ["Parser", "MarkGiven", "csv_list", "limit", "add_model_arguments", "add_editor_arguments",
-           "add_run_arguments", "add_seed_argument", "options_from_args", "editor_hparams", "task_options",
+__all__ = ["Parser", "one_line", "MarkGiven", "csv_list", "limit", "seed", "threads", "add_model_arguments", "add_editor_arguments",
+           "add_run_arguments", "add_seed_argument", "options_from_args", "editor_hparams", "task_options", "given_options",
            "DATA_DIR_HELP"]

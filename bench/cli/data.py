@@ -36,7 +36,8 @@ def _hub_line() -> str:
     variable = sources.offline()
     if variable:
         return f"hub: offline ({variable} is set): nothing is downloaded"
-    return "hub: not marked offline: bench data fetch (and bench run) download what is not cached"
+    return ("hub: not marked offline: bench data fetch (and bench run, for the tasks it names) "
+            "download what is not cached")
 
 
 def _check(src: dict) -> str:

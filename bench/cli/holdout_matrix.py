@@ -9,9 +9,21 @@ from pathlib import Path
 
 from bench.cli.common import DATA_DIR_HELP, add_model_arguments, add_seed_argument, csv_list, limit, task_options
 from bench.core.defaults import DEFAULT_LIMIT, EQUAL_STEPS, PROTOCOLS
+from bench.core.errors import BenchError
+from bench.core.io import check_writable_dir
 from bench.core.hparams import parse_hparam_args
 
 DEFAULT_OUTPUT = "runs/holdout-matrix"
+
+
+def seed_list(value: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in csv_list(value)]
+    except (ValueError, argparse.ArgumentTypeError):
+        seeds = [-1]
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {value!r}")
+    return seeds
 
 
 def register(sub) -> None:
@@ -25,7 +37,15 @@ def register(sub) -> None:
                         "(default counterfact,zsre,recast)")
     p.add_argument("--columns", type=csv_list, default=None, metavar="T[,T]",
                    help="make only these held-out tasks' runs now (to split the matrix across processes "
-                        "sharing --output-dir); writes no matrix.json: run again without it to assemble")
+                        "sharing --output-dir; `none`: the --multitask column); writes no matrix.json: "
+                        "run again without it to assemble")
+    p.add_argument("--multitask", action="store_true",
+                   help="add a column where no task is held out: every editor trained on every task with "
+                        "train data and evaluated on each (InstructEdit's multi-task setting)")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="S,S[,S]",
+                   help="train and evaluate every cell once per seed (one checkpoint per seed); cells show "
+                        "the mean over seeds, the per-seed values, and differences whose interval "
+                        "resamples seeds and cases (instead of --seed)")
     p.add_argument("--limit", type=limit, default=DEFAULT_LIMIT,
                    help=f"eval cases per task (default {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
@@ -51,12 +71,16 @@ def main(args: argparse.Namespace) -> int:
     from bench.holdout import MatrixPlan, check_inputs, print_matrix, run_matrix
     from bench.session import RunOptions
 
-    check_inputs(args.editors, args.tasks, args.columns)
+    check_inputs(args.editors, args.tasks, args.columns, args.multitask, args.seeds)
+    if args.seeds is not None and args.seed != 0:
+        raise BenchError("give --seed or --seeds, not both")
+    check_writable_dir(args.output_dir, "--output-dir")  # a file, /proc, read-only: before any training
     base = RunOptions(model=args.model, device=args.device, dtype=args.dtype, limit=args.limit,
                       seed=args.seed, data_dir=args.data_dir, task_options=task_options(args.task_option),
                       protocols=args.protocol, batch_size=args.batch_size)
     plan = MatrixPlan(editors=args.editors, tasks=args.tasks, output_dir=Path(args.output_dir), base=base,
-                      hparams={**EQUAL_STEPS, **parse_hparam_args(args.hparam)}, columns=args.columns)
+                      hparams={**EQUAL_STEPS, **parse_hparam_args(args.hparam)}, columns=args.columns,
+                      multitask=args.multitask, seeds=args.seeds)
     doc = run_matrix(plan, argv=sys.argv[1:])
     if not plan.partial:
         print_matrix(doc, plan.output_dir)

@@ -64,13 +64,16 @@ def list_tasks(data_dir_arg: str | None) -> None:
 
 
 def list_models() -> None:
-    """One line per model preset (a malformed file is shown, not fatal), then its editor defaults."""
+    """One line per model preset, then its editor defaults; a malformed file is shown in its
+    place and, once every preset is listed, is an error (exit 2) naming the malformed ones."""
     print(f"{'preset':16s} {'cached':7s} {'kind':5s} {'layers':>6s} {'hidden':>6s} {'vocab':>7s}  description")
+    malformed = []
     for name in list_presets():
         try:
             preset = find_preset(name)
         except BenchError as exc:
             print(f"{name:16s} (malformed: {exc})")
+            malformed.append(name)
             continue
         e = preset.expect
         print(f"{name:16s} {'yes' if preset_cached(preset) else 'no':7s} "
@@ -80,9 +83,13 @@ def list_models() -> None:
             print(f"{'':16s} editor defaults: " + "; ".join(
                 f"{ed} " + ", ".join(f"{k}={v}" for k, v in hp.items()) for ed, hp in preset.editors.items()))
     print("other --model specs: a local checkpoint directory, a .gguf file, a hub id (owner/name)")
+    if malformed:
+        raise BenchError(f"malformed model preset file(s): {', '.join(malformed)} (see above)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.data_dir is not None and args.what != "tasks":  # never silently ignored
+        raise BenchError(f"--data-dir applies to `bench list tasks` only, not to `bench list {args.what}`")
     if args.what == "editors":
         list_editors()
     elif args.what == "models":

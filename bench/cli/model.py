@@ -7,6 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from bench.cli.common import add_model_arguments
+from bench.core.errors import BenchError
 from bench.core.presets import ModelPreset, find_preset
 
 if TYPE_CHECKING:
@@ -38,9 +39,14 @@ def preset_problems(preset: ModelPreset, lm: LoadedModel) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.core.models import check_sanity, dtype_warning, embeddings_tied, load_model  # late: torch
+    from bench.core.models import (check_sanity, dtype_warning, embeddings_tied, load_model,  # late: torch
+                                   resolve_device, resolve_dtype)
 
-    spec = args.name or args.model
+    spec = args.model if args.name is None else args.name
+    if not spec.strip():
+        raise BenchError("the model name is empty: give a preset (bench list models), a checkpoint "
+                         "directory, a .gguf file or a hub id")
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --device / --dtype before loading
     lm = load_model(spec, device=args.device, dtype=args.dtype)
     print(f"model: {lm.spec}  weights sha256: {lm.source_hash[:16]}  device: {lm.device}  dtype: {lm.dtype}")
     vocab = lm.layout.lm_head.weight.shape[0] if lm.layout.lm_head is not None else "?"

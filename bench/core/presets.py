@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from bench.core.errors import BenchError
-from bench.core.io import cache_dir, read_text
+from bench.core.io import YAML_MAX_BYTES, cache_dir, load_yaml, read_text
 
 PRESETS_DIR = Path(__file__).parent / "model_presets"
 ENV_DIR = "BENCH_MODEL_PRESETS"  # an extra folder of presets, searched before the shipped ones
@@ -168,9 +168,9 @@ def parse_preset(path: Path) -> ModelPreset:
     """Read and check one preset file; BenchError (one line, naming the file) when malformed."""
     path = Path(path)
     where = f"model preset {path}"
-    text = read_text(path, "model preset")
+    text = read_text(path, "model preset", max_bytes=YAML_MAX_BYTES)
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)  # safe_load with limits (an alias bomb, deep nesting)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BenchError(f"{where}: invalid YAML ({first})") from None
@@ -217,6 +217,8 @@ def parse_preset(path: Path) -> ModelPreset:
 def preset_dirs() -> list[Path]:
     """Where presets are looked for, first match wins: $BENCH_MODEL_PRESETS, then the shipped ones."""
     extra = os.environ.get(ENV_DIR)
+    if extra and not Path(extra).expanduser().is_dir():
+        raise BenchError(f"${ENV_DIR} {extra} is not a directory (a folder of model preset files)")
     return ([Path(extra).expanduser()] if extra else []) + [PRESETS_DIR]
 
 

@@ -12,6 +12,8 @@ import fcntl
 import json
 import os
 import re
+import types
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,8 +67,82 @@ def new_run_dir(output_dir: Path, label: str) -> Path:
     while path.exists():
         k += 1
         path = base.with_name(f"{base.name}-{k}")
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise BenchError(f"cannot create the run directory {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _is_a(value, hint) -> bool:
+    """Whether a JSON value fits a RunOptions field's type (str, int, bool, X | None, list[X],
+    dict)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        inner = (typing.get_args(hint) or (object,))[0]
+        return isinstance(value, list) and all(_is_a(v, inner) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_stored_options(stored: dict, options_class, where: str) -> None:
+    """A run's stored options (config.json `options`) checked like user input before they are
+    used: each of the option class's (a dataclass) fields of its type, `hparams` a mapping of
+    name: value, `task_options` a mapping of task: mapping. One BenchError naming the field."""
+    hints = typing.get_type_hints(options_class)
+    for key, value in stored.items():
+        if key in hints and not _is_a(value, hints[key]):
+            want = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            raise BenchError(f"{where}: options.{key} is {type(value).__name__} {str(value)[:40]!r}, "
+                             f"not {want.replace('typing.', '')}")
+    if not all(isinstance(v, dict) for v in (stored.get("task_options") or {}).values()):
+        raise BenchError(f"{where}: options.task_options must map each task to a mapping of options")
+
+
+def check_run_config(config: dict, where: str) -> None:
+    """What resuming a run reads from its config.json besides `options`, checked before use: the
+    editor (`editor.name` the same as `options.editor`: records of two editors are never
+    summarised together; `editor.hparams` a mapping) and the original command (`argv`)."""
+    editor = config.get("editor")
+    if not isinstance(editor, dict) or not isinstance(editor.get("name"), str) \
+            or not isinstance(editor.get("hparams"), dict):
+        raise BenchError(f"{where}: config.json lacks its editor (editor.name and editor.hparams)")
+    options = config.get("options") if isinstance(config.get("options"), dict) else {}
+    named = options.get("editor", "ft")  # RunOptions' default
+    if editor["name"] != named:
+        raise BenchError(f"{where}: config.json names two editors (editor.name {editor['name']!r}, "
+                         f"options.editor {named!r}); its records belong to one: start a new run")
+    argv = config.get("argv", [])
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise BenchError(f"{where}: config.json argv must be a list of strings")
+    for key in ("command", "created"):
+        if not isinstance(config.get(key, ""), str):
+            raise BenchError(f"{where}: config.json {key} must be a string")
+
+
+def check_resume_limit(run: "RunDir", limit) -> None:
+    """`--limit` given with `--resume` extends the run, or narrows what is left to do, but never
+    below the cases a task has already finished: config.json would plan fewer cases than the
+    summary averages. `limit`: "keep" (not given), None (all cases) or a positive count."""
+    if limit == "keep" or limit is None:
+        return
+    finished: dict[str, int] = {}
+    for rec in run.read_cases():
+        finished[str(rec["task"])] = finished.get(str(rec["task"]), 0) + 1
+    task, most = max(finished.items(), key=lambda kv: kv[1], default=("", 0))
+    if limit < most:
+        raise BenchError(f"--limit {limit} is below the {most} cases {task} has already finished in "
+                         f"{run.path}: a resumed run is extended, never narrowed below its finished "
+                         f"cases (give --limit {most} or more, or start a new run)")
 
 
 def locked_runs() -> list[Path]:

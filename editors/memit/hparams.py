@@ -63,7 +63,7 @@ class BatchEditHparams:
     """The fields MEMIT and AlphaEdit share (see MemitHparams / AlphaEditHparams)."""
 
     layers: list[int] = param([5, 6, 7, 8, 9], layer="index")
-    v_num_grad_steps: int = param(25, ge=1)
+    v_num_grad_steps: int = param(25, ge=1, le=10_000)
     v_lr: float = param(0.5, gt=0)
     v_loss_layer: int = param(-1, layer="signed")
     kl_factor: float = param(0.0625, ge=0)
@@ -72,14 +72,14 @@ class BatchEditHparams:
     clamp_norm_factor: float = param(0.75, gt=0)
     v_stop_rule: str = param("loss", choices=STOP_RULES)
     v_stop_threshold: float = param(0.05, ge=0)
-    context_lengths: list[int] = param([10], ge=1)
-    context_counts: list[int] = param([5], ge=0)
-    mom2_n_samples: int = param(20000, ge=1)
+    context_lengths: list[int] = param([10], ge=1, le=1024)
+    context_counts: list[int] = param([5], ge=0, le=1000)
+    mom2_n_samples: int = param(20000, ge=1, le=10_000_000)
     mom2_dtype: str = param("float32", choices=("float32", "float64", "bfloat16", "float16"))
     stats_corpus: str | None = None
     seed: int = 0
     reuse_context_prefix: bool = True
-    parallel_edits: int = param(8, ge=1)
+    parallel_edits: int = param(8, ge=1, le=1024)
 
 
 @dataclass

@@ -12,10 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from bench.core.debris import remove_stale_temporaries
 from bench.core.errors import BenchError
+from bench.core.io import read_json
 from editors.mend.networks import EditorNetwork
 
 CHECKPOINT_FORMAT = "instructedit-bench/meta-editor/v1"
@@ -34,6 +36,7 @@ def save_checkpoint(stem: Path, network: EditorNetwork, meta: dict) -> tuple[Pat
     """`<stem>.safetensors` (tensors) and `<stem>.json` (meta); written atomically."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(stem.parent)  # what killed processes left (their .<pid>.tmp files)
     tensors = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
     meta = dict(meta, format=CHECKPOINT_FORMAT, tensor_names=sorted(tensors))
     st_path, js_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -46,16 +49,43 @@ def save_checkpoint(stem: Path, network: EditorNetwork, meta: dict) -> tuple[Pat
     return st_path, js_path
 
 
-def load_checkpoint(stem: Path, network: EditorNetwork) -> dict:
-    """Fill `network` from `<stem>.safetensors`; return the JSON meta. No pickle involved."""
+def read_meta(stem: Path) -> dict:
+    """The JSON meta of the checkpoint `stem`, checked without loading its tensors: both files
+    present, the meta a JSON object of this format, the tensor file a readable safetensors file
+    holding the tensors the meta names. BenchError (one line) otherwise: a truncated or foreign
+    file is refused before any model loads."""
     stem = Path(stem)
     st_path, js_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not st_path.is_file() or not js_path.is_file():
         raise BenchError(f"checkpoint not found: {st_path} and {js_path} are both needed")
-    meta = json.loads(js_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    meta = read_json(js_path, "checkpoint meta")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise BenchError(f"{js_path}: not a {CHECKPOINT_FORMAT} checkpoint")
-    tensors = load_file(str(st_path))
+    if not isinstance(meta.get("hparams", {}), dict):
+        raise BenchError(f"{js_path}: `hparams` is not a mapping; not a {CHECKPOINT_FORMAT} checkpoint")
+    try:
+        with safe_open(str(st_path), framework="pt") as f:
+            names = sorted(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BenchError(f"{st_path} is not a readable safetensors file "
+                         f"({' '.join(str(exc).split())[:200]})") from None
+    named = meta.get("tensor_names")
+    if isinstance(named, list) and sorted(map(str, named)) != names:
+        raise BenchError(f"{st_path} does not hold the tensors its meta {js_path.name} names "
+                         "(files of two different checkpoints?)")
+    return meta
+
+
+def load_checkpoint(stem: Path, network: EditorNetwork) -> dict:
+    """Fill `network` from `<stem>.safetensors`; return the JSON meta. No pickle involved."""
+    stem = Path(stem)
+    st_path = stem.with_suffix(".safetensors")
+    meta = read_meta(stem)
+    try:
+        tensors = load_file(str(st_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BenchError(f"{st_path} is not a readable safetensors file "
+                         f"({' '.join(str(exc).split())[:200]})") from None
     own = network.state_dict()
     if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
         raise BenchError(f"checkpoint {st_path} does not fit this model / these hyperparameters "

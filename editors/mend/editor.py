@@ -20,10 +20,10 @@ import torch
 
 from bench.core.cases import EditCase
 from bench.core.errors import BenchError
-from bench.core.hparams import hparams_to_dict, param
+from bench.core.hparams import hparams_to_dict, override_hparams, param
 from bench.core.layout import text_config
 from editors.base import EditContext, EditHandle, Editor
-from editors.mend.checkpoint import cache_key, load_checkpoint, partial_path, save_checkpoint
+from editors.mend.checkpoint import cache_key, load_checkpoint, partial_path, read_meta, save_checkpoint
 from editors.mend.factors import edit_factors, select_targets
 from editors.mend.networks import EditorNetwork, stored_delta
 from editors.mend.trainer import MetaTrainer, split_train_val
@@ -40,29 +40,31 @@ class MendHparams:
     validation edits (held out of the training splits, split evenly across tasks), checked every
     val_every steps, stopping after `patience` checks without improvement (0 = never);
     mixture: round_robin or uniform over training tasks; grad_clip: max gradient norm;
-    checkpoint: load this checkpoint (path without suffix) instead of the cache (never trains);
+    checkpoint: load this checkpoint (path without suffix) instead of the cache (never trains;
+    the training hyperparameters are then the checkpoint's, and another value given for one of
+    them is refused);
     checkpoint_every: save the training state every N steps (and on Ctrl-C) beside the final
     checkpoint, so that the same command resumes an interrupted training (0 = never)."""
 
-    layers: list[int] | None = param(None, layer="index")
-    modules: list[str] = param(["mlp_in", "mlp_out"], choices=("mlp_in", "mlp_out"))
-    rank: int = param(256, ge=1)
-    n_hidden: int = param(1, ge=0)
+    layers: list[int] | None = param(None, layer="index", nonempty=True)
+    modules: list[str] = param(["mlp_in", "mlp_out"], choices=("mlp_in", "mlp_out"), nonempty=True)
+    rank: int = param(256, ge=1, le=65_536)
+    n_hidden: int = param(1, ge=0, le=64)
     edit_lr: float = param(1e-4, gt=0)
     lr: float = param(1e-4, gt=0)
     lr_lr: float = param(1e-4, ge=0)
     c_edit: float = param(0.1, ge=0)
     c_loc: float = param(1.0, ge=0)
-    batch_size: int = param(4, ge=1)
-    max_steps: int = param(250, ge=0)
-    time_budget_s: float = param(900.0, ge=0)
-    val_cases: int = param(32, ge=0)
-    val_every: int = param(50, ge=1)
-    patience: int = param(4, ge=0)
+    batch_size: int = param(4, ge=1, le=4096)
+    max_steps: int = param(250, ge=0, le=1_000_000)
+    time_budget_s: float = param(900.0, ge=0, le=10_000_000)
+    val_cases: int = param(32, ge=0, le=1_000_000)
+    val_every: int = param(50, ge=1, le=1_000_000)
+    patience: int = param(4, ge=0, le=1_000_000)
     mixture: str = param("round_robin", choices=("round_robin", "uniform"))
     grad_clip: float = param(100.0, ge=0)
     checkpoint: str | None = None
-    checkpoint_every: int = param(50, ge=0)
+    checkpoint_every: int = param(50, ge=0, le=1_000_000)
 
 
 # Hyperparameters that do not change what training produces (left out of the cache key).
@@ -91,6 +93,35 @@ class Mend(Editor):
         super().check(config)
         if not self.hparams.modules:
             raise BenchError(f"{self.name}: hyperparameter modules must name mlp_in and/or mlp_out")
+        if self.hparams.checkpoint:  # read and checked before the model loads
+            meta = read_meta(Path(self.hparams.checkpoint))
+            self.hparams = self._as_trained(meta, self.default_hparams(config))
+            super().check(config)
+
+    def _as_trained(self, meta: dict, defaults) -> MendHparams:
+        """The hyperparameters with a checkpoint given (`checkpoint=`): its network is used as it
+        was trained (the step sizes that `edit_lr` only starts are learned, and `lr`, `c_edit`,
+        ... only shaped training), so a training hyperparameter set to another value than the
+        checkpoint's cannot apply: refused, one line. One left at its default takes the
+        checkpoint's value, so that config.json records what the network was trained with."""
+        trained = meta.get("hparams") or {}
+        mine, default = hparams_to_dict(self.hparams), hparams_to_dict(defaults)
+        adopt, clash = {}, []
+        for key, value in trained.items():
+            if key in NOT_TRAINING or key not in mine or mine[key] == value:
+                continue
+            if mine[key] == default.get(key):
+                adopt[key] = value
+            else:
+                clash.append(f"{key}={mine[key]} (trained with {value})")
+        if clash:
+            raise BenchError(f"{self.name}: checkpoint {self.hparams.checkpoint} was trained with other "
+                             f"hyperparameters: {', '.join(clash)}; a loaded network is used as "
+                             "trained: drop these values, or train a new network without checkpoint=")
+        try:
+            return override_hparams(self.hparams, adopt)
+        except BenchError as exc:
+            raise BenchError(f"{self.name}: checkpoint {self.hparams.checkpoint}: {exc}") from None
 
     # -- set-up --------------------------------------------------------------------------------
 

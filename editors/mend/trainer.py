@@ -407,6 +407,10 @@ class MetaTrainer:
         hp = self.hp
         t0 = time.perf_counter()
         stats = self.train_step(self.next_batch())
+        # Every process holds the same network after a step: the same decision everywhere.
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+            raise BenchError(f"training diverged at step {fs.step + 1}: the editor network's weights "
+                             f"are no longer finite (loss {stats['loss']:.4g}); lower edit_lr, lr or lr_lr")
         stats["s_per_step"] = time.perf_counter() - t0
         fs.step += 1
         step = fs.step
