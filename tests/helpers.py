@@ -92,6 +92,18 @@ def real_model_or_skip(spec: str) -> None:
         pytest.fail(f"{spec} cannot be resolved: {exc}")
 
 
+def jsonl_lines(path) -> list[dict]:
+    """The records of a JSON-lines file (cases.jsonl, checkpoints.jsonl), blank lines skipped."""
+    import json
+
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def without_time(record: dict) -> dict:
+    """A run record without its timings (which differ between otherwise equal runs)."""
+    return {k: v for k, v in record.items() if k != "time"}
+
+
 # --------------------------------------------------------------------------------------------
 # Editors for registry-level tests
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from editors.grace import Codebook, Grace, GraceAdaptor, GraceHparams, default_l
 from editors.grace.codebook import SPLIT_MARGIN
 from editors.grace.editor import CodebookHandle
 from tests.helpers import FIXTURE_DATA
+from tests.helpers import jsonl_lines as lines, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -338,14 +339,6 @@ def seq_options(tmp_path, editor: str) -> RunOptions:
                       data_dir=str(FIXTURE_DATA), output_dir=str(tmp_path / "runs"),
                       hparams={"layer": "1", "eps": "0.005", "steps": "5"}, batch_size=4, mode="sequential",
                       eval_every=2, locality_probes=3, edit_batch=1, protocols=("teacher_forced", "wild"))
-
-
-def lines(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def without_time(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "time"}
 
 
 class CrashingGrace(Grace):

@@ -25,6 +25,7 @@ from editors.ike import IKE, RETRIEVERS, IkeHparams
 from editors.ike.demos import quotas
 from editors.ike.retrievers import TfidfRetriever
 from tests.helpers import FIXTURE_DATA
+from tests.helpers import jsonl_lines as lines_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -400,10 +401,6 @@ def test_a_malformed_state_is_refused(state, message):
 # --------------------------------------------------------------------------------------------
 # Through the runner
 # --------------------------------------------------------------------------------------------
-
-
-def lines_of(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def run_options(tmp_path, **changes) -> RunOptions:

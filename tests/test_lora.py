@@ -4,7 +4,6 @@ exact restore, sequential training of one adapter and its saved state, and runs 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from bench.core.snapshot import model_fingerprint
 from bench.core.tiny import ARCHS, tiny_config, tiny_model, tiny_tokenizer
 from editors.lora import LoRA, LoRAHparams, attention_roles, target_names
 from tests.helpers import FIXTURE_DATA
+from tests.helpers import jsonl_lines as lines_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -313,10 +313,6 @@ def test_an_empty_state_reattaches_nothing_and_bad_states_are_refused():
 # --------------------------------------------------------------------------------------------
 # Through the runner
 # --------------------------------------------------------------------------------------------
-
-
-def lines_of(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def run_options(tmp_path, **changes):

@@ -25,6 +25,7 @@ from bench.runner import execute, resume
 from bench.session import RunOptions, build_editor
 from editors.base import CombinedHandle, EditHandle, Editor
 from tests.helpers import FIXTURE_DATA, start, wait_for_lines
+from tests.helpers import jsonl_lines as lines, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,10 +43,6 @@ def options(tmp_path, **changes) -> RunOptions:
     return RunOptions(**base)
 
 
-def lines(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def case_from(record: dict) -> EditCase:
     d = dict(record["case"])
     d["rephrase_prompts"] = tuple(d["rephrase_prompts"])
@@ -56,10 +53,6 @@ def case_from(record: dict) -> EditCase:
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def without_time(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "time"}
 
 
 def fresh_after(cases: list[EditCase], n: int, editor: Editor):

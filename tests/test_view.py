@@ -4,7 +4,6 @@ hooks, attributes); every evaluation path reads the edited model through the han
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,6 +25,7 @@ from bench.runner import execute, run_cases
 from bench.session import RunOptions
 from editors.base import CombinedHandle, EditHandle, Editor
 from tests.helpers import FIXTURE_DATA
+from tests.helpers import jsonl_lines as lines, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,14 +309,6 @@ def seq_options(tmp_path, editor: str, **changes) -> RunOptions:
                 protocols=("teacher_forced", "wild"))
     base.update(changes)
     return RunOptions(**base)
-
-
-def lines(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def without_time(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "time"}
 
 
 class CrashingTell(TellContext):

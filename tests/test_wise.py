@@ -27,6 +27,7 @@ from editors.wise.masks import shard_mask
 from editors.wise.merge import merge_deltas, merge_shards
 from editors.wise.router import MAIN, SHARD, prefix_means
 from tests.helpers import FIXTURE_DATA
+from tests.helpers import jsonl_lines as lines, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -401,14 +402,6 @@ def seq_options(tmp_path, **changes) -> RunOptions:
                 protocols=("teacher_forced", "wild"))
     base.update(changes)
     return RunOptions(**base)
-
-
-def lines(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def without_time(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "time"}
 
 
 def test_a_crashed_sequential_run_resumes_to_the_checkpoints_of_an_uninterrupted_one(tmp_path, monkeypatch):
