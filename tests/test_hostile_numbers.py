@@ -356,6 +356,8 @@ def test_a_model_directory_with_a_broken_config_is_one_line(capsys, tmp_path, ti
         (model / "config.json").write_text(json.dumps(config))
     line = one_line_error(capsys, run_argv(tmp_path, "--model", str(model)))
     assert line.startswith("bench: error: ") and message in line
+    line = one_line_error(capsys, ["model", str(model)])  # `bench model DIR` loads it whole
+    assert line.startswith("bench: error: ") and message in line
 
 
 # --------------------------------------------------------------------------------------------
