@@ -50,16 +50,16 @@ class LoRAHparams:
     has this rule, at 1e-3, commented out: 0 turns it off); seed: the adapters' initialisation
     and the dropout masks."""
 
-    rank: int = param(8, ge=1)
+    rank: int = param(8, ge=1, le=65536)
     alpha: float = param(32.0, gt=0)
     dropout: float = param(0.1, ge=0, lt=1)
-    steps: int = param(70, ge=0)
+    steps: int = param(70, ge=0, le=100000)
     lr: float = param(5e-3, gt=0)
     weight_decay: float = param(0.0, ge=0)
     layers: list[int] = param([], layer="index")
     target_modules: list[str] = param(["q", "v"], choices=ROLES)
     min_loss: float = param(1e-2, ge=0)
-    seed: int = param(0, ge=0)
+    seed: int = param(0, ge=0, le=4294967295)
 
 
 # --------------------------------------------------------------------------------------------

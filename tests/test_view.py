@@ -428,3 +428,16 @@ def test_a_killed_sequential_run_of_a_view_editor_resumes_to_the_same_numbers(tm
         [without_time(r) for r in lines(straight / "cases.jsonl")]
     a, b = (load_file(str(p / "sequential" / "state.safetensors")) for p in (run_path, straight))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("editor,key,value", [("lora", "steps", "1e30"), ("lora", "rank", "100000000"),
+                                              ("grace", "steps", "1e30"), ("wise", "steps", "1e30"),
+                                              ("wise", "save_freq", "1e30"), ("ike", "seed", "1e30"),
+                                              ("ike", "probe_reserve", "1e30")])
+def test_endless_settings_of_the_view_editors_are_refused_before_the_model_loads(editor, key, value):
+    """A huge step count or size is a one-line error, never a run without end."""
+    from bench.core.errors import BenchError
+    from bench.session import build_editor
+
+    with pytest.raises(BenchError, match=f"{key} must be"):
+        build_editor(editor, {key: value}, tiny_config("llama"))

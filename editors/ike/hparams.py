@@ -56,9 +56,9 @@ class IkeHparams:
     retain_ratio: float = param(4.0, ge=0)
     order: str = param("similar_last", choices=ORDERS)
     echo_fact: bool = False
-    seed: int = param(0, ge=0)
-    max_context_tokens: int = param(0, ge=0)
-    probe_reserve: int = param(128, ge=0)
+    seed: int = param(0, ge=0, le=4294967295)
+    max_context_tokens: int = param(0, ge=0, le=10000000)
+    probe_reserve: int = param(128, ge=0, le=10000000)
     overflow: str = param("drop", choices=OVERFLOW)
     without_train: str = param("error", choices=WITHOUT_TRAIN)
 

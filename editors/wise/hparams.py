@@ -72,15 +72,15 @@ class WiseHparams:
     layer: int | None = param(None, layer="index")
     mask_ratio: float = param(0.2, gt=0, le=1)
     lr: float = param(0.1, gt=0)
-    steps: int = param(70, ge=0)
+    steps: int = param(70, ge=0, le=100000)
     weight_decay: float = param(1e-5, ge=0)
     norm_constraint: float | None = param(1.0, ge=0)
     alpha: float = param(5.0, ge=0)
     beta: float = param(20.0, ge=0)
     gamma: float = param(10.0, ge=0)
     act_ratio: float = param(0.88, gt=0)
-    save_freq: int = param(500, ge=1)
-    merge_freq: int = param(1000, ge=1)
+    save_freq: int = param(500, ge=1, le=1000000)
+    merge_freq: int = param(1000, ge=1, le=1000000)
     merge_alg: str = param("ties", choices=MERGE_METHODS)
     densities: float = param(0.53, gt=0, le=1)
     merge_weight: float = param(1.0, gt=0)
@@ -91,7 +91,7 @@ class WiseHparams:
     irrelevant: str = param("train_split", choices=IRRELEVANT)
     irrelevant_count: int = param(1, ge=1, le=16)
     disjoint_masks: bool = False
-    seed: int = param(0, ge=0)
+    seed: int = param(0, ge=0, le=4294967295)
 
 
 def check_wise_hparams(hp: WiseHparams, n_layers: int, where: str = "wise") -> None:
