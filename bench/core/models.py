@@ -321,7 +321,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     warning = dtype_warning(preset, dt)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    if resolved.path.is_dir():
+    if resolved.path.is_dir() and (resolved.path / "config.json").is_file():
         load_config(spec)  # a config that cannot describe the model: one line, before the weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **_local_only(resolved))
