@@ -16,13 +16,13 @@ import bench.runner as runner
 from bench.cli import main
 from bench.holdout import print_matrix, run_complete
 from editors.mend import Mend
-from editors.mend.trainer import MetaTrainer
 from reports import build_report
 from reports.hierarchical import (hierarchical_resamples, mean_difference, seeded_cell, seeded_difference,
                                   verdict)
 from reports.matrix import matrix_view, read_matrix, run_dirs, training_table
 from reports.runs import assign_labels, load_run
 from reports.stats import MIN_PAIRS, percentile_interval
+from tests.test_holdout import draws  # noqa: F401 - the training-batch spy fixture, shared
 
 TWO = ["counterfact", "zsre"]
 TRAINABLE = {"counterfact", "zsre", "recast"}  # the tasks with train data in the built-in sample
@@ -31,21 +31,6 @@ TRAINABLE = {"counterfact", "zsre", "recast"}  # the tasks with train data in th
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-@pytest.fixture
-def draws(monkeypatch) -> list[tuple[frozenset, list[str]]]:
-    """Every training batch: (the trainer's held-out tasks, the tasks of the batch)."""
-    seen = []
-    real = MetaTrainer.next_batch
-
-    def spy(self):
-        batch = real(self)
-        seen.append((frozenset(self.holdout), [c.task for c in batch]))
-        return batch
-
-    monkeypatch.setattr(MetaTrainer, "next_batch", spy)
-    return seen
 
 
 @pytest.fixture
