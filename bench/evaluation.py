@@ -26,6 +26,9 @@ class Job:
     case: EditCase  # as the editor sees it (instruction-wrapped for editors that use them)
     counterfact: bool = False  # also CounterFact's probability comparisons
     wild: WildSettings | None = None  # also evaluation in the wild (generated answers)
+    # the prompts share a long prefix (an edit's context) that is run once for all of them; only
+    # where nothing but the input differs (no hook or module that reads a whole sequence)
+    share_prefix: bool = False
 
 
 @dataclass
@@ -48,19 +51,26 @@ class EvalState:
     wild_s: float = 0.0  # seconds of generation (this case's share of a batched one)
 
 
+def shares_prefix(view) -> bool:
+    """Whether prompts read through `view` may have a prefix they share run once: a context in
+    front of every prompt, and no module or hook that could read the whole sequence."""
+    return view is not None and bool(view.context) and "modules" not in view.kinds
+
+
 def viewed(job: Job, view) -> Job:
     """The job as the edited model is given it: its case through the edit's view (`view`: an
     edit handle; a context goes in front of every probe prompt)."""
     if view is None or not getattr(view, "context", ""):
         return job
-    return replace(job, case=view.view_case(job.case))
+    return replace(job, case=view.view_case(job.case), share_prefix=shares_prefix(view))
 
 
 def evaluate_forced(lm, job: Job, protocol: Protocol, batch_size: int) -> CaseEval | None:
     if not protocol.teacher_forced:
         return None
     case = format_case(lm.tokenizer, job.case, protocol.prompt_format)
-    return evaluate_case(lm.model, lm.tokenizer, case, counterfact=job.counterfact, batch_size=batch_size)
+    return evaluate_case(lm.model, lm.tokenizer, case, counterfact=job.counterfact, batch_size=batch_size,
+                         share_prefix=job.share_prefix)
 
 
 def wild_groups(jobs: list[Job]) -> list[list[int]]:
@@ -81,11 +91,14 @@ def evaluate_wild(lm, jobs: list[Job], states: list[EvalState], batch_size: int,
     for ks in wild_groups(jobs):
         settings = jobs[ks[0]].wild
         cases = [jobs[k].case for k in ks]
+        share = all(jobs[k].share_prefix for k in ks)
         t0 = time.perf_counter()
-        gens = generate_cases(lm.model, lm.tokenizer, cases, settings, batch_size,
-                              earlier=[earlier[k].generations for k in ks] if earlier else None)
-        flu = (fluency_texts(lm.model, lm.tokenizer, cases, settings, batch_size,
-                             earlier=[earlier[k].fluency for k in ks] if earlier else None)
+        gens = generate_cases(lm.model, lm.tokenizer, cases, settings, settings.decode_batch,
+                              earlier=[earlier[k].generations for k in ks] if earlier else None,
+                              share_prefix=share)
+        flu = (fluency_texts(lm.model, lm.tokenizer, cases, settings, settings.decode_batch,
+                             earlier=[earlier[k].fluency for k in ks] if earlier else None,
+                             share_prefix=share)
                if settings.fluency_tokens else [None] * len(ks))
         share = (time.perf_counter() - t0) / len(ks)
         for k, g, f in zip(ks, gens, flu):

@@ -42,6 +42,10 @@ __all__ = ["Job", "Protocol", "RunHook", "run_case", "run_cases", "execute", "re
 # The case loop
 # --------------------------------------------------------------------------------------------
 
+# Cases whose pre-edit answers are generated together in a single-mode run (the unedited model is
+# the same for all of them): a few prompts each fill a decoding batch (WildSettings.decode_batch).
+WILD_WINDOW = 32
+
 
 def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> dict:
     """Pre-edit evaluation, edit, post-edit evaluation, restore. Never leaves the model edited."""
@@ -50,9 +54,10 @@ def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> 
 
 def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_blocks: bool = True,
               while_edited: Callable[[EditCase, object], None] | None = None,
-              protocol: Protocol | None = None) -> Iterator[dict]:
+              protocol: Protocol | None = None, pre_wild: list[EvalState] | None = None) -> Iterator[dict]:
     """`run_case` for several jobs whose edits the editor may compute together (`apply_many`):
-    every pre-edit evaluation first (the generations of all jobs in one batch), then each edit
+    every pre-edit evaluation first (the generations of all jobs in one batch, or `pre_wild`: the
+    jobs' pre-edit generations made before, for more jobs at once), then each edit
     in turn applied, evaluated and restored, its record yielded as soon as it is complete.
     `while_edited(case, handle)` is called while the case's edit is applied, after its evaluation.
 
@@ -74,7 +79,11 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
             pres.append(EvalState(forced=evaluate_forced(lm, job, protocol, batch_size)))
         pres[-1].forced_s = time.perf_counter() - t0
         kept.append(outputs)
-    evaluate_wild(lm, jobs, pres, batch_size)
+    if pre_wild is None:
+        evaluate_wild(lm, jobs, pres, batch_size)
+    else:
+        for state, done in zip(pres, pre_wild):
+            state.generations, state.fluency, state.wild_s = done.generations, done.fluency, done.wild_s
     records = [case_record(job, tok, pre) for job, pre in zip(jobs, pres)]
     edits = editor.apply_many(model, tok, [job.case for job in jobs]) if len(jobs) > 1 else None
     for k, (job, pre, record) in enumerate(zip(jobs, pres, records)):
@@ -298,14 +307,22 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
                                         progress=bar.set_postfix_str, log=log)
         else:
             per_call = editor.edits_per_call
+            window = max(per_call, WILD_WINDOW // per_call * per_call)
+            pre_wild: list[EvalState] = []
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
+                if start % window == 0:  # pre-edit generations of the next cases, decoded together
+                    ahead = jobs(todo[start:start + window])
+                    pre_wild = [EvalState() for _ in ahead]
+                    if any(job.wild is not None for job in ahead):
+                        bar.set_postfix_str(f"generating pre-edit answers of {len(ahead)} cases")
+                        evaluate_wild(lm, ahead, pre_wild, opts.batch_size)
                 # the bar advances as each case's evaluation finishes; until the first, it says why it waits
                 bar.set_postfix_str(chunk[0][0].name + (f": editing {len(chunk)} cases together"
                                                         if len(chunk) > 1 else ""))
                 for (task, _), record in zip(chunk, run_cases(
-                        lm, editor, jobs(chunk), batch_size=opts.batch_size,
-                        while_edited=while_edited, protocol=protocol)):
+                        lm, editor, jobs(chunk), batch_size=opts.batch_size, while_edited=while_edited,
+                        protocol=protocol, pre_wild=pre_wild[start % window:start % window + len(chunk)])):
                     write(task, record)
                     bar.set_postfix_str(task.name, refresh=False)
                     bar.update()

@@ -75,6 +75,9 @@ class RunOptions:
     edit_batch: int = 1
     eval_every: int = DEFAULT_EVAL_EVERY
     locality_probes: int = DEFAULT_LOCALITY_PROBES
+    # sequential mode: earlier edits scored at each checkpoint but the last (a fixed, seeded
+    # sample; 0 = every one)
+    retention_sample: int = 0
     # lm-eval regression (bench/regression): empty list = none
     regression: list[str] = field(default_factory=list)
     lm_limit: int | None = DEFAULT_LM_LIMIT  # docs per lm-eval task; None = all
@@ -119,6 +122,10 @@ class RunOptions:
                              f"({self.edit_batch}): checkpoints fall between editor calls")
         if self.locality_probes < 0:
             raise BenchError(f"--locality-probes must be >= 0, got {self.locality_probes}")
+        if self.retention_sample < 0:
+            raise BenchError(f"--retention-sample must be >= 0 (0: every edit), got {self.retention_sample}")
+        if self.retention_sample and self.mode != "sequential":
+            raise BenchError("--retention-sample belongs to --mode sequential")
         get_editor_class(self.editor)  # unknown editor
         for name in list(self.tasks) + list(self.holdout):
             get_card(name)  # unknown task or held-out task
@@ -527,6 +534,7 @@ def run_config(setup: Setup, argv: list[str] | None) -> dict:
         "seed": opts.seed, "limit": opts.limit, "mode": opts.mode,
         **({"sequential": {"edit_batch": opts.edit_batch, "eval_every": opts.eval_every,
                            "locality_probes": opts.locality_probes,
+                           "retention_sample": opts.retention_sample,
                            "batch_edits": type(editor).batch_edits}}
            if opts.mode == "sequential" else {}),
         "instruction_mode": opts.instruction_mode,

@@ -5,7 +5,7 @@ should not move any result (a speed-up, a refactoring).
     python benchmarks/compare_runs.py runs/before runs/after --ignore-task-metric zsre:locality
 
 For every (task, case_id) finished in both runs, the `pre` and `post` score dicts, the
-`predictions` and the edit error (if any) must be equal: scores within `--tolerance` (default 0:
+`predictions`, the wild protocol's generated answers and the edit error (if any) must be equal: scores within `--tolerance` (default 0:
 exact), predictions and errors exactly. Prints one row per task (cases compared, equal,
 differing, only in one run, and the largest absolute score difference per metric over pre and
 post) and the first differing cases with what differs. Exit status 0 when every compared case is
@@ -98,6 +98,11 @@ def compare_case(task: str, a: dict, b: dict, ignore: Ignore, tolerance: float,
         for name in sorted(set(fa) | set(fb)):
             if not ignore.prediction(task, name) and fa.get(name) != fb.get(name):
                 out.append(f"predictions.{stage}.{name}: {short(fa.get(name))} -> {short(fb.get(name))}")
+    ga = ((a.get("wild") or {}).get("generations")) or {}
+    gb = ((b.get("wild") or {}).get("generations")) or {}
+    for stage in sorted(set(ga) | set(gb)):  # the wild protocol's answers, as generated
+        if ga.get(stage) != gb.get(stage):
+            out.append(f"wild.generations.{stage}: {short(ga.get(stage))} -> {short(gb.get(stage))}")
     return out
 
 

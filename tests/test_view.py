@@ -323,20 +323,22 @@ class CrashingTell(TellContext):
 
 def test_sequential_checkpoints_read_the_context_and_resume_reattaches_it(tmp_path, tiny_load, monkeypatch):
     import bench.sequential as seq
+    import bench.sequential.checkpoint  # noqa: F401  (its functions are spied on)
+    import bench.sequential.locality  # noqa: F401
 
     monkeypatch.setitem(editors.BUILTIN, "crashing-tell", "tests.test_view:CrashingTell")
     given: dict[str, list[str]] = {"probes": [], "retention": [], "generated": []}
 
-    def spy(mp, name, fn, prompts_of):
+    def spy(mp, name, module, fn, prompts_of):
         def wrapped(*args, **kwargs):
             given[name] += prompts_of(*args, **kwargs)
             return fn(*args, **kwargs)
-        mp.setattr(seq, fn.__name__, wrapped)
+        mp.setattr(module, fn.__name__, wrapped)
 
     with pytest.MonkeyPatch.context() as mp:
-        spy(mp, "probes", seq.score_probes, lambda m, t, pairs, *a, **k: [p for p, _ in pairs])
-        spy(mp, "retention", seq.evaluate_cases, lambda m, t, cases, *a, **k: [c.prompt for c in cases])
-        spy(mp, "generated", seq.generate_cases, lambda m, t, cases, *a, **k: [c.prompt for c in cases])
+        spy(mp, "probes", seq.locality, seq.locality.score_probes, lambda m, t, pairs, *a, **k: [p for p, _ in pairs])
+        spy(mp, "retention", seq.checkpoint, seq.checkpoint.evaluate_cases, lambda m, t, cases, *a, **k: [c.prompt for c in cases])
+        spy(mp, "generated", seq.checkpoint, seq.checkpoint.generate_cases, lambda m, t, cases, *a, **k: [c.prompt for c in cases])
         straight = execute(seq_options(tmp_path / "a", "crashing-tell"), log=lambda s: None)
     checkpoints = lines(straight / "checkpoints.jsonl")
     assert [c["n_edits"] for c in checkpoints] == [2, 4, 6]

@@ -160,6 +160,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--locality-probes", type=int, default=DEFAULT_LOCALITY_PROBES, metavar="N",
                    help=f"sequential mode: locality prompts per task drawn once and scored at every "
                         f"checkpoint (default {DEFAULT_LOCALITY_PROBES})")
+    p.add_argument("--retention-sample", type=int, default=0, metavar="N",
+                   help="sequential mode: score a fixed, seeded sample of N earlier edits at each "
+                        "checkpoint but the last, which scores every edit (default 0: every edit "
+                        "at every checkpoint)")
     p.add_argument("--output-dir", default="runs", help="where run directories go (default runs/)")
     p.add_argument("--name", default=None, help="run directory name prefix")
 
@@ -216,7 +220,8 @@ def options_from_args(args, **changes) -> RunOptions:
                       instruction_mode=args.instruction_mode, batch_size=args.batch_size,
                       retrain=args.retrain, run_name=args.name, lm_limit=args.lm_limit,
                       regression_corpus=args.regression_corpus, edit_batch=args.edit_batch,
-                      eval_every=args.eval_every, locality_probes=args.locality_probes)
+                      eval_every=args.eval_every, locality_probes=args.locality_probes,
+                      retention_sample=getattr(args, "retention_sample", 0))
     if not getattr(args, "eval_every_given", False) and args.edit_batch > 1:
         opts.eval_every = -(-DEFAULT_EVAL_EVERY // args.edit_batch) * args.edit_batch
     for key, value in changes.items():

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from bench.core.decoding import greedy_decode, plan_batches, reference, run_rows
+
 STOP_REASONS = ("eos", "newline", "stop_string", "max_new_tokens")
 
 
@@ -65,9 +67,47 @@ class _NaturalStop(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _StopCheck:
+    """Whether a row's new tokens hold a stop marker after the answer has begun, asked after
+    every token: only the last few tokens are decoded, and the whole row only when they hold a
+    marker (to see whether the answer had begun before it)."""
+
+    def __init__(self, tokenizer, rules: StopRules):
+        self.tokenizer, self.rules = tokenizer, rules
+        self.markers = [s for s in rules.stop_strings if s] + (["\n"] if rules.at_newline else [])
+        # enough tokens to hold the longest marker whole, byte-level pieces included
+        self.window = 2 * max((len(m) for m in self.markers), default=0) + 6
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if not self.markers:
+            return False
+        tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True)
+        if not any(m in tail for m in self.markers):
+            return False
+        return _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), self.rules)[1] is not None
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], rules: StopRules, batch_size: int = 32) -> list[Generation]:
-    """Greedy continuations of `prompts`, each stopped naturally (see the module docstring)."""
+def generate(model, tokenizer, prompts: list[str], rules: StopRules, batch_size: int = 32,
+             share_prefix: bool = False) -> list[Generation]:
+    """Greedy continuations of `prompts`, each stopped naturally (see the module docstring),
+    decoded by bench.core.decoding.greedy_decode (each row leaves the batch when it stops;
+    `share_prefix`: a token prefix the prompts share is run once)."""
+    if reference():
+        return generate_reference(model, tokenizer, prompts, rules, batch_size)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    rows = greedy_decode(model, ids, rules.max_new_tokens, eos, pad, _StopCheck(tokenizer, rules),
+                         batch_size, share=share_prefix)
+    return [_finish(tokenizer, row, eos, rules) for row in rows]
+
+
+@torch.no_grad()
+def generate_reference(model, tokenizer, prompts: list[str], rules: StopRules,
+                       batch_size: int = 32) -> list[Generation]:
+    """`generate` through transformers' `generate` (the path `greedy_decode` replaced: every row
+    decoded to the batch's longest, the stop rule decoding each whole row at every step)."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -106,46 +146,37 @@ def _finish(tokenizer, row: list[int], eos: int | None, rules: StopRules) -> Gen
 
 @torch.no_grad()
 def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation], eos: int | None,
-                batch_size: int) -> list[bool]:
+                batch_size: int, share_prefix: bool = False) -> list[bool]:
     """Whether greedy decoding on `model` gives each earlier generation again: the argmax after
     the prompt and after each earlier token is the next earlier token (and EOS where the earlier
-    one ended on EOS), read in one teacher-forced pass per batch."""
-    device = next(model.parameters()).device
+    one ended on EOS), read in one teacher-forced pass per batch (`share_prefix`: a token prefix
+    the prompts share is run once)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    out: list[bool] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt, gen in zip(prompts[start:start + batch_size], earlier[start:start + batch_size]):
-            ids = list(tokenizer(prompt)["input_ids"])
-            expected = list(gen.token_ids) + ([eos] if gen.stop == "eos" and eos is not None else [])
-            rows.append((ids, expected))
-        width = max(len(ids) + len(exp) for ids, exp in rows)
-        batch = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (ids, exp) in enumerate(rows):
-            seq = ids + exp[:-1] if exp else ids
-            batch[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-        hidden = model.base_model(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
-        head = model.get_output_embeddings()
-        for r, (ids, exp) in enumerate(rows):
-            if not exp:  # nothing generated and no EOS: decoding must still stop at once
-                out.append(False)
-                continue
-            positions = torch.arange(len(ids) - 1, len(ids) - 1 + len(exp), device=device)
-            # softcapping is monotone: the argmax of the raw logits is the argmax
-            argmax = head(hidden[r, positions]).argmax(-1).tolist()
-            out.append(argmax == exp)
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    expected = [list(g.token_ids) + ([eos] if g.stop == "eos" and eos is not None else []) for g in earlier]
+    head = model.get_output_embeddings()
+    out = [False] * len(prompts)  # nothing generated and no EOS: decoding must still stop at once
+    batches = ([(list(range(k, min(k + batch_size, len(ids)))), 0) for k in range(0, len(ids), batch_size)]
+               if reference() else plan_batches(ids, batch_size, share_prefix))
+    for idx, shared in batches:  # (the prefix stops short of every prompt's last token)
+        hidden = run_rows(model, [ids[i] + expected[i][:-1] for i in idx], shared, pad)
+        for r, i in enumerate(idx):
+            if expected[i]:
+                at = torch.arange(len(ids[i]) - 1 - shared, len(ids[i]) - 1 - shared + len(expected[i]),
+                                  device=hidden.device)
+                # softcapping is monotone: the argmax of the raw logits is the argmax
+                out[i] = head(hidden[r, at]).argmax(-1).tolist() == expected[i]
     return out
 
 
 def regenerate(model, tokenizer, prompts: list[str], earlier: list[Generation], rules: StopRules,
-               batch_size: int = 32) -> list[Generation]:
+               batch_size: int = 32, share_prefix: bool = False) -> list[Generation]:
     """`generate(model, ...)` for prompts that were generated from before (`earlier`, with the
     same rules): earlier generations the model reproduces are kept, the rest decoded again."""
-    keep = _reproduced(model, tokenizer, prompts, earlier, tokenizer.eos_token_id, batch_size)
+    keep = _reproduced(model, tokenizer, prompts, earlier, tokenizer.eos_token_id, batch_size, share_prefix)
     todo = [i for i, ok in enumerate(keep) if not ok]
-    fresh = generate(model, tokenizer, [prompts[i] for i in todo], rules, batch_size) if todo else []
+    fresh = (generate(model, tokenizer, [prompts[i] for i in todo], rules, batch_size, share_prefix)
+             if todo else [])
     out = list(earlier)
     for i, gen in zip(todo, fresh):
         out[i] = gen

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from bench.core.cases import EditCase
+from bench.core.decoding import MIN_SHARED, plan_batches, reference, run_rows
 from bench.core.layout import output_logits
 
 
@@ -54,7 +55,8 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: int = 32) -> list[ProbeResult]:
+def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: int = 32,
+                 share_prefix: bool = False) -> list[ProbeResult]:
     """Teacher-forced argmax and log-probabilities at the answer positions of each probe.
 
     Answer token j is predicted at position len(prompt) - 1 + j, which sees only the prompt and
@@ -63,7 +65,8 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
     new and true answers) is read from that one's row - causal attention keeps its positions
     blind to what follows. Right padding keeps every real token at the position it has unbatched;
     vocabulary logits are computed only at the answer positions (the vocabulary projection
-    dominates the cost)."""
+    dominates the cost). `share_prefix`: sequences with a long common token prefix (an in-context
+    edit's context) are batched together and the prefix run once (bench.core.decoding)."""
     device = next(model.parameters()).device
     encoded = [encode_probe(tokenizer, p, a) for p, a in probes]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -80,23 +83,25 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
             runs.append(seq)
         readers.setdefault(run_of_prefix[seq], []).append(i)
     results: list[ProbeResult | None] = [None] * len(encoded)
-    for start in range(0, len(runs), batch_size):
-        chunk = runs[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    batches = (plan_batches([list(s) for s in runs], batch_size, share=True) if share_prefix and not reference()
+               else [(list(range(k, min(k + batch_size, len(runs)))), 0) for k in range(0, len(runs), batch_size)])
+    for chunk, shared in batches:
+        # the prefix stops short of every sequence's first read position
+        shared = min([shared] + [len(encoded[i][0]) - 1 for r in chunk for i in readers[r]])
+        shared = shared if shared >= MIN_SHARED else 0
         rows, cols, targets, owners = [], [], [], []
-        for r, seq in enumerate(chunk):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            for i in readers[start + r]:
+        for k, r in enumerate(chunk):
+            for i in readers[r]:
                 p_ids, a_ids = encoded[i]
                 for j, tok in enumerate(a_ids):
-                    rows.append(r)
-                    cols.append(len(p_ids) - 1 + j)  # the position that predicts answer token j
+                    rows.append(k)
+                    cols.append(len(p_ids) - 1 + j - shared)  # the position that predicts answer token j
                     targets.append(tok)
                 owners.append(i)
-        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        if shared:
+            hidden = run_rows(model, [list(runs[r]) for r in chunk], shared, pad)
+        else:
+            hidden = _run_plain(model, [runs[r] for r in chunk], pad, device)
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logprobs = torch.log_softmax(output_logits(model, picked).float(), dim=-1)
         target_t = torch.tensor(targets, device=device)
@@ -110,6 +115,18 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
                                      mean_logprob=float(np.mean(tok_lp[k:k + n])))
             k += n
     return results
+
+
+def _run_plain(model, chunk: list[tuple[int, ...]], pad: int, device) -> torch.Tensor:
+    """Final hidden states of the sequences of `chunk`, right padded (each real token at the
+    position it has unbatched)."""
+    width = max(len(s) for s in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, seq in enumerate(chunk):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+    return model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,10 +163,11 @@ def build_probes(case: EditCase, counterfact: bool) -> list[tuple[str, tuple[str
 
 
 def evaluate_case(model, tokenizer, case: EditCase, counterfact: bool = False,
-                  batch_size: int = 32) -> CaseEval:
+                  batch_size: int = 32, share_prefix: bool = False) -> CaseEval:
     """All probes of one case in one batched pass."""
     probes = build_probes(case, counterfact)
-    results = score_probes(model, tokenizer, [p for _, p in probes], batch_size=batch_size)
+    results = score_probes(model, tokenizer, [p for _, p in probes], batch_size=batch_size,
+                           share_prefix=share_prefix)
     slots: dict[str, list[ProbeResult]] = {}
     for (slot, _), res in zip(probes, results):
         slots.setdefault(slot, []).append(res)
@@ -165,12 +183,12 @@ def evaluate_case(model, tokenizer, case: EditCase, counterfact: bool = False,
 
 
 def evaluate_cases(model, tokenizer, cases: list[EditCase], counterfact: bool = False,
-                   batch_size: int = 32) -> list[CaseEval]:
+                   batch_size: int = 32, share_prefix: bool = False) -> list[CaseEval]:
     """`evaluate_case` for many cases in one batched pass over all their probes (a sequential
     run's checkpoints score every edit made so far this way)."""
     per_case = [build_probes(case, counterfact) for case in cases]
     results = score_probes(model, tokenizer, [p for probes in per_case for _, p in probes],
-                           batch_size=batch_size)
+                           batch_size=batch_size, share_prefix=share_prefix)
     out, at = [], 0
     for probes in per_case:
         slots: dict[str, list[ProbeResult]] = {}

@@ -33,6 +33,9 @@ from bench.core.prompts import format_prompt
 from bench.core.scorers import SCORERS, get_scorer, normalize_answer
 
 CAP_MARGIN = 8  # tokens beyond the task's longest gold answer in the default max_new_tokens
+# Rows decoded together: a decoding step reads every weight for one token per row, so on a CPU
+# a step of 128 rows costs about twice one of 32 (SmolLM2, docs/speed.md), a quarter per row.
+DECODE_BATCH = 128
 FLUENCY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}  # ROME's n-gram weights
 
 
@@ -50,6 +53,7 @@ class WildSettings:
     prompt_format: str = "plain"
     judge: object | None = None  # a bench.core.judge judge; adds the "judge" verdict
     fluency_tokens: int = 0  # > 0: also generate this many tokens for fluency
+    decode_batch: int = DECODE_BATCH  # rows decoded together (decoding reads every weight per step)
     _verdicts: dict = field(default_factory=dict, repr=False)  # judge verdicts memo
 
     def __post_init__(self) -> None:
@@ -76,17 +80,18 @@ def default_max_new_tokens(tokenizer, cases: list[EditCase], margin: int = CAP_M
 
 
 def generate_cases(model, tokenizer, cases: list[EditCase], settings: WildSettings,
-                   batch_size: int = 32, earlier: list[list[Generation]] | None = None) -> list[list[Generation]]:
+                   batch_size: int = 32, earlier: list[list[Generation]] | None = None,
+                   share_prefix: bool = False) -> list[list[Generation]]:
     """The generations of every probe of every case (one batched call), per case. With the
     `earlier` generations of the same cases (before the edit), only the probes whose earlier
     answer the model no longer gives are decoded again (bench.core.generation.regenerate)."""
     probes = [wild_probes(case) for case in cases]
     prompts = [format_prompt(tokenizer, p.prompt, settings.prompt_format) for ps in probes for p in ps]
     if earlier is None:
-        gens = generate(model, tokenizer, prompts, settings.rules, batch_size=batch_size)
+        gens = generate(model, tokenizer, prompts, settings.rules, batch_size, share_prefix)
     else:
         gens = regenerate(model, tokenizer, prompts, [g for gs in earlier for g in gs], settings.rules,
-                          batch_size=batch_size)
+                          batch_size, share_prefix)
     out, at = [], 0
     for ps in probes:
         out.append(gens[at: at + len(ps)])
@@ -95,16 +100,17 @@ def generate_cases(model, tokenizer, cases: list[EditCase], settings: WildSettin
 
 
 def fluency_texts(model, tokenizer, cases: list[EditCase], settings: WildSettings,
-                  batch_size: int = 32, earlier: list[list[Generation]] | None = None) -> list[list[Generation]]:
+                  batch_size: int = 32, earlier: list[list[Generation]] | None = None,
+                  share_prefix: bool = False) -> list[list[Generation]]:
     """Longer generations (settings.fluency_tokens, no natural stop) from each case's edit and
     rephrase prompts, per case (`earlier`: as for generate_cases)."""
     prompts = [[case.prompt, *case.rephrase_prompts] for case in cases]
     flat = [format_prompt(tokenizer, p, settings.prompt_format) for ps in prompts for p in ps]
     rules = StopRules(max_new_tokens=settings.fluency_tokens, at_newline=False)
     if earlier is None:
-        gens = generate(model, tokenizer, flat, rules, batch_size=batch_size)
+        gens = generate(model, tokenizer, flat, rules, batch_size, share_prefix)
     else:
-        gens = regenerate(model, tokenizer, flat, [g for gs in earlier for g in gs], rules, batch_size=batch_size)
+        gens = regenerate(model, tokenizer, flat, [g for gs in earlier for g in gs], rules, batch_size, share_prefix)
     out, at = [], 0
     for ps in prompts:
         out.append(gens[at: at + len(ps)])

@@ -31,187 +31,22 @@ reason, and the run goes on from the model as it was before the batch.
 
 from __future__ import annotations
 
-import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import Callable
 
-import numpy as np
 import torch
 
 from bench.core.cases import EditCase
 from bench.core.errors import BenchError
-from bench.core.generation import Generation, generate, regenerate
-from bench.core.metrics import case_scores, summarize_task
-from bench.core.probes import CaseEval, ProbeResult, evaluate_cases, score_probes
-from bench.core.prompts import format_case, format_prompt
 from bench.core.runfiles import RunDir
-from bench.core.scorers import normalize_answer
-from bench.core.wild import (fluency_texts, generate_cases, generated_texts, locality_verdicts, ngram_entropy,
-                             score_generations)
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, broken_edit, case_record, evaluate_forced,
-                              evaluate_wild, wild_groups)
+                              evaluate_wild)
+from bench.sequential.checkpoint import checkpoint_summary, retention, retention_sample
+from bench.sequential.locality import LocalityProbe, draw_locality_probes, probe_scores, read_probes
 from editors.base import CombinedHandle, EditHandle
 
-# Metrics read from the fixed locality probes rather than from the edited cases.
-LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
 PRE_CHUNK = 64  # cases per pre-edit evaluation batch (each chunk is written before the next)
-
-
-# --------------------------------------------------------------------------------------------
-# Locality probes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LocalityProbe:
-    task: str
-    case_id: str  # the case it was drawn from
-    index: int  # its place in that case's locality list
-    prompt: str
-    answer: str  # the unrelated fact's answer
-    target_new: str  # that case's target (CounterFact's neighbourhood comparison)
-
-
-def draw_locality_probes(items: list[tuple[str, EditCase]], per_task: int, seed: int) -> list[LocalityProbe]:
-    """`per_task` locality prompts of each task, drawn with the seed from the locality lists of
-    the run's cases (all of them when there are fewer), in case order."""
-    by_task: dict[str, list[LocalityProbe]] = {}
-    for task, case in items:
-        for i, pa in enumerate(case.locality):
-            by_task.setdefault(task, []).append(
-                LocalityProbe(task, case.case_id, i, pa.prompt, pa.answer, case.target_new))
-    out = []
-    for task, candidates in by_task.items():
-        rng = random.Random(f"locality-probes:{seed}:{task}")
-        picked = sorted(rng.sample(range(len(candidates)), min(per_task, len(candidates))))
-        out += [candidates[i] for i in picked]
-    return out
-
-
-def _generation_entry(g: Generation) -> dict:
-    return {"text": g.text, "stop": g.stop, "tokens": g.n_tokens, "token_ids": list(g.token_ids)}
-
-
-def _as_generation(entry: dict) -> Generation:
-    return Generation(entry["text"], entry["stop"], entry["tokens"], tuple(entry["token_ids"]))
-
-
-def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], protocol: Protocol,
-                batch_size: int, earlier: list[dict] | None = None, view=None) -> list[dict]:
-    """What the model says on each probe: teacher forced, the argmax tokens over the answer and
-    its log-probability (and target_new's, for CounterFact's neighbourhood comparison); in the
-    wild, the generated answer and the primary scorer's verdict on it. With the `earlier`
-    (unedited) readings, generations the model still reproduces are not decoded again. `view`:
-    the handle of the edits on the model (a context goes in front of every probe prompt)."""
-    model, tok = lm.model, lm.tokenizer
-    out: list[dict] = [{} for _ in probes]
-    seen = view.view_text if view is not None else (lambda text: text)
-    fmt = lambda text: format_prompt(tok, seen(text), protocol.prompt_format)  # noqa: E731
-    if protocol.teacher_forced and probes:
-        for o, r in zip(out, score_probes(model, tok, [(fmt(p.prompt), p.answer) for p in probes], batch_size)):
-            o.update(pred_ids=r.pred_ids, true_lp=r.mean_logprob)
-        cf = [i for i, p in enumerate(probes) if jobs_by_task[p.task].counterfact]
-        news = score_probes(model, tok, [(fmt(probes[i].prompt), probes[i].target_new) for i in cf], batch_size)
-        for i, r in zip(cf, news):
-            out[i]["new_lp"] = r.mean_logprob
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(probes):
-        if jobs_by_task[p.task].wild is not None:
-            groups.setdefault(id(jobs_by_task[p.task].wild), []).append(i)
-    for idx in groups.values():
-        settings = jobs_by_task[probes[idx[0]].task].wild
-        prompts = [format_prompt(tok, seen(probes[i].prompt), settings.prompt_format) for i in idx]
-        if earlier is None:
-            gens = generate(model, tok, prompts, settings.rules, batch_size=batch_size)
-        else:
-            gens = regenerate(model, tok, prompts, [_as_generation(earlier[i]["generation"]) for i in idx],
-                              settings.rules, batch_size=batch_size)
-        verdicts = locality_verdicts(settings, [probes[i].prompt for i in idx],
-                                     [probes[i].answer for i in idx], gens)
-        for i, g, v in zip(idx, gens, verdicts):
-            out[i].update(generation=_generation_entry(g), correct=v)
-    return out
-
-
-def probe_scores(pre: dict, now: dict | None) -> dict[str, float]:
-    """A probe's locality scores in [0, 1] on a model state (`now`) against the unedited readings
-    (`pre`); `now=None` gives the unedited model's own scores."""
-    now = pre if now is None else now
-    scores: dict[str, float] = {}
-    if "pred_ids" in now:
-        scores["locality"] = float(np.mean([a == b for a, b in zip(now["pred_ids"], pre["pred_ids"])]))
-    if "new_lp" in now:
-        scores["neighborhood"] = float(now["true_lp"] > now["new_lp"])
-    if "generation" in now:
-        scores["wild_locality"] = float(normalize_answer(now["generation"]["text"])
-                                        == normalize_answer(pre["generation"]["text"]))
-        if now.get("correct") is not None:
-            scores["wild_locality_correct"] = float(now["correct"])
-    return scores
-
-
-# --------------------------------------------------------------------------------------------
-# Retention: every edit made so far
-# --------------------------------------------------------------------------------------------
-
-
-def _unedited_locality(ids: list[list[int]]) -> CaseEval:
-    """A stand-in for a case's unedited evaluation that holds what case_scores compares
-    locality with: the argmax ids over each locality answer."""
-    blank = ProbeResult([], [], 0.0)
-    return CaseEval(reliability=blank, locality=[ProbeResult([], list(x), 0.0) for x in ids])
-
-
-def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
-              pre: list[dict] | None = None, view=None) -> list[dict]:
-    """Per job, its scores on the current model (`post`) and, in the wild, its generated answers
-    (`wild`: generations and verdicts), every job's probes batched together. Reliability,
-    generality and portability only (locality is the fixed probes' part), unless the jobs' `pre`
-    records are given (the last checkpoint): then each case's own locality prompts are scored
-    too, against its unedited readings, as single mode and EasyEdit's sequential evaluation do.
-    `view`: the handle of the edits on the model; the model is given every prompt through it."""
-    model, tok = lm.model, lm.tokenizer
-    cases = [job.case if pre is not None else replace(job.case, locality=()) for job in jobs]
-    given = [view.view_case(c) for c in cases] if view is not None else cases
-    out: list[dict] = [{"post": {}} for _ in jobs]
-    if protocol.teacher_forced:
-        for cf in (False, True):
-            idx = [i for i, job in enumerate(jobs) if job.counterfact == cf]
-            if not idx:
-                continue
-            evals = evaluate_cases(model, tok, [format_case(tok, given[i], protocol.prompt_format) for i in idx],
-                                   counterfact=cf, batch_size=batch_size)
-            for i, ev in zip(idx, evals):
-                before = _unedited_locality(pre[i]["pre_locality_ids"]) if pre is not None else None
-                out[i]["post"].update(case_scores(ev, before))
-    for idx in wild_groups(jobs):
-        settings = jobs[idx[0]].wild
-        gens = generate_cases(model, tok, [given[i] for i in idx], settings, batch_size)
-        flu = (fluency_texts(model, tok, [given[i] for i in idx], settings, batch_size)
-               if settings.fluency_tokens else [None] * len(idx))
-        for i, g, f in zip(idx, gens, flu):
-            unedited = generated_texts(pre[i]["wild"], "pre") if pre is not None else None
-            scores, record = score_generations(cases[i], g, settings, unedited)
-            if f is not None:
-                scores["fluency"] = float(np.mean([ngram_entropy(x.text) for x in f]))
-            out[i]["post"].update(scores)
-            out[i]["wild"] = record
-    return out
-
-
-def checkpoint_summary(tasks: list[str], pre: dict[tuple[str, str], dict], record: dict) -> dict:
-    """Per task, bench.core.metrics.summarize_task over the checkpoint: the edited cases'
-    retention scores and the fixed probes' locality scores (pre = the unedited model)."""
-    out = {}
-    for task in tasks:
-        recs = [{"pre": {k: v for k, v in pre[(task, c["case_id"])]["pre"].items() if k not in LOCALITY_METRICS},
-                 "post": {k: v for k, v in c["post"].items() if k not in LOCALITY_METRICS}}
-                for c in record["cases"] if c["task"] == task]
-        recs += [{"pre": p["pre"], "post": p["post"]} for p in record["probes"] if p["task"] == task]
-        out[task] = summarize_task(recs)
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # The loop
@@ -344,15 +179,17 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
     def evaluate_checkpoint(n: int) -> None:
         t0 = time.perf_counter()
         progress(f"checkpoint at {n} edits")
-        applied = [i for i in range(n) if not errors.get(keys[i])]
-        kept_jobs = [jobs[i] for i in applied]
         final = n == total  # the last checkpoint also scores each case's own locality prompts
+        every = [i for i in range(n) if not errors.get(keys[i])]
+        applied = every if final else retention_sample(every, opts.retention_sample, opts.seed, total)
+        kept_jobs = [jobs[i] for i in applied]
         view = current_view()
         results = retention(lm, kept_jobs, protocol, opts.batch_size,
                             pre=[pre[keys[i]] for i in applied] if final else None, view=view)
         now = read_probes(lm, probes, jobs_by_task, protocol, opts.batch_size, earlier=readings, view=view)
         record = {
-            "n_edits": n, "n_applied": len(applied),
+            "n_edits": n, "n_applied": len(every),
+            **({"retention_sample": {"size": len(applied), "seed": opts.seed}} if applied != every else {}),
             "cases": [{"task": keys[i][0], "case_id": keys[i][1], **res} for i, res in zip(applied, results)],
             "probes": [{"task": p.task, "case_id": p.case_id, "index": p.index, "pre": probe_scores(r, None),
                         "post": probe_scores(r, x), **({"generation": x["generation"]["text"]} if "generation" in x else {})}
@@ -362,7 +199,7 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
         }
         record["summary"] = checkpoint_summary(sorted({k[0] for k in keys}, key=[k[0] for k in keys].index), pre, record)
         for hook in hooks:
-            block = hook.at_checkpoint(n, [jobs[i].case for i in applied], view)
+            block = hook.at_checkpoint(n, [jobs[i].case for i in every], view)
             if block is not None:
                 record[hook.name] = block
         record["time"] = {"eval_s": round(time.perf_counter() - t0, 2)}
@@ -461,7 +298,9 @@ def sequential_summary(config: dict, checkpoints: list[dict], planned: int) -> d
     return {"edit_batch": seq.get("edit_batch"), "eval_every": seq.get("eval_every"),
             "locality_probes": seq.get("locality_probes"), "planned_edits": planned,
             "n_edits": checkpoints[-1]["n_edits"] if checkpoints else 0,
+            "retention_sample": seq.get("retention_sample", 0),
             "checkpoints": [{"n_edits": c["n_edits"], "n_applied": c["n_applied"],
+                             **({"retention_sample": c["retention_sample"]} if "retention_sample" in c else {}),
                              "tasks": {t: {m: {k: s[k] for k in ("pre", "post", "ci", "n")} for m, s in ms.items()}
                                        for t, ms in c["summary"].items()},
                              "weight_change": c["weight_change"], "eval_s": c["time"]["eval_s"],
