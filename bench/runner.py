@@ -25,6 +25,8 @@ from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.layout import find_layout
 from bench.core.metrics import summarize_task
+from bench.core import rowweights
+from bench.core.decoding import reference
 from bench.core.replay import BlockOutputs
 from bench.core.io import check_writable_dir
 from bench.core.runfiles import RunDir, check_resume_limit, check_run_config, check_run_name, new_run_dir
@@ -58,8 +60,12 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
     """`run_case` for several jobs whose edits the editor may compute together (`apply_many`):
     every pre-edit evaluation first (the generations of all jobs in one batch, or `pre_wild`: the
     jobs' pre-edit generations made before, for more jobs at once), then each edit
-    in turn applied, evaluated and restored, its record yielded as soon as it is complete.
-    `while_edited(case, handle)` is called while the case's edit is applied, after its evaluation.
+    in turn applied, evaluated and restored, its record yielded as soon as it is complete - except
+    that the post-edit answers of weight edits computed together (edits of nn.Linear weights) are
+    decoded together once all of them are made, each row with its own edit's weights
+    (bench.core.rowweights; the same answers, one batch instead of one per edit), and the call's
+    records yielded then, in order. `while_edited(case, handle)` is called while the case's edit
+    is applied, after its teacher-forced evaluation.
 
     The post-edit evaluation reads the model through the handle's view (a context in front of
     every prompt, modules and hooks in place). Its teacher-forced part runs the pre-edit one's
@@ -86,6 +92,10 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
             state.generations, state.fluency, state.wild_s = done.generations, done.fluency, done.wild_s
     records = [case_record(job, tok, pre) for job, pre in zip(jobs, pres)]
     edits = editor.apply_many(model, tok, [job.case for job in jobs]) if len(jobs) > 1 else None
+    # Weight edits of a joint call: each edit's changed weights are kept, and the answers of all
+    # of them are decoded together afterwards (bench.core.rowweights), their records held till then.
+    later: dict[int, tuple[Job, EvalState, dict[str, torch.Tensor], object]] = {}
+    held: list[dict] = []
     for k, (job, pre, record) in enumerate(zip(jobs, pres, records)):
         t1 = time.perf_counter()
         try:
@@ -99,33 +109,74 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
         except BenchError as exc:
             record["error"] = str(exc)
             kept[k] = None
-            yield record
+            held.append(record)
+            if not later:
+                yield from _flush(held)
             continue
         t2 = time.perf_counter()
+        post = EvalState()
         try:
             seen = viewed(job, handle)  # the edited model's view: a context goes in front of every prompt
             with kept[k].replay(handle.reusable_blocks(layout)):
-                post = EvalState(forced=evaluate_forced(lm, seen, protocol, batch_size))
+                post.forced = evaluate_forced(lm, seen, protocol, batch_size)
             post.forced_s = time.perf_counter() - t2
             # a NaN or inf in the changed weights or the edited model's outputs: an error, no scores
             broken = broken_edit(lm, handle, post.forced, prompts=[seen.case.prompt])
-            if broken is None:
+            if broken is not None:
+                record["error"] = broken
+            elif job.wild is not None and len(jobs) > 1 and not reference() and handle.kinds == ("weights",) and \
+                    rowweights.supported(model, handle.changed):
+                params = dict(model.named_parameters())
+                later[k] = (seen, post, {n: params[n].detach().clone() for n in handle.changed}, handle.info)
+                if while_edited is not None:
+                    while_edited(job.case, handle)
+            else:
                 evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
                 add_post(record, job, tok, pre, post, handle)
                 if while_edited is not None:
                     while_edited(job.case, handle)
-            else:
-                record["error"] = broken
         finally:
             handle.restore()
             kept[k] = None  # free the recorded outputs
         # Edits computed together: the first case's edit_s carries the joint computation.
         record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre.forced_s + post.forced_s, 4)}
-        if job.wild is not None:
-            record["time"]["wild_s"] = round(pre.wild_s + post.wild_s, 4)
         if len(jobs) > 1:
             record["time"]["edits_together"] = len(jobs)
-        yield record
+        if k not in later:
+            if job.wild is not None:
+                record["time"]["wild_s"] = round(pre.wild_s + post.wild_s, 4)
+        held.append(record)
+        if not later:
+            yield from _flush(held)
+    if later:
+        _answers_together(lm, later, pres, records, batch_size)
+    yield from _flush(held)
+
+
+def _flush(held: list[dict]) -> Iterator[dict]:
+    while held:
+        yield held.pop(0)
+
+
+def _answers_together(lm, later: dict, pres: list[EvalState], records: list[dict], batch_size: int) -> None:
+    """The post-edit answers of the weight edits of `later` (job index -> (job, post state, its
+    changed weights, its facts)), decoded in one batch on the unedited model, each row computed
+    with its own edit's weights; their records completed."""
+    ks = sorted(later)
+    views = rowweights.RowWeights(lm.model, [later[k][2] for k in ks])
+    jobs, posts = [later[k][0] for k in ks], [later[k][1] for k in ks]
+    with views.active():
+        evaluate_wild(lm, jobs, posts, batch_size, earlier=[pres[k] for k in ks], on_rows=views.select)
+    for k, job, post in zip(ks, jobs, posts):
+        add_post(records[k], job, lm.tokenizer, pres[k], post, _Facts(later[k][3]))
+        records[k]["time"]["wild_s"] = round(pres[k].wild_s + post.wild_s, 4)
+
+
+class _Facts:
+    """What add_post reads of a handle that has been restored: its facts."""
+
+    def __init__(self, info: dict):
+        self.info = info
 
 
 # --------------------------------------------------------------------------------------------

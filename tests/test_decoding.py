@@ -131,3 +131,32 @@ def test_sequential_runs_score_and_generate_as_the_reference_paths(tmp_path, tin
     import editors
     monkeypatch.setitem(editors.BUILTIN, "tell", "tests.test_view:TellContext")
     _runs_agree(tmp_path, editor=editor, limit=6, hparams={"steps": 2} if editor == "ft" else {})
+
+
+def test_row_weights_read_each_row_with_its_own_version(lm):
+    """Two edits of the same linear weights decoded in one batch give what each edit gives on
+    its own (and the model keeps its weights)."""
+    from bench.core import rowweights
+
+    params = dict(lm.model.named_parameters())
+    name = next(n for n, p in params.items() if n.endswith("mlp.down_proj.weight"))
+    assert rowweights.supported(lm.model, [name])
+    assert not rowweights.supported(lm.model, [next(n for n in params if "norm" in n)])
+    before = params[name].detach().clone()
+    versions = [{name: before + 0.5 * torch.randn_like(before)} for _ in range(2)]
+    rules = StopRules(8)
+    alone = []
+    for version in versions:
+        with torch.no_grad():
+            params[name].copy_(version[name])
+        alone.append(generate(lm.model, lm.tokenizer, PROMPTS, rules))
+    with torch.no_grad():
+        params[name].copy_(before)
+    views = rowweights.RowWeights(lm.model, versions)
+    which = [k % 2 for k in range(len(PROMPTS))]
+    with views.active():
+        together = generate(lm.model, lm.tokenizer, PROMPTS, rules, 4,
+                            on_rows=lambda rows: views.select([which[r] for r in rows]))
+    assert together == [alone[which[k]][k] for k in range(len(PROMPTS))]
+    assert torch.equal(params[name], before)
+    assert not dict(lm.model.named_modules())[name.rpartition(".")[0]]._forward_hooks

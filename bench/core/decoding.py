@@ -120,14 +120,17 @@ def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tenso
 @torch.no_grad()
 def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad: int,
                   stopped: Callable[[list[int]], bool], batch_size: int = 32,
-                  share: bool = False) -> list[list[int]]:
+                  share: bool = False, on_rows: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     """The greedy continuation (token ids) of each prompt (token ids), up to and including the
-    token at which it stops: EOS, `stopped(tokens so far)`, or `max_new_tokens`."""
+    token at which it stops: EOS, `stopped(tokens so far)`, or `max_new_tokens`. `on_rows` is
+    told, before every forward pass, which prompts (indices) its rows are (no prefix is shared
+    then: every row is run whole)."""
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
         return out
     device = next(model.parameters()).device
-    for idx, shared in plan_batches(prompts, batch_size, share):
+    tell = on_rows or (lambda rows: None)
+    for idx, shared in plan_batches(prompts, batch_size, share and on_rows is None):
         rows = [prompts[i] for i in idx]
         cache = prefix_cache(model, rows[0][:shared], len(rows)) if shared else None
         rest = [r[shared:] for r in rows]
@@ -141,6 +144,7 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int
         # As generate counts them: from each row's first real token, padding given position 1.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        tell(idx)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1)
         cache = logits.cache
@@ -160,6 +164,7 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int
                 cache.batch_select_indices(sel)
                 tokens, mask, last = tokens[sel], mask[sel], last[sel]
                 alive = [alive[r] for r in keep]
+                tell([idx[k] for k in alive])
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             last = last + 1
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],

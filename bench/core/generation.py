@@ -17,6 +17,7 @@ alone), and only the prompts where it does not are decoded again. The result is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -89,17 +90,18 @@ class _StopCheck:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], rules: StopRules, batch_size: int = 32,
-             share_prefix: bool = False) -> list[Generation]:
+             share_prefix: bool = False, on_rows: Callable[[list[int]], None] | None = None) -> list[Generation]:
     """Greedy continuations of `prompts`, each stopped naturally (see the module docstring),
     decoded by bench.core.decoding.greedy_decode (each row leaves the batch when it stops;
-    `share_prefix`: a token prefix the prompts share is run once)."""
-    if reference():
+    `share_prefix`: a token prefix the prompts share is run once; `on_rows`: told which prompts
+    the rows of each forward pass are)."""
+    if reference() and on_rows is None:
         return generate_reference(model, tokenizer, prompts, rules, batch_size)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     rows = greedy_decode(model, ids, rules.max_new_tokens, eos, pad, _StopCheck(tokenizer, rules),
-                         batch_size, share=share_prefix)
+                         batch_size, share=share_prefix, on_rows=on_rows)
     return [_finish(tokenizer, row, eos, rules) for row in rows]
 
 
@@ -146,7 +148,8 @@ def _finish(tokenizer, row: list[int], eos: int | None, rules: StopRules) -> Gen
 
 @torch.no_grad()
 def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation], eos: int | None,
-                batch_size: int, share_prefix: bool = False) -> list[bool]:
+                batch_size: int, share_prefix: bool = False,
+                on_rows: Callable[[list[int]], None] | None = None) -> list[bool]:
     """Whether greedy decoding on `model` gives each earlier generation again: the argmax after
     the prompt and after each earlier token is the next earlier token (and EOS where the earlier
     one ended on EOS), read in one teacher-forced pass per batch (`share_prefix`: a token prefix
@@ -157,8 +160,10 @@ def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation],
     head = model.get_output_embeddings()
     out = [False] * len(prompts)  # nothing generated and no EOS: decoding must still stop at once
     batches = ([(list(range(k, min(k + batch_size, len(ids)))), 0) for k in range(0, len(ids), batch_size)]
-               if reference() else plan_batches(ids, batch_size, share_prefix))
+               if reference() else plan_batches(ids, batch_size, share_prefix and on_rows is None))
     for idx, shared in batches:  # (the prefix stops short of every prompt's last token)
+        if on_rows is not None:
+            on_rows(idx)
         hidden = run_rows(model, [ids[i] + expected[i][:-1] for i in idx], shared, pad)
         for r, i in enumerate(idx):
             if expected[i]:
@@ -170,12 +175,15 @@ def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation],
 
 
 def regenerate(model, tokenizer, prompts: list[str], earlier: list[Generation], rules: StopRules,
-               batch_size: int = 32, share_prefix: bool = False) -> list[Generation]:
+               batch_size: int = 32, share_prefix: bool = False,
+               on_rows: Callable[[list[int]], None] | None = None) -> list[Generation]:
     """`generate(model, ...)` for prompts that were generated from before (`earlier`, with the
     same rules): earlier generations the model reproduces are kept, the rest decoded again."""
-    keep = _reproduced(model, tokenizer, prompts, earlier, tokenizer.eos_token_id, batch_size, share_prefix)
+    keep = _reproduced(model, tokenizer, prompts, earlier, tokenizer.eos_token_id, batch_size, share_prefix,
+                       on_rows)
     todo = [i for i, ok in enumerate(keep) if not ok]
-    fresh = (generate(model, tokenizer, [prompts[i] for i in todo], rules, batch_size, share_prefix)
+    again = None if on_rows is None else (lambda rows: on_rows([todo[r] for r in rows]))
+    fresh = (generate(model, tokenizer, [prompts[i] for i in todo], rules, batch_size, share_prefix, again)
              if todo else [])
     out = list(earlier)
     for i, gen in zip(todo, fresh):

@@ -24,6 +24,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from bench.core.cases import EditCase
 from bench.core.errors import BenchError
@@ -81,17 +82,20 @@ def default_max_new_tokens(tokenizer, cases: list[EditCase], margin: int = CAP_M
 
 def generate_cases(model, tokenizer, cases: list[EditCase], settings: WildSettings,
                    batch_size: int = 32, earlier: list[list[Generation]] | None = None,
-                   share_prefix: bool = False) -> list[list[Generation]]:
+                   share_prefix: bool = False, on_rows: Callable[[list[int]], None] | None = None
+                   ) -> list[list[Generation]]:
     """The generations of every probe of every case (one batched call), per case. With the
     `earlier` generations of the same cases (before the edit), only the probes whose earlier
-    answer the model no longer gives are decoded again (bench.core.generation.regenerate)."""
+    answer the model no longer gives are decoded again (bench.core.generation.regenerate).
+    `on_rows`: told which cases (indices) the rows of each forward pass belong to."""
     probes = [wild_probes(case) for case in cases]
     prompts = [format_prompt(tokenizer, p.prompt, settings.prompt_format) for ps in probes for p in ps]
+    tell = _per_case(probes, on_rows)
     if earlier is None:
-        gens = generate(model, tokenizer, prompts, settings.rules, batch_size, share_prefix)
+        gens = generate(model, tokenizer, prompts, settings.rules, batch_size, share_prefix, tell)
     else:
         gens = regenerate(model, tokenizer, prompts, [g for gs in earlier for g in gs], settings.rules,
-                          batch_size, share_prefix)
+                          batch_size, share_prefix, tell)
     out, at = [], 0
     for ps in probes:
         out.append(gens[at: at + len(ps)])
@@ -101,21 +105,32 @@ def generate_cases(model, tokenizer, cases: list[EditCase], settings: WildSettin
 
 def fluency_texts(model, tokenizer, cases: list[EditCase], settings: WildSettings,
                   batch_size: int = 32, earlier: list[list[Generation]] | None = None,
-                  share_prefix: bool = False) -> list[list[Generation]]:
+                  share_prefix: bool = False, on_rows: Callable[[list[int]], None] | None = None
+                  ) -> list[list[Generation]]:
     """Longer generations (settings.fluency_tokens, no natural stop) from each case's edit and
-    rephrase prompts, per case (`earlier`: as for generate_cases)."""
+    rephrase prompts, per case (`earlier`, `on_rows`: as for generate_cases)."""
     prompts = [[case.prompt, *case.rephrase_prompts] for case in cases]
     flat = [format_prompt(tokenizer, p, settings.prompt_format) for ps in prompts for p in ps]
     rules = StopRules(max_new_tokens=settings.fluency_tokens, at_newline=False)
+    tell = _per_case(prompts, on_rows)
     if earlier is None:
-        gens = generate(model, tokenizer, flat, rules, batch_size, share_prefix)
+        gens = generate(model, tokenizer, flat, rules, batch_size, share_prefix, tell)
     else:
-        gens = regenerate(model, tokenizer, flat, [g for gs in earlier for g in gs], rules, batch_size, share_prefix)
+        gens = regenerate(model, tokenizer, flat, [g for gs in earlier for g in gs], rules, batch_size,
+                          share_prefix, tell)
     out, at = [], 0
     for ps in prompts:
         out.append(gens[at: at + len(ps)])
         at += len(ps)
     return out
+
+
+def _per_case(per_case: list[list], on_rows: Callable[[list[int]], None] | None):
+    """`on_rows` told cases where it is given prompts (the flattened lists of `per_case`)."""
+    if on_rows is None:
+        return None
+    case_of = [c for c, items in enumerate(per_case) for _ in items]
+    return lambda rows: on_rows([case_of[r] for r in rows])
 
 
 def ngram_entropy(text: str) -> float:
