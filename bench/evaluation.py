@@ -188,7 +188,7 @@ def case_record(job: Job, tokenizer, pre: EvalState) -> dict:
     return record
 
 
-def add_post(record: dict, job: Job, tokenizer, pre: EvalState, post: EvalState, handle) -> None:
+def add_post(record: dict, job: Job, tokenizer, pre: EvalState, post: EvalState, info: dict) -> None:
     record["post"] = case_scores(post.forced, pre.forced) if post.forced is not None else {}
     if post.forced is not None:
         record["predictions"]["post"] = predictions(tokenizer, post.forced)
@@ -197,8 +197,8 @@ def add_post(record: dict, job: Job, tokenizer, pre: EvalState, post: EvalState,
         result = wild_result(job.case, pre.generations, post.generations, job.wild, fluency)
         record["post"].update(result["post"])
         record["wild"] = result["record"]
-    if handle.info:
-        record["edit"] = dict(handle.info)
+    if info:  # the edit handle's facts
+        record["edit"] = dict(info)
 
 
 class RunHook:

@@ -47,6 +47,9 @@ __all__ = ["Job", "Protocol", "RunHook", "run_case", "run_cases", "execute", "re
 # Cases whose pre-edit answers are generated together in a single-mode run (the unedited model is
 # the same for all of them): a few prompts each fill a decoding batch (WildSettings.decode_batch).
 WILD_WINDOW = 32
+# The edited weights kept for decoding the answers of several weight edits together (run_cases).
+VERSIONS_BYTES = 1 << 30
+HOLD_S = 60.0  # ... and how long a finished edit's record may wait for them
 
 
 def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> dict:
@@ -56,16 +59,17 @@ def run_case(lm, editor, case: EditCase, counterfact: bool, batch_size: int) -> 
 
 def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_blocks: bool = True,
               while_edited: Callable[[EditCase, object], None] | None = None,
-              protocol: Protocol | None = None, pre_wild: list[EvalState] | None = None) -> Iterator[dict]:
-    """`run_case` for several jobs whose edits the editor may compute together (`apply_many`):
-    every pre-edit evaluation first (the generations of all jobs in one batch, or `pre_wild`: the
-    jobs' pre-edit generations made before, for more jobs at once), then each edit
-    in turn applied, evaluated and restored, its record yielded as soon as it is complete - except
-    that the post-edit answers of weight edits computed together (edits of nn.Linear weights) are
-    decoded together once all of them are made, each row with its own edit's weights
-    (bench.core.rowweights; the same answers, one batch instead of one per edit), and the call's
-    records yielded then, in order. `while_edited(case, handle)` is called while the case's edit
-    is applied, after its teacher-forced evaluation.
+              protocol: Protocol | None = None, progress: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """`run_case` for several jobs, their edits computed `editor.edits_per_call` at a time
+    (`apply_many`; `progress` is told when a joint call starts): the pre-edit answers of all jobs
+    generated in one batch, then per call the pre-edit teacher-forced evaluations and each edit in
+    turn applied, evaluated and restored, its record yielded as soon as it is complete - except
+    that the post-edit answers of weight edits (of nn.Linear weights) wait and are decoded
+    together, each row with its own edit's weights (bench.core.rowweights: the same answers, one
+    batch instead of one per edit), and the records are yielded then, in order (at the latest
+    when the kept weights reach VERSIONS_BYTES or the first has waited HOLD_S seconds: a process
+    killed meanwhile loses those records, made again on resume). `while_edited(case, handle)` is called while the
+    case's edit is applied, after its teacher-forced evaluation.
 
     The post-edit evaluation reads the model through the handle's view (a context in front of
     every prompt, modules and hooks in place). Its teacher-forced part runs the pre-edit one's
@@ -77,80 +81,97 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
     protocol = protocol or Protocol()
     model, tok = lm.model, lm.tokenizer
     layout = find_layout(model)
-    pres, kept = [], []
-    for job in jobs:
-        t0 = time.perf_counter()
-        outputs = BlockOutputs(layout)
-        with outputs.record() if reuse_unchanged_blocks else nullcontext():
-            pres.append(EvalState(forced=evaluate_forced(lm, job, protocol, batch_size)))
-        pres[-1].forced_s = time.perf_counter() - t0
-        kept.append(outputs)
-    if pre_wild is None:
-        evaluate_wild(lm, jobs, pres, batch_size)
-    else:
-        for state, done in zip(pres, pre_wild):
-            state.generations, state.fluency, state.wild_s = done.generations, done.fluency, done.wild_s
-    records = [case_record(job, tok, pre) for job, pre in zip(jobs, pres)]
-    edits = editor.apply_many(model, tok, [job.case for job in jobs]) if len(jobs) > 1 else None
-    # Weight edits of a joint call: each edit's changed weights are kept, and the answers of all
-    # of them are decoded together afterwards (bench.core.rowweights), their records held till then.
-    later: dict[int, tuple[Job, EvalState, dict[str, torch.Tensor], object]] = {}
+    pres = [EvalState() for _ in jobs]
+    if progress is not None and len(jobs) > 1 and any(job.wild is not None for job in jobs):
+        progress(f"{jobs[0].case.task}: the unedited model's answers for {len(jobs)} cases")
+    evaluate_wild(lm, jobs, pres, batch_size)  # the unedited model's answers, all jobs together
+    records: list[dict | None] = [None] * len(jobs)
+    # Weight edits: each edit's changed weights are kept and the answers of all of them decoded
+    # together afterwards; their records (and every later one) are held till then.
+    later: dict[int, tuple[Job, EvalState, dict[str, torch.Tensor], dict]] = {}
     held: list[dict] = []
-    for k, (job, pre, record) in enumerate(zip(jobs, pres, records)):
-        t1 = time.perf_counter()
-        try:
-            try:
-                handle = next(edits) if edits is not None else editor.apply(model, tok, job.case)
-            except BenchError:
-                if edits is None:
-                    raise
-                edits = None  # the joint call failed: go on one case at a time, so the error lands on its case
-                handle = editor.apply(model, tok, job.case)
-        except BenchError as exc:
-            record["error"] = str(exc)
-            kept[k] = None
-            held.append(record)
+    held_since = 0.0
+    per_call = max(1, editor.edits_per_call)
+    for start in range(0, len(jobs), per_call):
+        ks = list(range(start, min(start + per_call, len(jobs))))
+        kept = {}
+        for k in ks:
+            t0 = time.perf_counter()
+            kept[k] = BlockOutputs(layout)
+            with kept[k].record() if reuse_unchanged_blocks else nullcontext():
+                pres[k].forced = evaluate_forced(lm, jobs[k], protocol, batch_size)
+            pres[k].forced_s = time.perf_counter() - t0
+            records[k] = case_record(jobs[k], tok, pres[k])
+        if progress is not None and len(ks) > 1:
+            progress(f"{jobs[ks[0]].case.task}: editing {len(ks)} cases together")
+        edits = editor.apply_many(model, tok, [jobs[k].case for k in ks]) if len(ks) > 1 else None
+        for k in ks:
+            edits = _edit_and_evaluate(lm, editor, k, jobs[k], pres[k], records[k], edits, kept.pop(k), layout,
+                                       protocol, batch_size, while_edited, later if len(jobs) > 1 else None)
+            if len(ks) > 1 and "time" in records[k]:
+                records[k]["time"]["edits_together"] = len(ks)
+            held.append(records[k])
+            if k in later and len(later) == 1:
+                held_since = time.perf_counter()
+            kept_bytes = sum(t.numel() * t.element_size() for _, _, v, _ in later.values() for t in v.values())
+            if later and (time.perf_counter() - held_since >= HOLD_S or kept_bytes >= VERSIONS_BYTES):
+                _answers_together(lm, later, pres, records, batch_size)
             if not later:
                 yield from _flush(held)
-            continue
-        t2 = time.perf_counter()
-        post = EvalState()
-        try:
-            seen = viewed(job, handle)  # the edited model's view: a context goes in front of every prompt
-            with kept[k].replay(handle.reusable_blocks(layout)):
-                post.forced = evaluate_forced(lm, seen, protocol, batch_size)
-            post.forced_s = time.perf_counter() - t2
-            # a NaN or inf in the changed weights or the edited model's outputs: an error, no scores
-            broken = broken_edit(lm, handle, post.forced, prompts=[seen.case.prompt])
-            if broken is not None:
-                record["error"] = broken
-            elif job.wild is not None and len(jobs) > 1 and not reference() and handle.kinds == ("weights",) and \
-                    rowweights.supported(model, handle.changed):
-                params = dict(model.named_parameters())
-                later[k] = (seen, post, {n: params[n].detach().clone() for n in handle.changed}, handle.info)
-                if while_edited is not None:
-                    while_edited(job.case, handle)
-            else:
-                evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
-                add_post(record, job, tok, pre, post, handle)
-                if while_edited is not None:
-                    while_edited(job.case, handle)
-        finally:
-            handle.restore()
-            kept[k] = None  # free the recorded outputs
-        # Edits computed together: the first case's edit_s carries the joint computation.
-        record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre.forced_s + post.forced_s, 4)}
-        if len(jobs) > 1:
-            record["time"]["edits_together"] = len(jobs)
-        if k not in later:
-            if job.wild is not None:
-                record["time"]["wild_s"] = round(pre.wild_s + post.wild_s, 4)
-        held.append(record)
-        if not later:
-            yield from _flush(held)
     if later:
         _answers_together(lm, later, pres, records, batch_size)
     yield from _flush(held)
+
+
+def _edit_and_evaluate(lm, editor, k: int, job: Job, pre: EvalState, record: dict, edits, kept: BlockOutputs,
+                       layout, protocol: Protocol, batch_size: int, while_edited, later: dict | None):
+    """One job's edit (the next of the joint call `edits`, or its own) applied, evaluated and
+    restored into `record`; its answers left to `later` (job index -> what they need) when they
+    can be decoded with other edits'. Returns what is left of the joint call."""
+    model, tok = lm.model, lm.tokenizer
+    t1 = time.perf_counter()
+    try:
+        try:
+            handle = next(edits) if edits is not None else editor.apply(model, tok, job.case)
+        except BenchError:
+            if edits is None:
+                raise
+            edits = None  # the joint call failed: go on one case at a time, so the error lands on its case
+            handle = editor.apply(model, tok, job.case)
+    except BenchError as exc:
+        record["error"] = str(exc)
+        return edits
+    t2 = time.perf_counter()
+    post = EvalState()
+    deferred = False
+    try:
+        seen = viewed(job, handle)  # the edited model's view: a context goes in front of every prompt
+        with kept.replay(handle.reusable_blocks(layout)):
+            post.forced = evaluate_forced(lm, seen, protocol, batch_size)
+        post.forced_s = time.perf_counter() - t2
+        # a NaN or inf in the changed weights or the edited model's outputs: an error, no scores
+        broken = broken_edit(lm, handle, post.forced, prompts=[seen.case.prompt])
+        if broken is not None:
+            record["error"] = broken
+        else:
+            if later is not None and job.wild is not None and not reference() and handle.kinds == ("weights",) \
+                    and rowweights.supported(model, handle.changed):
+                params = dict(model.named_parameters())
+                later[k] = (seen, post, {n: params[n].detach().clone() for n in handle.changed},
+                                     dict(handle.info))
+                deferred = True
+            else:
+                evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
+                add_post(record, job, tok, pre, post, handle.info)
+            if while_edited is not None:
+                while_edited(job.case, handle)
+    finally:
+        handle.restore()
+    # Edits computed together: the first case's edit_s carries the joint computation.
+    record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre.forced_s + post.forced_s, 4)}
+    if job.wild is not None and not deferred and not record["error"]:
+        record["time"]["wild_s"] = round(pre.wild_s + post.wild_s, 4)
+    return edits
 
 
 def _flush(held: list[dict]) -> Iterator[dict]:
@@ -168,15 +189,9 @@ def _answers_together(lm, later: dict, pres: list[EvalState], records: list[dict
     with views.active():
         evaluate_wild(lm, jobs, posts, batch_size, earlier=[pres[k] for k in ks], on_rows=views.select)
     for k, job, post in zip(ks, jobs, posts):
-        add_post(records[k], job, lm.tokenizer, pres[k], post, _Facts(later[k][3]))
+        add_post(records[k], job, lm.tokenizer, pres[k], post, later[k][3])
         records[k]["time"]["wild_s"] = round(pres[k].wild_s + post.wild_s, 4)
-
-
-class _Facts:
-    """What add_post reads of a handle that has been restored: its facts."""
-
-    def __init__(self, info: dict):
-        self.info = info
+    later.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,23 +372,16 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
             records, _ = run_sequential(setup, run, todo, jobs(todo), hooks, protocol, written,
                                         progress=bar.set_postfix_str, log=log)
         else:
+            # Windows of cases: their pre-edit answers are decoded together, and so are the
+            # post-edit answers of weight edits (run_cases). The bar advances as records come.
             per_call = editor.edits_per_call
             window = max(per_call, WILD_WINDOW // per_call * per_call)
-            pre_wild: list[EvalState] = []
-            for start in range(0, len(todo), per_call):
-                chunk = todo[start:start + per_call]
-                if start % window == 0:  # pre-edit generations of the next cases, decoded together
-                    ahead = jobs(todo[start:start + window])
-                    pre_wild = [EvalState() for _ in ahead]
-                    if any(job.wild is not None for job in ahead):
-                        bar.set_postfix_str(f"generating pre-edit answers of {len(ahead)} cases")
-                        evaluate_wild(lm, ahead, pre_wild, opts.batch_size)
-                # the bar advances as each case's evaluation finishes; until the first, it says why it waits
-                bar.set_postfix_str(chunk[0][0].name + (f": editing {len(chunk)} cases together"
-                                                        if len(chunk) > 1 else ""))
+            for start in range(0, len(todo), window):
+                chunk = todo[start:start + window]
+                bar.set_postfix_str(chunk[0][0].name)
                 for (task, _), record in zip(chunk, run_cases(
                         lm, editor, jobs(chunk), batch_size=opts.batch_size, while_edited=while_edited,
-                        protocol=protocol, pre_wild=pre_wild[start % window:start % window + len(chunk)])):
+                        protocol=protocol, progress=bar.set_postfix_str)):
                     write(task, record)
                     bar.set_postfix_str(task.name, refresh=False)
                     bar.update()

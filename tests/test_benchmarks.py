@@ -26,7 +26,8 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_benchmark_scripts():
     assert {p.name for p in SCRIPTS} == {"speed.py", "sweep.py", "compare_runs.py", "wild_cost.py",
-                                         "batch_edit_speed.py", "edit_memory.py", "validation_curve.py", "kl_position.py"}
+                                         "batch_edit_speed.py", "edit_memory.py", "validation_curve.py", "kl_position.py",
+                                         "eval_cost.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -95,6 +96,29 @@ def test_compare_runs_a_differing_prediction(tmp_path):
     assert res.returncode == 1 and "predictions.post.prompt" in res.stdout
     # ignoring reliability also ignores the prompt's predictions it is read from
     assert run_script("compare_runs.py", a, b, "--ignore-metric", "reliability").returncode == 0
+
+
+def test_compare_runs_a_differing_generation(tmp_path):
+    def with_answer(text):
+        r = record("zsre", "z1", {"reliability": 1.0})
+        r["wild"] = {"generations": {"pre": {"prompt": {"text": " Paris", "stop": "eos", "tokens": 1}},
+                                     "post": {"prompt": {"text": text, "stop": "eos", "tokens": 1}}}}
+        return r
+
+    a = write_run(tmp_path / "a", [with_answer(" Rome")])
+    assert run_script("compare_runs.py", a, write_run(tmp_path / "b", [with_answer(" Rome")])).returncode == 0
+    res = run_script("compare_runs.py", a, write_run(tmp_path / "c", [with_answer(" Oslo")]))
+    assert res.returncode == 1 and "wild.generations.post" in res.stdout
+
+
+def test_eval_cost_runs_bench_from_two_checkouts_and_compares_them(tiny_model_dir, tmp_path):
+    """This checkout twice (as if it were another): the table has a row each, and the records agree."""
+    res = run_script("eval_cost.py", "--checkout", ROOT, "--runs-dir", tmp_path, "--",
+                     "--editor", "ft", "--model", tiny_model_dir, "--data-dir", FIXTURE_DATA,
+                     "--task", "counterfact", "--limit", "2", "--hparam", "steps=1")
+    assert res.returncode == 0, res.stderr
+    assert "| before | 2 |" in res.stdout and "| this | 2 |" in res.stdout
+    assert "| counterfact | 2 | 2 | 0 |" in res.stdout  # compared, equal, differing
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 import editors
@@ -314,6 +315,8 @@ def test_default_apply_batch_applies_in_turn_and_restores_all():
     (["--mode", "sequential", "--edit-batch", "2", "--eval-every", "3"], "must be a multiple of --edit-batch"),
     (["--mode", "sequential", "--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--edit-batch", "4"], "belong to --mode sequential"),
+    (["--mode", "sequential", "--retention-sample", "-2"], "--retention-sample must be >= 0"),
+    (["--retention-sample", "5"], "--retention-sample belongs to --mode sequential"),
 ])
 def test_bad_sequential_options_are_one_line_errors(tmp_path, capsys, args, message):
     rc = main(["run", "--editor", "none", "--task", "counterfact", "--data-dir", str(FIXTURE_DATA),
@@ -327,3 +330,59 @@ def test_a_sequential_run_cannot_change_its_limit_on_resume(tmp_path, tiny_load)
     path = execute(options(tmp_path, limit=2, hparams={"steps": "1", "layers": "1"}), log=lambda s: None)
     with pytest.raises(BenchError, match="cannot change its --limit"):
         resume(path, limit=3, log=lambda s: None)
+
+
+@given(st.integers(1, 60), st.integers(0, 70), st.integers(0, 2**31), st.data())
+@settings(max_examples=200, deadline=None)
+def test_the_retention_sample_is_a_seeded_subset_of_the_applied_edits(planned, size, seed, data):
+    from bench.sequential.checkpoint import retention_sample
+
+    applied = sorted(data.draw(st.sets(st.integers(0, planned - 1), min_size=1)))
+    got = retention_sample(applied, size, seed, planned)
+    assert got == sorted(got) and set(got) <= set(applied)
+    assert len(got) == (len(applied) if size == 0 else min(size, len(applied)))
+    assert got == retention_sample(applied, size, seed, planned)  # the same on a resumed run
+    # an edit sampled among more applied ones is sampled among fewer that still hold it
+    fewer = [i for i in applied if i <= max(got)]
+    assert set(retention_sample(fewer, size, seed, planned)) >= set(got) & set(fewer)
+
+
+def test_retention_sample_scores_a_sample_at_checkpoints_and_every_edit_at_the_last(tmp_path, tiny_load):
+    path = execute(options(tmp_path, tasks=["counterfact"], limit=6, eval_every=2, retention_sample=3,
+                           hparams={"steps": 1}), log=lambda s: None)
+    checkpoints = lines(path / "checkpoints.jsonl")
+    assert [c["n_edits"] for c in checkpoints] == [2, 4, 6]
+    assert [len(c["cases"]) for c in checkpoints] == [2, 3, 6]
+    assert [c.get("retention_sample") for c in checkpoints] == [None, {"size": 3, "seed": 0}, None]
+    assert [c["n_applied"] for c in checkpoints] == [2, 4, 6]
+    assert checkpoints[1]["summary"]["counterfact"]["reliability"]["n"] == 3
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["sequential"]["retention_sample"] == 3
+    assert json.loads((path / "config.json").read_text())["sequential"]["retention_sample"] == 3
+
+
+def test_the_last_checkpoint_decodes_again_only_answers_that_changed(tmp_path, tiny_load, monkeypatch):
+    """At the last checkpoint the unedited answers (kept in pre.jsonl) are checked first and only
+    the ones the edited model no longer gives are decoded: the same records as decoding all."""
+    import bench.core.wild as wild
+
+    def scores(path):
+        last = lines(path / "checkpoints.jsonl")[-1]
+        return [without_time(c) for c in last["cases"]], [without_time(r) for r in lines(path / "cases.jsonl")]
+
+    opts = dict(tasks=["counterfact"], limit=4, eval_every=2, hparams={"steps": 2})
+    calls = []
+    real = wild.regenerate
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wild, "regenerate", spy)
+    checked = execute(options(tmp_path / "a", **opts), log=lambda s: None)
+    assert calls and all("pre_generations" in r for r in lines(checked / "sequential" / "pre.jsonl"))
+    assert not any("pre_generations" in r for r in lines(checked / "cases.jsonl"))
+    monkeypatch.setattr(wild, "regenerate", lambda m, t, prompts, earlier, rules, *a, **k:
+                        wild.generate(m, t, prompts, rules, *a, **k))
+    decoded = execute(options(tmp_path / "b", **opts), log=lambda s: None)
+    assert scores(checked) == scores(decoded)

@@ -43,10 +43,12 @@ from bench.core.runfiles import RunDir
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, broken_edit, case_record, evaluate_forced,
                               evaluate_wild)
 from bench.sequential.checkpoint import checkpoint_summary, retention, retention_sample
-from bench.sequential.locality import LocalityProbe, draw_locality_probes, probe_scores, read_probes
+from bench.sequential.locality import (LocalityProbe, draw_locality_probes, generation_entry, probe_scores,
+                                       read_probes)
 from editors.base import CombinedHandle, EditHandle
 
 PRE_CHUNK = 64  # cases per pre-edit evaluation batch (each chunk is written before the next)
+PRE_ONLY = ("pre_locality_ids", "pre_generations")  # what pre.jsonl keeps for the last checkpoint
 
 # --------------------------------------------------------------------------------------------
 # The loop
@@ -139,6 +141,8 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
             rec = case_record(jobs[i], tok, st)
             if st.forced is not None:  # what the last checkpoint compares each case's locality with
                 rec["pre_locality_ids"] = [r.pred_ids for r in st.forced.locality]
+            if st.generations is not None:  # what the last checkpoint checks before decoding again
+                rec["pre_generations"] = [generation_entry(g) for g in st.generations]
             run.append_pre(rec)
             pre[keys[i]] = rec
 
@@ -256,7 +260,7 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
                     views.append(handle)  # undone at the end; its view is read at checkpoints
             del handle  # a weights-only edit is never restored alone: drop its saved weights
             for k, i in enumerate(idx):
-                record = {k: v for k, v in pre[keys[i]].items() if k != "pre_locality_ids"}
+                record = {k: v for k, v in pre[keys[i]].items() if k not in PRE_ONLY}
                 record.update(error=errs[k], order=i)
                 if infos[k] or (k == 0 and batch_info):
                     record["edit"] = {**infos[k], **({"batch": batch_info} if k == 0 and batch_info else {})}
