@@ -360,29 +360,3 @@ def test_retention_sample_scores_a_sample_at_checkpoints_and_every_edit_at_the_l
     assert summary["sequential"]["retention_sample"] == 3
     assert json.loads((path / "config.json").read_text())["sequential"]["retention_sample"] == 3
 
-
-def test_the_last_checkpoint_decodes_again_only_answers_that_changed(tmp_path, tiny_load, monkeypatch):
-    """At the last checkpoint the unedited answers (kept in pre.jsonl) are checked first and only
-    the ones the edited model no longer gives are decoded: the same records as decoding all."""
-    import bench.core.wild as wild
-
-    def scores(path):
-        last = lines(path / "checkpoints.jsonl")[-1]
-        return [without_time(c) for c in last["cases"]], [without_time(r) for r in lines(path / "cases.jsonl")]
-
-    opts = dict(tasks=["counterfact"], limit=4, eval_every=2, hparams={"steps": 2})
-    calls = []
-    real = wild.regenerate
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[2]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(wild, "regenerate", spy)
-    checked = execute(options(tmp_path / "a", **opts), log=lambda s: None)
-    assert calls and all("pre_generations" in r for r in lines(checked / "sequential" / "pre.jsonl"))
-    assert not any("pre_generations" in r for r in lines(checked / "cases.jsonl"))
-    monkeypatch.setattr(wild, "regenerate", lambda m, t, prompts, earlier, rules, *a, **k:
-                        wild.generate(m, t, prompts, rules, *a, **k))
-    decoded = execute(options(tmp_path / "b", **opts), log=lambda s: None)
-    assert scores(checked) == scores(decoded)

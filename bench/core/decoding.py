@@ -97,11 +97,10 @@ def prefix_cache(model, prefix: list[int], rows: int):
     return cache
 
 
-def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tensor:
-    """Final hidden states of `rows` (right padded; [rows, width, hidden]) after the first
-    `shared` tokens, which every row has in common and which are run once. Position j of the
-    result is position shared + j of the row."""
-    device = next(model.parameters()).device
+def _padded(model, rows: list[list[int]], shared: int, pad: int, left: bool):
+    """(the key-value cache of the `shared` tokens the rows begin with, run once, or None; the
+    rest of each row padded to one width, on the left or the right; the attention mask over
+    prefix and rest)."""
     cache = prefix_cache(model, rows[0][:shared], len(rows)) if shared else None
     rest = [r[shared:] for r in rows]
     width = max(len(r) for r in rest)
@@ -109,9 +108,19 @@ def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tenso
     mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
     mask[:, :shared] = 1
     for k, r in enumerate(rest):
-        ids[k, :len(r)] = torch.tensor(r)
-        mask[k, shared:shared + len(r)] = 1
-    positions = (shared + torch.arange(width))[None].expand(len(rows), -1)
+        at = width - len(r) if left else 0
+        ids[k, at:at + len(r)] = torch.tensor(r)
+        mask[k, shared + at:shared + at + len(r)] = 1
+    return cache, ids, mask
+
+
+def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tensor:
+    """Final hidden states of `rows` (right padded; [rows, width, hidden]) after the first
+    `shared` tokens, which every row has in common and which are run once. Position j of the
+    result is position shared + j of the row (each real token where it is unbatched)."""
+    device = next(model.parameters()).device
+    cache, ids, mask = _padded(model, rows, shared, pad, left=False)
+    positions = (shared + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
     out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), cache=cache, use_cache=cache is not None)
     return out.last_hidden_state
@@ -132,15 +141,8 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int
     tell = on_rows or (lambda rows: None)
     for idx, shared in plan_batches(prompts, batch_size, share and on_rows is None):
         rows = [prompts[i] for i in idx]
-        cache = prefix_cache(model, rows[0][:shared], len(rows)) if shared else None
-        rest = [r[shared:] for r in rows]
-        width = max(len(r) for r in rest)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        for k, r in enumerate(rest):  # left padding: every row continues from its own last token
-            ids[k, width - len(r):] = torch.tensor(r)
-            mask[k, shared + width - len(r):] = 1
+        # left padding: every row continues from its own last token
+        cache, ids, mask = _padded(model, rows, shared, pad, left=True)
         # As generate counts them: from each row's first real token, padding given position 1.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)

@@ -165,12 +165,20 @@ def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation],
         if on_rows is not None:
             on_rows(idx)
         hidden = run_rows(model, [ids[i] + expected[i][:-1] for i in idx], shared, pad)
-        for r, i in enumerate(idx):
-            if expected[i]:
-                at = torch.arange(len(ids[i]) - 1 - shared, len(ids[i]) - 1 - shared + len(expected[i]),
-                                  device=hidden.device)
-                # softcapping is monotone: the argmax of the raw logits is the argmax
-                out[i] = head(hidden[r, at]).argmax(-1).tolist() == expected[i]
+        rows = [r for r, i in enumerate(idx) if expected[i]]
+        if not rows:
+            continue
+        # every row's read positions gathered: one vocabulary projection per batch
+        at = [(r, len(ids[idx[r]]) - 1 - shared + j) for r in rows for j in range(len(expected[idx[r]]))]
+        picked = hidden[torch.tensor([r for r, _ in at], device=hidden.device),
+                        torch.tensor([c for _, c in at], device=hidden.device)]
+        # softcapping is monotone: the argmax of the raw logits is the argmax
+        argmax = head(picked).argmax(-1).tolist()
+        k = 0
+        for r in rows:
+            n = len(expected[idx[r]])
+            out[idx[r]] = argmax[k:k + n] == expected[idx[r]]
+            k += n
     return out
 
 

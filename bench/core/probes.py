@@ -98,10 +98,7 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
                     cols.append(len(p_ids) - 1 + j - shared)  # the position that predicts answer token j
                     targets.append(tok)
                 owners.append(i)
-        if shared:
-            hidden = run_rows(model, [list(runs[r]) for r in chunk], shared, pad)
-        else:
-            hidden = _run_plain(model, [runs[r] for r in chunk], pad, device)
+        hidden = run_rows(model, [list(runs[r]) for r in chunk], shared, pad)
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logprobs = torch.log_softmax(output_logits(model, picked).float(), dim=-1)
         target_t = torch.tensor(targets, device=device)
@@ -115,18 +112,6 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
                                      mean_logprob=float(np.mean(tok_lp[k:k + n])))
             k += n
     return results
-
-
-def _run_plain(model, chunk: list[tuple[int, ...]], pad: int, device) -> torch.Tensor:
-    """Final hidden states of the sequences of `chunk`, right padded (each real token at the
-    position it has unbatched)."""
-    width = max(len(s) for s in chunk)
-    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for r, seq in enumerate(chunk):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
-    return model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
 
 
 # --------------------------------------------------------------------------------------------

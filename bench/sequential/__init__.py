@@ -43,12 +43,11 @@ from bench.core.runfiles import RunDir
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, broken_edit, case_record, evaluate_forced,
                               evaluate_wild)
 from bench.sequential.checkpoint import checkpoint_summary, retention, retention_sample
-from bench.sequential.locality import (LocalityProbe, draw_locality_probes, generation_entry, probe_scores,
-                                       read_probes)
+from bench.sequential.locality import LocalityProbe, draw_locality_probes, probe_scores, read_probes
 from editors.base import CombinedHandle, EditHandle
 
 PRE_CHUNK = 64  # cases per pre-edit evaluation batch (each chunk is written before the next)
-PRE_ONLY = ("pre_locality_ids", "pre_generations")  # what pre.jsonl keeps for the last checkpoint
+PRE_ONLY = ("pre_locality_ids",)  # what pre.jsonl keeps for the last checkpoint
 
 # --------------------------------------------------------------------------------------------
 # The loop
@@ -141,8 +140,6 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
             rec = case_record(jobs[i], tok, st)
             if st.forced is not None:  # what the last checkpoint compares each case's locality with
                 rec["pre_locality_ids"] = [r.pred_ids for r in st.forced.locality]
-            if st.generations is not None:  # what the last checkpoint checks before decoding again
-                rec["pre_generations"] = [generation_entry(g) for g in st.generations]
             run.append_pre(rec)
             pre[keys[i]] = rec
 

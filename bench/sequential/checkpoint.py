@@ -12,7 +12,6 @@ from bench.core.probes import CaseEval, ProbeResult, evaluate_cases
 from bench.core.prompts import format_case
 from bench.core.wild import fluency_texts, generate_cases, generated_texts, ngram_entropy, score_generations
 from bench.evaluation import Job, Protocol, shares_prefix, wild_groups
-from bench.sequential.locality import as_generation
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
 LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
@@ -54,12 +53,10 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
                 out[i]["post"].update(case_scores(ev, before))
     for idx in wild_groups(jobs):
         settings = jobs[idx[0]].wild
-        # the last checkpoint: answers the model still gives as before the first edit are kept
-        # after one teacher-forced check (bench.core.generation.regenerate), the rest decoded
-        earlier = ([[as_generation(e) for e in pre[i]["pre_generations"]] for i in idx]
-                   if pre is not None and all("pre_generations" in pre[i] for i in idx) else None)
+        # (no check of the unedited answers first, as single mode does: at 128 rows a decoding
+        # step is cheap per row, and the teacher-forced check costs more than decoding)
         gens = generate_cases(model, tok, [given[i] for i in idx], settings, settings.decode_batch,
-                              earlier=earlier, share_prefix=share)
+                              share_prefix=share)
         flu = (fluency_texts(model, tok, [given[i] for i in idx], settings, settings.decode_batch,
                              share_prefix=share)
                if settings.fluency_tokens else [None] * len(idx))

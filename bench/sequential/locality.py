@@ -47,11 +47,11 @@ def draw_locality_probes(items: list[tuple[str, EditCase]], per_task: int, seed:
     return out
 
 
-def generation_entry(g: Generation) -> dict:
+def _generation_entry(g: Generation) -> dict:
     return {"text": g.text, "stop": g.stop, "tokens": g.n_tokens, "token_ids": list(g.token_ids)}
 
 
-def as_generation(entry: dict) -> Generation:
+def _as_generation(entry: dict) -> Generation:
     return Generation(entry["text"], entry["stop"], entry["tokens"], tuple(entry["token_ids"]))
 
 
@@ -86,12 +86,12 @@ def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], p
         if earlier is None:
             gens = generate(model, tok, prompts, settings.rules, settings.decode_batch, share)
         else:
-            gens = regenerate(model, tok, prompts, [as_generation(earlier[i]["generation"]) for i in idx],
+            gens = regenerate(model, tok, prompts, [_as_generation(earlier[i]["generation"]) for i in idx],
                               settings.rules, settings.decode_batch, share)
         verdicts = locality_verdicts(settings, [probes[i].prompt for i in idx],
                                      [probes[i].answer for i in idx], gens)
         for i, g, v in zip(idx, gens, verdicts):
-            out[i].update(generation=generation_entry(g), correct=v)
+            out[i].update(generation=_generation_entry(g), correct=v)
     return out
 
 
