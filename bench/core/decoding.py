@@ -120,9 +120,11 @@ def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tenso
     result is position shared + j of the row (each real token where it is unbatched)."""
     device = next(model.parameters()).device
     cache, ids, mask = _padded(model, rows, shared, pad, left=False)
+    if not shared:  # right padding: the model's own positions are each token's unbatched ones
+        return model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     positions = (shared + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
     out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), cache=cache, use_cache=cache is not None)
+                           position_ids=positions.to(device), cache=cache, use_cache=True)
     return out.last_hidden_state
 
 
