@@ -84,7 +84,7 @@ def wild_groups(jobs: list[Job]) -> list[list[int]]:
     return list(groups.values())
 
 
-def evaluate_wild(lm, jobs: list[Job], states: list[EvalState], batch_size: int,
+def evaluate_wild(lm, jobs: list[Job], states: list[EvalState],
                   earlier: list[EvalState] | None = None,
                   on_rows: Callable[[list[int]], None] | None = None) -> None:
     """Generations (and fluency texts) for the jobs evaluated in the wild, batched across the
@@ -94,15 +94,15 @@ def evaluate_wild(lm, jobs: list[Job], states: list[EvalState], batch_size: int,
     for ks in wild_groups(jobs):
         settings = jobs[ks[0]].wild
         cases = [jobs[k].case for k in ks]
-        share = all(jobs[k].share_prefix for k in ks)
+        shared_prefix = all(jobs[k].share_prefix for k in ks)
         tell = None if on_rows is None else (lambda rows, ks=ks: on_rows([ks[r] for r in rows]))
         t0 = time.perf_counter()
         gens = generate_cases(lm.model, lm.tokenizer, cases, settings, settings.decode_batch,
                               earlier=[earlier[k].generations for k in ks] if earlier else None,
-                              share_prefix=share, on_rows=tell)
+                              share_prefix=shared_prefix, on_rows=tell)
         flu = (fluency_texts(lm.model, lm.tokenizer, cases, settings, settings.decode_batch,
                              earlier=[earlier[k].fluency for k in ks] if earlier else None,
-                             share_prefix=share, on_rows=tell)
+                             share_prefix=shared_prefix, on_rows=tell)
                if settings.fluency_tokens else [None] * len(ks))
         share = (time.perf_counter() - t0) / len(ks)
         for k, g, f in zip(ks, gens, flu):

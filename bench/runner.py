@@ -68,8 +68,8 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
     together, each row with its own edit's weights (bench.core.rowweights: the same answers, one
     batch instead of one per edit), and the records are yielded then, in order (at the latest
     when the kept weights reach VERSIONS_BYTES or the first has waited HOLD_S seconds: a process
-    killed meanwhile loses those records, made again on resume). `while_edited(case, handle)` is called while the
-    case's edit is applied, after its teacher-forced evaluation.
+    killed meanwhile loses those records, made again on resume). `while_edited(case, handle)` is
+    called while the case's edit is applied, after its teacher-forced evaluation.
 
     The post-edit evaluation reads the model through the handle's view (a context in front of
     every prompt, modules and hooks in place). Its teacher-forced part runs the pre-edit one's
@@ -84,7 +84,7 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
     pres = [EvalState() for _ in jobs]
     if progress is not None and len(jobs) > 1 and any(job.wild is not None for job in jobs):
         progress(f"{jobs[0].case.task}: the unedited model's answers for {len(jobs)} cases")
-    evaluate_wild(lm, jobs, pres, batch_size)  # the unedited model's answers, all jobs together
+    evaluate_wild(lm, jobs, pres)  # the unedited model's answers, all jobs together
     records: list[dict | None] = [None] * len(jobs)
     # Weight edits: each edit's changed weights are kept and the answers of all of them decoded
     # together afterwards; their records (and every later one) are held till then.
@@ -158,10 +158,10 @@ def _edit_and_evaluate(lm, editor, k: int, job: Job, pre: EvalState, record: dic
                     and rowweights.supported(model, handle.changed):
                 params = dict(model.named_parameters())
                 later[k] = (seen, post, {n: params[n].detach().clone() for n in handle.changed},
-                                     dict(handle.info))
+                            dict(handle.info))
                 deferred = True
             else:
-                evaluate_wild(lm, [seen], [post], batch_size, earlier=[pre])
+                evaluate_wild(lm, [seen], [post], earlier=[pre])
                 add_post(record, job, tok, pre, post, handle.info)
             if while_edited is not None:
                 while_edited(job.case, handle)
@@ -169,7 +169,7 @@ def _edit_and_evaluate(lm, editor, k: int, job: Job, pre: EvalState, record: dic
         handle.restore()
     # Edits computed together: the first case's edit_s carries the joint computation.
     record["time"] = {"edit_s": round(t2 - t1, 4), "eval_s": round(pre.forced_s + post.forced_s, 4)}
-    if job.wild is not None and not deferred and not record["error"]:
+    if job.wild is not None and not deferred:
         record["time"]["wild_s"] = round(pre.wild_s + post.wild_s, 4)
     return edits
 
@@ -187,7 +187,7 @@ def _answers_together(lm, later: dict, pres: list[EvalState], records: list[dict
     views = rowweights.RowWeights(lm.model, [later[k][2] for k in ks])
     jobs, posts = [later[k][0] for k in ks], [later[k][1] for k in ks]
     with views.active():
-        evaluate_wild(lm, jobs, posts, batch_size, earlier=[pres[k] for k in ks], on_rows=views.select)
+        evaluate_wild(lm, jobs, posts, earlier=[pres[k] for k in ks], on_rows=views.select)
     for k, job, post in zip(ks, jobs, posts):
         add_post(records[k], job, lm.tokenizer, pres[k], post, later[k][3])
         records[k]["time"]["wild_s"] = round(pres[k].wild_s + post.wild_s, 4)

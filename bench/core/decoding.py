@@ -50,6 +50,11 @@ def _common(a: list[int], b: list[int], limit: int) -> int:
     return n
 
 
+def in_order(n: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """Batches of the indices 0..n-1 in their order, nothing shared (the paths before plan_batches)."""
+    return [(list(range(k, min(k + batch_size, n))), 0) for k in range(0, n, batch_size)]
+
+
 def plan_batches(seqs: list[list[int]], batch_size: int, share: bool = False,
                  min_shared: int = MIN_SHARED) -> list[tuple[list[int], int]]:
     """Batches of sequence indices, each with the length of the token prefix its rows share and

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from bench.core.decoding import greedy_decode, plan_batches, reference, run_rows
+from bench.core.decoding import greedy_decode, in_order, plan_batches, reference, run_rows
 
 STOP_REASONS = ("eos", "newline", "stop_string", "max_new_tokens")
 
@@ -159,8 +159,8 @@ def _reproduced(model, tokenizer, prompts: list[str], earlier: list[Generation],
     expected = [list(g.token_ids) + ([eos] if g.stop == "eos" and eos is not None else []) for g in earlier]
     head = model.get_output_embeddings()
     out = [False] * len(prompts)  # nothing generated and no EOS: decoding must still stop at once
-    batches = ([(list(range(k, min(k + batch_size, len(ids)))), 0) for k in range(0, len(ids), batch_size)]
-               if reference() else plan_batches(ids, batch_size, share_prefix and on_rows is None))
+    batches = (in_order(len(ids), batch_size) if reference()
+               else plan_batches(ids, batch_size, share_prefix and on_rows is None))
     for idx, shared in batches:  # (the prefix stops short of every prompt's last token)
         if on_rows is not None:
             on_rows(idx)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.core.cases import EditCase
-from bench.core.decoding import MIN_SHARED, plan_batches, reference, run_rows
+from bench.core.decoding import MIN_SHARED, in_order, plan_batches, reference, run_rows
 from bench.core.layout import output_logits
 
 
@@ -84,7 +84,7 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
         readers.setdefault(run_of_prefix[seq], []).append(i)
     results: list[ProbeResult | None] = [None] * len(encoded)
     batches = (plan_batches([list(s) for s in runs], batch_size, share=True) if share_prefix and not reference()
-               else [(list(range(k, min(k + batch_size, len(runs)))), 0) for k in range(0, len(runs), batch_size)])
+               else in_order(len(runs), batch_size))
     for chunk, shared in batches:
         # the prefix stops short of every sequence's first read position
         shared = min([shared] + [len(encoded[i][0]) - 1 for r in chunk for i in readers[r]])

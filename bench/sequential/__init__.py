@@ -135,7 +135,7 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
     for start in range(0, len(missing), PRE_CHUNK):
         chunk = missing[start:start + PRE_CHUNK]
         states = [EvalState(forced=evaluate_forced(lm, jobs[i], protocol, opts.batch_size)) for i in chunk]
-        evaluate_wild(lm, [jobs[i] for i in chunk], states, opts.batch_size)
+        evaluate_wild(lm, [jobs[i] for i in chunk], states)
         for i, st in zip(chunk, states):
             rec = case_record(jobs[i], tok, st)
             if st.forced is not None:  # what the last checkpoint compares each case's locality with
