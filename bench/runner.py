@@ -29,6 +29,7 @@ from bench.core import rowweights
 from bench.core.decoding import reference
 from bench.core.replay import BlockOutputs
 from bench.core.io import check_writable_dir
+from bench.core.provenance import peak_memory
 from bench.core.runfiles import RunDir, check_resume_limit, check_run_config, check_run_name, new_run_dir
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, broken_edit, case_record,
                               evaluate_forced, evaluate_wild, viewed)
@@ -404,6 +405,7 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
                     summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
                 summary["sequential"] = sequential_summary(config, checkpoints, len(todo))
             summary["wall_time_s"] = round(time.perf_counter() - started, 2)
+            summary["memory"] = peak_memory(lm.device)
             run.write_summary(summary)
     if shard.rank == 0:
         log(format_summary(summary))

@@ -32,6 +32,7 @@ from bench.core.metrics import METRIC_DEFINITIONS
 from bench.core.generation import StopRules
 from bench.core.judge import JUDGE_PROMPT_VERSION, HTTPJudge, LocalJudge
 from bench.core.prompts import PROMPT_FORMATS, check_prompt_format
+from bench.core.provenance import git_commit
 from bench.core.scorers import SCORERS, get_scorer
 from bench.core.wild import WildSettings, default_max_new_tokens
 from bench.core.models import LoadedModel, load_config, load_model, resolve_device, resolve_dtype
@@ -472,7 +473,7 @@ def evaluation_case(setup: Setup, case: EditCase) -> EditCase:
 
 def _versions(regression: bool) -> dict:
     out = {"instructedit_bench": __version__, "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version()}
+           "transformers": transformers.__version__, "python": platform.python_version(), **git_commit()}
     if regression:
         out["lm_eval"] = lm_eval_version()
     return out

@@ -40,7 +40,7 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def strip_volatile(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "wall_time_s"}
+    return {k: v for k, v in summary.items() if k not in ("wall_time_s", "memory")}
 
 
 def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
@@ -71,6 +71,8 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     assert all(len(h) == 64 and int(h, 16) >= 0 for h in hashes.values())
     for key in ("created", "versions", "seed", "limit", "instruction_mode", "notes"):
         assert key in config
+    # the commit of the code that made the run, where that code is a git checkout (tests run in one)
+    assert "git_commit" in config["versions"]
 
     records = read_lines(path / "cases.jsonl")
     assert len(records) == sum(N_CASES.values())
@@ -128,6 +130,8 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     # a finished run's summary says so (bench.core.runfiles.completeness)
     assert strip_volatile(summary) == {**summarize_run(config, records), "complete": True,
                                        "finished_cases": len(records), "planned_cases": sum(N_CASES.values())}
+    memory = summary["memory"]  # the process's peak memory (on CPU: peak resident set)
+    assert memory["peak_mb"] == memory["peak_rss_mb"] > 0 and "ru_maxrss" in memory["measured"]
     assert any("records skipped" in line for line in logs)  # the printed table notes skips
     assert any(f"results: {path}" == line for line in logs)
 
