@@ -26,8 +26,9 @@ MARK_RULE = ("Paired comparison over the cases both runs finished (matched by ta
              "▲/▼: the interval excludes 0 and the comparison survives Holm's adjustment over the {n} "
              "comparisons of this table; △/▽: it excludes 0 but does not survive the adjustment; · the "
              "interval contains 0 (or fewer than {min_pairs} shared cases: no test).")
-PEAK_MEMORY_NOTE = ("peak memory: the largest the run recorded, – where it recorded none (the runner does not "
-                    "measure it yet); training: a learned editor's training time and steps, – for an editor "
+PEAK_MEMORY_NOTE = ("peak memory: the largest the run recorded (summary.json `memory`: peak resident memory "
+                    "on CPU, peak CUDA allocation on GPU), – where it recorded none (runs made before "
+                    "2026-12-07); training: a learned editor's training time and steps, – for an editor "
                     "that does not train")
 
 

@@ -371,7 +371,7 @@ class Run:
     def peak_memory_mb(self) -> float | None:
         """The largest peak memory the run records: a case record's `time.peak_mem_mb` or
         `memory.peak_mb`, or summary.json's `peak_memory_mb` / `memory.peak_mb`; None when it
-        records none (the runner does not measure it yet)."""
+        records none (runs made before the runner measured it, 2026-12-07)."""
         peaks = []
         for rec in self.cases + [self.summary]:
             for block, key in (("time", "peak_mem_mb"), ("memory", "peak_mb"), (None, "peak_memory_mb")):
