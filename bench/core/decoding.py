@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from bench.core.kvcache import cache_of, with_cache
+
 MIN_SHARED = 16  # tokens: a shorter common prefix is not worth a pass of its own
 _REFERENCE = [False]
 
@@ -97,7 +99,7 @@ def prefix_cache(model, prefix: list[int], rows: int):
     device = next(model.parameters()).device
     ids = torch.tensor([prefix], device=device)
     out = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    cache = out.cache
+    cache = cache_of(out)
     cache.batch_repeat_interleave(rows)
     return cache
 
@@ -129,7 +131,8 @@ def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tenso
         return model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     positions = (shared + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
     out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), cache=cache, use_cache=True)
+                           position_ids=positions.to(device), use_cache=True,
+                           **with_cache(model.base_model, cache))
     return out.last_hidden_state
 
 
@@ -154,9 +157,9 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         tell(idx)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1)
-        cache = logits.cache
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **with_cache(model, cache))
+        cache = cache_of(logits)
         alive = list(range(len(rows)))  # batch row -> index into rows
         last = positions[:, -1]
         for step in range(max_new_tokens):
@@ -177,6 +180,6 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             last = last + 1
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
-                           cache=cache, use_cache=True, logits_to_keep=1)
-            cache = logits.cache
+                           use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+            cache = cache_of(logits)
     return out

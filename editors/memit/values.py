@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from bench.core.kvcache import cache_arg, with_cache
 from bench.core.layout import output_logits
 from bench.core.replay import detached, forwards_replaced
 from editors.memit.rows import CaseRows, Stop, fits, select_rows, tiled, truncate
@@ -108,7 +109,7 @@ class _FastInputs(_Inputs):
         # `ids` are then the tokens from the subject's last token on.
         self.ids, self.mask, self.offset, extra, self.keep = cache_fixed_tokens(
             SimpleNamespace(layout=layout), rows.seqs, skip, batch_prefix, device)
-        self.cache, self.pos, self.use_cache = extra["past_key_values"], extra["position_ids"], extra["use_cache"]
+        self.cache, self.pos, self.use_cache = extra[cache_arg(layout.decoder)], extra["position_ids"], extra["use_cache"]
         self.widths = [len(s.ids) - s.lookup for s in rows.seqs]
         got = {}
 
@@ -120,7 +121,7 @@ class _FastInputs(_Inputs):
         try:
             with torch.no_grad():
                 layout.decoder(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
-                               past_key_values=self.cache, use_cache=self.use_cache)
+                               use_cache=self.use_cache, **with_cache(layout.decoder, self.cache))
         except Stop:
             pass
         finally:
@@ -158,7 +159,7 @@ class _FastInputs(_Inputs):
             try:
                 with forwards_replaced(stubs):
                     h = self._decode(input_ids=g.ids, attention_mask=g.mask, position_ids=g.pos,
-                                     past_key_values=g.cache, use_cache=self.use_cache)
+                                     use_cache=self.use_cache, **with_cache(self.layout.decoder, g.cache))
             finally:
                 truncate(g.cache, self.keep)
             hidden.append(F.pad(h, (0, 0, 0, width - g.width)))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.core.errors import BenchError
+from bench.core.kvcache import cache_arg, cache_of, with_cache
 from editors.base import param_name
 from editors.rome.hparams import KL_POSITIONS
 from editors.rome.prefix_cache import PrefixCache, crop, current_prefix_cache
@@ -94,7 +95,7 @@ def batch_inputs(model, st: RomeState, seqs: list[Seq], cut: list[int] | None = 
     ids, mask = pad([s.ids[k:c] for s, k, c in zip(seqs, skip, cut)], 0, device)
     extra = {"use_cache": False}
     if prefix is not None:
-        extra = {"past_key_values": prefix.cache, "use_cache": True,
+        extra = {**with_cache(st.layout.decoder, prefix.cache), "use_cache": True,
                  "position_ids": torch.arange(ids.shape[1], device=device)[None]
                  + torch.tensor(skip, device=device)[:, None]}
         mask = torch.cat([prefix.mask.to(device), mask], dim=1)
@@ -107,8 +108,9 @@ def forward(st: RomeState, ids, mask, extra, keep: int | None = None):
     try:
         return st.layout.decoder(input_ids=ids, attention_mask=mask, **extra)
     finally:
-        if keep is not None and extra.get("past_key_values") is not None:
-            crop(extra["past_key_values"], keep)
+        past = extra.get(cache_arg(st.layout.decoder))
+        if keep is not None and past is not None:
+            crop(past, keep)
 
 
 @torch.no_grad()
@@ -127,18 +129,18 @@ def cache_fixed_tokens(st: RomeState, seqs: list[Seq], skip: list[int], prefix, 
         pos = torch.arange(head_ids.shape[1], device=device)[None] + torch.tensor(skip, device=device)[:, None]
         # Padding is unmasked in this pass (so no query attends to nothing) and masked later.
         try:
-            out = st.layout.decoder(input_ids=head_ids, position_ids=pos, past_key_values=cache,
+            out = st.layout.decoder(input_ids=head_ids, position_ids=pos, **with_cache(st.layout.decoder, cache),
                                     attention_mask=torch.cat([past_mask, torch.ones_like(head_mask)], 1),
                                     use_cache=True)
         except BaseException:
             if prefix is not None:
                 crop(prefix.cache, prefix.width)  # a failed case must not leave entries behind
             raise
-        cache = out.past_key_values
+        cache = cache_of(out)
     tails = [s.ids[s.lookup:] for s in seqs]
     ids, tail_mask = pad(tails, 0, device)
     new_skip = [s.lookup for s in seqs]
-    extra = {"use_cache": cache is not None, "past_key_values": cache,
+    extra = {"use_cache": cache is not None, **with_cache(st.layout.decoder, cache),
              "position_ids": torch.arange(ids.shape[1], device=device)[None]
              + torch.tensor(new_skip, device=device)[:, None]}
     keep = past_mask.shape[1] + head_mask.shape[1]

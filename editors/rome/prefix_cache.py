@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.core.kvcache import cache_of, with_cache
 from editors.rome.tokens import encode, pad, prefix_tokens
 
 
@@ -74,7 +75,7 @@ def build_prefix_cache(model, tokenizer, layout, templates: list[str]) -> Prefix
         mask[r, : len(i)] = 1
     try:
         out = layout.decoder(input_ids=run_ids, attention_mask=run_mask, use_cache=True)
-        cache = out.past_key_values
+        cache = cache_of(out)
         if cache is None or not hasattr(cache, "crop"):
             return None
         prefix = PrefixCache(ids=ids, width=width, cache=cache, mask=mask.to(device))
@@ -85,8 +86,8 @@ def build_prefix_cache(model, tokenizer, layout, templates: list[str]) -> Prefix
             torch.tensor([len(i) for i in ids], device=device)[:, None]
         try:
             cached = layout.decoder(input_ids=suf, attention_mask=torch.cat([prefix.mask, suf_mask], 1),
-                                    position_ids=pos, past_key_values=cache,
-                                    use_cache=True).last_hidden_state
+                                    position_ids=pos, use_cache=True,
+                                    **with_cache(layout.decoder, cache)).last_hidden_state
         finally:
             crop(cache, width)
         full_ids, full_mask = pad([i + probe for i in ids], pad_id, device)
