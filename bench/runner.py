@@ -30,12 +30,14 @@ from bench.core.decoding import reference
 from bench.core.replay import BlockOutputs
 from bench.core.io import check_writable_dir
 from bench.core.provenance import peak_memory
+from bench.core import timings
 from bench.core.runfiles import RunDir, check_resume_limit, check_run_config, check_run_name, new_run_dir
 from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, broken_edit, case_record,
                               evaluate_forced, evaluate_wild, viewed)
 from bench.regression.hook import RegressionHook
 from bench.sequential import run_sequential, sequential_summary
-from bench.session import RunOptions, Setup, evaluation_case, options_from_config, run_config, set_up
+from bench.session import (RunOptions, Setup, evaluation_case, options_from_config, run_config, run_timing_key,
+                           set_up)
 
 __all__ = ["Job", "Protocol", "RunHook", "run_case", "run_cases", "execute", "resume", "summarize_run",
            "format_summary"]
@@ -407,6 +409,8 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
             summary["wall_time_s"] = round(time.perf_counter() - started, 2)
             summary["memory"] = peak_memory(lm.device)
             run.write_summary(summary)
+            if finished and shard.world == 1 and bar.n:  # what the next such run's training line estimates from
+                timings.record(setup.ctx.cache_dir, run_timing_key(opts, lm), summary["wall_time_s"] / bar.n)
     if shard.rank == 0:
         log(format_summary(summary))
         for hook in hooks:

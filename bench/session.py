@@ -33,6 +33,8 @@ from bench.core.generation import StopRules
 from bench.core.judge import JUDGE_PROMPT_VERSION, HTTPJudge, LocalJudge
 from bench.core.prompts import PROMPT_FORMATS, check_prompt_format
 from bench.core.provenance import git_commit
+from bench.core import timings
+from bench.core.timings import WorkAfter
 from bench.core.scorers import SCORERS, get_scorer
 from bench.core.wild import WildSettings, default_max_new_tokens
 from bench.core.models import LoadedModel, load_config, load_model, resolve_device, resolve_dtype
@@ -450,12 +452,21 @@ def set_up(opts: RunOptions, log: Callable[[str], None] = print, plan: bool = Tr
     lm = load_model(opts.model, device=device, dtype=opts.dtype)
     check_prompt_format(lm.tokenizer, opts.prompt_format)
     ctx = edit_context(opts, editor, data_dir, shard, log)
+    if plan and editor.learns:  # training first: its progress line estimates the whole command
+        ctx.after = WorkAfter(cases=sum(len(t.cases) for t in planned),
+                              s_per_case=timings.recorded(ctx.cache_dir, run_timing_key(opts, lm)))
     prepare_editor(editor, lm, ctx)
     setup = Setup(opts, data_dir, planned, editor, lm, ctx, shard)
     if "wild" in opts.protocols:
         setup.judge = make_judge(opts, device)
         setup.wild = {t.name: wild_settings(setup, t) for t in planned}
     return setup
+
+
+def run_timing_key(opts: RunOptions, lm: LoadedModel) -> str:
+    """The key under which runs like this one keep their seconds per case (bench.core.timings)."""
+    return timings.timing_key(lm.identity, opts.editor, list(opts.tasks), list(opts.protocols), opts.mode,
+                              lm.device.type)
 
 
 def evaluation_case(setup: Setup, case: EditCase) -> EditCase:

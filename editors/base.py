@@ -66,6 +66,7 @@ from bench.core.hparams import check_hparams
 from bench.core.layout import text_config
 from bench.core.replay import first_changed_block
 from bench.core.snapshot import TreeSnapshot
+from bench.core.timings import WorkAfter
 
 
 KINDS = ("weights", "modules", "context")
@@ -236,6 +237,9 @@ class EditContext:
     # The case with its prompts wrapped in its task's instruction, with a "seen" or "unseen"
     # description (tasks.instructions); the identity where no task cards are known.
     instruct: Callable[[EditCase, str], EditCase] = _no_wrapping
+    # What the command does after training (cases to evaluate, their expected cost): a learned
+    # editor's training progress gives an estimate for the whole command from it. None: nothing.
+    after: WorkAfter | None = None
 
 
 class Editor:

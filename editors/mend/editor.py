@@ -248,7 +248,7 @@ class Mend(Editor):
         torch.manual_seed(ctx.seed)
         trainer = MetaTrainer(lm, self.network, self.targets, hp, train_by_task, val_by_task,
                               holdout=list(data.holdout), seed=ctx.seed,
-                              prepare_case=prepare_case, log=ctx.log, shard=ctx.shard)
+                              prepare_case=prepare_case, log=ctx.log, shard=ctx.shard, after=ctx.after)
         started = time.time()
         try:
             info = trainer.fit(partial, key=self.key_for(lm, ctx))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bench.core.cases import EditCase
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError, Interrupted
+from bench.core.timings import WorkAfter
 from editors.mend.checkpoint import load_training_state, save_training_state
 from editors.mend.factors import (EditTarget, LowRankEdits, base_hidden, encode_batch, factor_pass,
                                   logprobs_at_answers, per_sequence_mean, rerun_blocks)
@@ -53,8 +54,9 @@ class MetaTrainer:
     def __init__(self, lm, network: EditorNetwork, targets: list[EditTarget], hp,
                  train_by_task: dict[str, list[EditCase]], val_by_task: dict[str, list[EditCase]],
                  holdout: list[str], seed: int, prepare_case: Callable[[EditCase], EditCase],
-                 log: Callable[[str], None] = print, shard=None):
+                 log: Callable[[str], None] = print, shard=None, after: WorkAfter | None = None):
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.after = after  # the evaluation that follows: the progress line estimates the whole command
         # Data-parallel training: every process draws the same global batch, works on its own
         # slice of it, and the gradients are summed across processes (bench.distributed).
         self.shard = shard or Shard()
@@ -417,9 +419,11 @@ class MetaTrainer:
         fs.recent = (fs.recent + [stats])[-20:]
         avg = _mean_stats(fs.recent)
         bar.update(1)
-        bar.set_postfix_str(f"loss {avg['loss']:.3f} nll {avg['edit_nll']:.2f} "
-                            f"acc {avg['edit_acc']:.2f} kl {avg['loc_kl']:.3f} "
-                            f"{avg['s_per_step']:.2f}s/step")
+        line = (f"loss {avg['loss']:.3f} nll {avg['edit_nll']:.2f} acc {avg['edit_acc']:.2f} "
+                f"kl {avg['loc_kl']:.3f} {avg['s_per_step']:.2f}s/step")
+        if self.after is not None:
+            line += "; " + self.after.note(_training_left(bar))
+        bar.set_postfix_str(line)
         last = step == hp.max_steps
         if self.val_by_task and (step % hp.val_every == 0 or last):
             val = self.shard.broadcast(self.validate())  # same decisions everywhere
@@ -437,6 +441,15 @@ class MetaTrainer:
                 fs.bad_rounds += 1
                 if hp.patience and fs.bad_rounds >= hp.patience:
                     fs.stop_reason = "early_stopping"
+
+
+def _training_left(bar) -> float | None:
+    """Seconds of training left at the bar's average rate this sitting (None before a step)."""
+    d = bar.format_dict
+    done, elapsed = d["n"] - d.get("initial", 0), d["elapsed"]
+    if done <= 0 or d["total"] is None:
+        return None
+    return (d["total"] - d["n"]) * elapsed / done
 
 
 @dataclass
