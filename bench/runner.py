@@ -36,8 +36,8 @@ from bench.evaluation import (EvalState, Job, Protocol, RunHook, add_post, broke
                               evaluate_forced, evaluate_wild, viewed)
 from bench.regression.hook import RegressionHook
 from bench.sequential import run_sequential, sequential_summary
-from bench.session import (RunOptions, Setup, evaluation_case, options_from_config, run_config, run_timing_key,
-                           set_up)
+from bench.runconfig import run_config
+from bench.session import RunOptions, Setup, evaluation_case, options_from_config, run_timing_key, set_up
 
 __all__ = ["Job", "Protocol", "RunHook", "run_case", "run_cases", "execute", "resume", "summarize_run",
            "format_summary"]

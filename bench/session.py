@@ -1,45 +1,36 @@
 """Run set-up, shared by `bench run`, `bench regress` and `bench train`: check the options, find
 the data (fetched on first use; one line when there is no data directory), plan the tasks, build
 and check the editor against the model's config before any weights load, load the model, hand the
-editor its context (training data, instruction wrapper, cache) and describe the run in its
-config.json.
+editor its context (training data, instruction wrapper, cache). The run's config.json is
+bench.runconfig's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import platform
-import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import torch
-import transformers
-
-from bench import __version__
 from bench.core.cases import EditCase, SkippedRecord
 from bench.core.defaults import (DEFAULT_EVAL_EVERY, DEFAULT_LIMIT, DEFAULT_LM_LIMIT, DEFAULT_LOCALITY_PROBES,
                                  DEFAULT_MODEL, MAX_GENERATED, PROTOCOLS, RUN_MODES, SEED_MAX)
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
-from bench.core.hparams import hparams_to_dict, load_hparams_file, override_hparams
+from bench.core.hparams import load_hparams_file, override_hparams
 from bench.core.io import cache_dir
 from bench.core.runfiles import check_stored_options
-from bench.core.metrics import METRIC_DEFINITIONS
 from bench.core.generation import StopRules
-from bench.core.judge import JUDGE_PROMPT_VERSION, HTTPJudge, LocalJudge
+from bench.core.judge import HTTPJudge, LocalJudge
 from bench.core.prompts import PROMPT_FORMATS, check_prompt_format
-from bench.core.provenance import git_commit
 from bench.core import timings
 from bench.core.timings import WorkAfter
-from bench.core.scorers import SCORERS, get_scorer
+from bench.core.scorers import get_scorer
 from bench.core.wild import WildSettings, default_max_new_tokens
 from bench.core.models import LoadedModel, load_config, load_model, resolve_device, resolve_dtype
 from bench.core.presets import preset_overrides
-from bench.regression import RegressionOptions, check_regression, lm_eval_version
+from bench.regression import RegressionOptions, check_regression
 from editors import get_editor_class, presets
 from editors.base import EditContext, Editor, TrainingData
 from tasks.instructions import MODES as INSTRUCTION_MODES
@@ -475,84 +466,3 @@ def evaluation_case(setup: Setup, case: EditCase) -> EditCase:
     if not setup.editor.uses_instructions:
         return case
     return setup.ctx.instruct(case, setup.opts.instruction_mode)
-
-
-# --------------------------------------------------------------------------------------------
-# config.json
-# --------------------------------------------------------------------------------------------
-
-
-def _versions(regression: bool) -> dict:
-    out = {"instructedit_bench": __version__, "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version(), **git_commit()}
-    if regression:
-        out["lm_eval"] = lm_eval_version()
-    return out
-
-
-def _count_reasons(skipped: list[SkippedRecord]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in skipped:
-        out[s.reason] = out.get(s.reason, 0) + 1
-    return out
-
-
-def _describe_wild(settings: WildSettings) -> dict:
-    judge = settings.judge
-    return {"max_new_tokens": settings.rules.max_new_tokens, "stop_strings": list(settings.rules.stop_strings),
-            "stop_at_newline": settings.rules.at_newline, "scorer": settings.scorer,
-            "scorers": sorted(SCORERS) + (["judge"] if judge is not None else []),
-            "judge": None if judge is None else {"name": judge.name, "prompt": JUDGE_PROMPT_VERSION},
-            "fluency_tokens": settings.fluency_tokens}
-
-
-SOURCE_KEYS = ("origin", "location", "licence", "provenance", "verified", "note")
-
-
-def _source_entry(source: dict) -> dict:
-    """A task's `source` in config.json: where its data came from, licence, provenance."""
-    return {k: source[k] for k in SOURCE_KEYS if source.get(k) is not None or k == "verified"}
-
-
-def run_data(planned: list[PlannedTask]) -> str:
-    """config.json's `data`: "real" when every task read real data, "built-in sample" when every
-    task read the built-in sample (not benchmark numbers), "partly built-in sample" otherwise."""
-    kinds = {t.source.get("data") for t in planned}
-    if kinds == {"built-in sample"}:
-        return "built-in sample"
-    return "partly built-in sample" if "built-in sample" in kinds else "real"
-
-
-def run_config(setup: Setup, argv: list[str] | None) -> dict:
-    """The config.json of a run: everything needed to reproduce and compare it."""
-    opts, lm, editor = setup.opts, setup.lm, setup.editor
-    args = list(argv if argv is not None else sys.argv[1:])
-    return {
-        "command": "bench " + " ".join(args),
-        "argv": args,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "options": dataclasses.asdict(opts),
-        "model": {"spec": lm.spec, "source_hash": lm.source_hash,
-                  "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device)},
-        "editor": {"name": editor.name, "hparams": hparams_to_dict(editor.hparams),
-                   "uses_instructions": editor.uses_instructions},
-        "tasks": [{"name": t.name, "split": "eval", "holdout": t.holdout, "metrics": t.metrics,
-                   "options": merge_options(get_card(t.name), opts.task_options.get(t.name)),
-                   "data_files": t.data_files, "n_cases": len(t.cases), "skipped": len(t.skipped),
-                   "skipped_reasons": _count_reasons(t.skipped), "data": t.source.get("data"),
-                   "source": _source_entry(t.source)} for t in setup.planned],
-        "data": run_data(setup.planned),
-        "data_dir": str(setup.data_dir) if setup.data_dir else None,
-        "seed": opts.seed, "limit": opts.limit, "mode": opts.mode,
-        **({"sequential": {"edit_batch": opts.edit_batch, "eval_every": opts.eval_every,
-                           "locality_probes": opts.locality_probes,
-                           "retention_sample": opts.retention_sample,
-                           "batch_edits": type(editor).batch_edits}}
-           if opts.mode == "sequential" else {}),
-        "instruction_mode": opts.instruction_mode,
-        "protocols": list(opts.protocols), "prompt_format": opts.prompt_format,
-        "wild": {name: _describe_wild(w) for name, w in setup.wild.items() if w is not None},
-        "metric_definitions": METRIC_DEFINITIONS,
-        "versions": _versions(bool(opts.regression)),
-        "notes": setup.ctx.notes,
-    }
