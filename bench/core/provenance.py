@@ -37,8 +37,8 @@ def git_commit(path: Path = CODE_DIR) -> dict:
 def peak_rss_mb() -> float | None:
     """The process's peak resident memory in MB (None where the platform does not report it)."""
     try:
-        import resource
-    except ImportError:  # Windows
+        import resource  # late: a POSIX module, absent on Windows
+    except ImportError:
         return None
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
@@ -52,7 +52,7 @@ def peak_memory(device: object) -> dict:
     out: dict = {"peak_rss_mb": peak_rss_mb()}
     kind = getattr(device, "type", str(device))
     if kind == "cuda":
-        import torch
+        import torch  # late: CUDA readings only; the rest of this module needs no torch
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / (1 << 20), 1)
         out["peak_mb"], out["measured"] = out["peak_gpu_mb"], "cuda max_memory_allocated"
     else:
