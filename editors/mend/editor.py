@@ -57,7 +57,9 @@ class MendHparams:
     c_loc: float = param(1.0, ge=0)
     batch_size: int = param(4, ge=1, le=4096)
     max_steps: int = param(250, ge=0, le=1_000_000)
-    time_budget_s: float = param(900.0, ge=0, le=10_000_000)
+    # No wall-clock limit by default: a limit makes the trained network depend on the machine's
+    # speed and load (a busy machine stops earlier), so the same command would give other numbers.
+    time_budget_s: float = param(0.0, ge=0, le=10_000_000)
     val_cases: int = param(32, ge=0, le=1_000_000)
     val_every: int = param(50, ge=1, le=1_000_000)
     patience: int = param(4, ge=0, le=1_000_000)
@@ -208,6 +210,7 @@ class Mend(Editor):
             "checkpoint": str(stem) + ".safetensors", "checkpoint_source": source,
             "train_tasks": meta.get("train_tasks"), "holdout_tasks": meta.get("holdout_tasks"),
             "train_time_s": meta.get("train_time_s"), "train_steps": meta.get("steps"),
+            "train_stop_reason": meta.get("stop_reason"),
             "per_task": meta.get("per_task"), "final_validation": meta.get("final_validation"),
         })
 
