@@ -48,6 +48,7 @@ def test_a_training_run_estimates_the_whole_command_from_the_last_such_run(tmp_p
             super().set_postfix_str(s, refresh)
 
     monkeypatch.setattr(editors.mend.trainer, "tqdm", RecordingBar)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))  # no timing of other tests' runs
     opts = dict(editor="mend", tasks=["counterfact"], model="tiny", device="cpu", data_dir=str(FIXTURE_DATA),
                 output_dir=str(tmp_path / "runs"), hparams=MEND, holdout=["counterfact"], retrain=True,
                 protocols=("teacher_forced",))
