@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bench.core.io import write_json_atomic
 
 FILE = "timings.json"
@@ -65,11 +67,6 @@ class WorkAfter:
         if self.s_per_case is None or training_left_s is None:
             return f"then {self.cases} cases (no timing of such a run here yet)"
         whole = training_left_s + self.cases * self.s_per_case
-        return (f"whole command ~{_interval(whole)} left (then {self.cases} cases at "
+        return (f"whole command ~{tqdm.format_interval(round(whole))} left (then {self.cases} cases at "
                 f"{self.s_per_case:.2g} s/case, as last measured here)")
 
-
-def _interval(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
