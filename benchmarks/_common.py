@@ -24,6 +24,7 @@ import torch
 import transformers
 
 from bench.core.cases import EditCase
+from bench.core.defaults import DEFAULT_MODEL
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
 from bench.core.models import LoadedModel
@@ -61,6 +62,28 @@ def add_data_argument(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-dir", default=None,
                     help="data directory (default: as bench finds it: $BENCH_DATA, then "
                          "../shared/data, else the built-in sample)")
+
+
+def add_variant_run_arguments(ap: argparse.ArgumentParser, editor_help: str, hparam_scope: str,
+                              edit_batch_help: str) -> None:
+    """The options the variant benchmarks (sweep.py, kl_position.py) share: the editor, its
+    hyperparameters for every variant, the train cases, the model and the run's settings."""
+    ap.add_argument("--editor", default="rome", help=editor_help)
+    ap.add_argument("--task", default="counterfact", help="task whose train split is used")
+    ap.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
+                    help=f"YAML mapping or the name of a preset shipped for the editor; for {hparam_scope}")
+    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"override for {hparam_scope} (repeatable)")
+    ap.add_argument("--cases", type=int, default=20, help="N cases of the task's train split (default 20)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many train cases first")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model spec or checkpoint directory")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's choice)")
+    ap.add_argument("--edit-batch", type=int, default=0, metavar="B", help=edit_batch_help)
+    ap.add_argument("--json", default=None, help="write the rows and per-case records here")
+    add_data_argument(ap)
 
 
 def find_data_dir(arg: str | None) -> Path | None:

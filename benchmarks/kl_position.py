@@ -25,10 +25,9 @@ import time
 
 import torch
 
-from _common import (add_data_argument, emit, find_data_dir, fmt, is_counterfact, load_cases, log, machine,
+from _common import (add_variant_run_arguments, emit, find_data_dir, fmt, is_counterfact, load_cases, machine,
                      machine_line, run_main, set_threads)
 from sweep import build_variants, sweep, table
-from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
 from bench.core.models import load_config, load_model
@@ -127,23 +126,10 @@ def optimisation_table(records: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", default="rome", help="rome, memit or alphaedit (default rome)")
-    ap.add_argument("--task", default="counterfact", help="task whose train split is used")
-    ap.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
-                    help="YAML mapping or a preset shipped for the editor; for both positions")
-    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                    help="override for both positions (repeatable)")
-    ap.add_argument("--cases", type=int, default=20, help="N cases of the task's train split (default 20)")
-    ap.add_argument("--offset", type=int, default=0, help="skip this many train cases first")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="model spec or checkpoint directory")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's choice)")
-    ap.add_argument("--edit-batch", type=int, default=0, metavar="B",
-                    help="write B cases with one apply_batch call (batch editing; default: each edit alone)")
-    ap.add_argument("--json", default=None, help="write the rows and per-case records here")
-    add_data_argument(ap)
+    add_variant_run_arguments(ap, editor_help="rome, memit or alphaedit (default rome)",
+                              hparam_scope="both positions",
+                              edit_batch_help="write B cases with one apply_batch call (batch editing; "
+                                              "default: each edit alone)")
     args = ap.parse_args()
     if args.cases < 1 or args.offset < 0 or args.edit_batch < 0:
         ap.error("--cases must be positive, --offset and --edit-batch not negative")

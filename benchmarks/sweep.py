@@ -44,9 +44,8 @@ import re
 import sys
 import time
 
-from _common import (add_data_argument, emit, find_data_dir, fmt, is_counterfact, load_cases, log, machine,
+from _common import (add_variant_run_arguments, emit, find_data_dir, fmt, is_counterfact, load_cases, log, machine,
                      machine_line, mean, prepare, run_main, set_threads)
-from bench.core.defaults import DEFAULT_MODEL
 from bench.core.errors import BenchError
 from bench.core.hparams import hparams_to_dict, parse_hparam_args
 from bench.core.metrics import ALL_METRICS
@@ -212,30 +211,16 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", default="rome", help="editor name (bench list editors); default rome")
-    ap.add_argument("--task", default="counterfact", help="task whose train split is used")
+    add_variant_run_arguments(ap, editor_help="editor name (bench list editors); default rome",
+                              hparam_scope="every variant",
+                              edit_batch_help="write B cases with one apply_batch call and evaluate each with "
+                                              "all B edits in place (batch editing; default: each edit alone)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                     help="one variant (repeatable)")
     ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="one variant per value (repeatable)")
-    ap.add_argument("--hparams-file", default=None, metavar="FILE|PRESET",
-                    help="YAML mapping or the name of a preset shipped for the editor; for every variant")
-    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                    help="override for every variant (repeatable)")
-    ap.add_argument("--cases", type=int, default=20, help="N cases of the task's train split (default 20)")
-    ap.add_argument("--offset", type=int, default=0, help="skip this many train cases first")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="model spec or checkpoint directory")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout", action="append", default=[], metavar="TASK",
                     help="learned editors: also keep this task out of training (repeatable)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's choice)")
-    ap.add_argument("--edit-batch", type=int, default=0, metavar="B",
-                    help="write B cases with one apply_batch call and evaluate each with all B edits "
-                         "in place (batch editing; default: each edit alone)")
-    ap.add_argument("--json", default=None, help="write the rows and per-case records here")
-    add_data_argument(ap)
     args = ap.parse_args()
     if args.cases < 1 or args.offset < 0 or args.edit_batch < 0:
         ap.error("--cases must be positive, --offset and --edit-batch not negative")
