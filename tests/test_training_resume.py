@@ -112,6 +112,17 @@ def test_ctrl_c_inside_a_step_then_resume_gives_the_uninterrupted_network(cls, t
 
 
 def test_first_ctrl_c_stops_after_the_step_and_saves_it(tmp_path, monkeypatch):
+    # Python's own Ctrl-C handler, whatever the suite inherited: a test suite started in the
+    # background of a script inherits SIGINT ignored, and the trainer rightly leaves an ignored
+    # SIGINT alone (so this test would see no Ctrl-C at all).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _first_ctrl_c_stops_after_the_step_and_saves_it(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _first_ctrl_c_stops_after_the_step_and_saves_it(tmp_path, monkeypatch):
     lm = tiny_model("llama")
     hp = resume_hparams(lm)
     straight = ctx_for(tmp_path / "straight")
