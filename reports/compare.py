@@ -38,8 +38,17 @@ class Pairing:
         value, res = paired_score_resamples(cols_a, cols_b, seed)
         return value, res, len(keys)
 
+    def comparable(self, a: Run, b: Run) -> bool:
+        """Whether the two runs' case scores are readings of the same thing. In a sequential group
+        a case's score is read after all of its run's edits, so runs of different lengths (ROME's
+        first 100 cases after 100 edits, another run's after 1,000) are never paired."""
+        return self.g.mode != "sequential" or len(a.cases) == len(b.cases)
+
     def compare(self, a: Run, b: Run, c: Column) -> dict | None:
-        """`a` minus `b` in column `c` over their shared cases, or None without shared cases."""
+        """`a` minus `b` in column `c` over their shared cases, or None without shared cases
+        (or when they are not comparable)."""
+        if not self.comparable(a, b):
+            return None
         if c.composite:
             value, res, n = self._score_resamples(a, b, c.task, c.key)
             if n == 0:
@@ -58,7 +67,7 @@ class Pairing:
         """The difference of the overall Scores (mean over the ranking tasks), tasks resampled
         independently (task_seed); n = the shared cases of all tasks together."""
         g = self.g
-        if g.rank_key is None or not g.rank_tasks:
+        if g.rank_key is None or not g.rank_tasks or not self.comparable(a, b):
             return None
         values, res, ns = [], [], []
         for t in g.rank_tasks:

@@ -25,7 +25,9 @@ MARK_RULE = ("Paired comparison over the cases both runs finished (matched by ta
              "a p-value read off the same resamples, so p < {alpha} exactly when the interval excludes 0. "
              "▲/▼: the interval excludes 0 and the comparison survives Holm's adjustment over the {n} "
              "comparisons of this table; △/▽: it excludes 0 but does not survive the adjustment; · the "
-             "interval contains 0 (or fewer than {min_pairs} shared cases: no test).")
+             "interval contains 0 (or fewer than {min_pairs} shared cases: no test). Sequential runs of "
+             "different lengths are not paired (a case's score is read after all of its run's edits): "
+             "their cells are empty.")
 PEAK_MEMORY_NOTE = ("peak memory: the largest the run recorded (summary.json `memory`: peak resident memory "
                     "on CPU, peak CUDA allocation on GPU), – where it recorded none (runs made before "
                     "2026-12-07); training: a learned editor's training time and steps, – for an editor "

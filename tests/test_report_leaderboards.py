@@ -347,6 +347,36 @@ def _sequential(path: Path, editor: str, values: list[tuple[int, float, float]],
     return path
 
 
+def test_sequential_runs_of_different_lengths_are_never_paired(tmp_path):
+    """A sequential case's score is read after all of its run's edits: a 6-edit run and a
+    14-edit run scored on their 6 shared cases measure different things, so the report pairs
+    only runs of the same length (pairwise table and baseline comparison); the same runs in
+    single mode are paired on their shared cases."""
+    def sequential(path: Path, editor: str, n: int) -> Path:
+        fabricate(path, editor, n, tasks=("counterfact",), seed=len(editor))
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["mode"] = "sequential"
+        (path / "config.json").write_text(json.dumps(cfg))
+        return path
+
+    runs = [sequential(tmp_path / "a", "rome", 14), sequential(tmp_path / "b", "memit", 14),
+            sequential(tmp_path / "c", "wise", 6)]
+    build_report(runs, tmp_path / "out", baseline="rome", fmt="md")
+    (g,) = doc_of(tmp_path / "out")["groups"]
+    pairs = {frozenset((p["a"], p["b"])) for p in g["pairwise"]["comparisons"] if p["task"] == "all"}
+    assert pairs == {frozenset(("rome", "memit"))}
+    assert "Sequential runs of different lengths are not paired" in (tmp_path / "out" / "leaderboard.md").read_text()
+
+    for r in runs:  # the same directories as single-mode runs: the short one is paired
+        cfg = json.loads((r / "config.json").read_text())
+        cfg["mode"] = "single"
+        (r / "config.json").write_text(json.dumps(cfg))
+    build_report(runs, tmp_path / "single", baseline="rome", fmt="md")
+    (g,) = doc_of(tmp_path / "single")["groups"]
+    pairs = {frozenset((p["a"], p["b"])) for p in g["pairwise"]["comparisons"] if p["task"] == "all"}
+    assert frozenset(("rome", "wise")) in pairs and frozenset(("memit", "wise")) in pairs
+
+
 def test_the_checkpoint_table_equals_the_run_records_in_every_format(tmp_path):
     rome = _sequential(tmp_path / "rome", "rome", [(4, 90.0, 95.0), (8, 80.0, 90.0), (14, 70.0, 80.0)])
     mend = _sequential(tmp_path / "mend", "mend", [(4, 60.0, 50.0), (8, 10.0, 20.0), (14, 0.0, 5.0)],
