@@ -69,6 +69,8 @@ def verdicts(g: Group, ov: list[dict], ho: dict, cmp: dict, pw: dict | None = No
         row = base_rows.get(id(best))
         if row is None:
             return f"no comparison with the baseline {base.label}"
+        if not pairing.comparable(best, base):
+            return f"no paired comparison with the baseline {base.label} (a sequential run of another length)"
         cell = row["overall"] if col is None else next(
             (x for c, x in zip(g.columns, row["cells"]) if c == col), None)
         return lead_text(cell, f"the baseline {base.label}", what)

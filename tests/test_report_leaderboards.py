@@ -366,6 +366,10 @@ def test_sequential_runs_of_different_lengths_are_never_paired(tmp_path):
     pairs = {frozenset((p["a"], p["b"])) for p in g["pairwise"]["comparisons"] if p["task"] == "all"}
     assert pairs == {frozenset(("rome", "memit"))}
     assert "Sequential runs of different lengths are not paired" in (tmp_path / "out" / "leaderboard.md").read_text()
+    build_report(runs, tmp_path / "short-base", baseline="wise", fmt="md")  # the baseline is the short run
+    (g,) = doc_of(tmp_path / "short-base")["groups"]
+    (line,) = g["verdicts"]
+    assert "no paired comparison with the baseline wise (a sequential run of another length)" in line, line
 
     for r in runs:  # the same directories as single-mode runs: the short one is paired
         cfg = json.loads((r / "config.json").read_text())
