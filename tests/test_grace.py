@@ -334,10 +334,14 @@ def test_reattach_refuses_a_codebook_of_another_layer():
     assert Grace(HP).reattach(tiny().model, lm.tokenizer) is None  # nothing loaded
 
 
+# A sequential run on the tiny model (also the SIGKILL resume test of tests/test_view.py)
+SEQ_HPARAMS = {"layer": "1", "eps": "0.005", "steps": "5"}
+
+
 def seq_options(tmp_path, editor: str) -> RunOptions:
     return RunOptions(editor=editor, tasks=["counterfact"], model="tiny", device="cpu", limit=None,
                       data_dir=str(FIXTURE_DATA), output_dir=str(tmp_path / "runs"),
-                      hparams={"layer": "1", "eps": "0.005", "steps": "5"}, batch_size=4, mode="sequential",
+                      hparams=dict(SEQ_HPARAMS), batch_size=4, mode="sequential",
                       eval_every=2, locality_probes=3, edit_batch=1, protocols=("teacher_forced", "wild"))
 
 

@@ -25,6 +25,8 @@ from bench.runner import execute, run_cases
 from bench.session import RunOptions
 from editors.base import CombinedHandle, EditHandle, Editor
 from tests.helpers import FIXTURE_DATA
+from tests.test_grace import SEQ_HPARAMS as GRACE_SEQ
+from tests.test_wise import SEQ_HPARAMS as WISE_SEQ
 from tests.helpers import jsonl_lines as lines, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -390,16 +392,8 @@ def test_a_sequential_run_of_modules_ends_with_the_model_restored(tmp_path, monk
     assert first["summary"]["counterfact"]["reliability"]["post"] > first["summary"]["counterfact"]["reliability"]["pre"]
 
 
-# WISE small enough for the tiny model: a strong edit in few steps, shards saved every 2 edits and
-# merged every 4, so the kill (at the 6th edit) falls after a merge and inside an open shard
-WISE_TINY = {"lr": "300.0", "steps": "8", "context_lengths": "[3]", "alpha": "0.05", "beta": "0.3",
-             "gamma": "0.1", "norm_constraint": "0.0", "irrelevant": "train_split", "save_freq": "2",
-             "merge_freq": "4"}
-
-
 @pytest.mark.parametrize("editor,hparams", [("ike", {"k": "2"}), ("lora", {"steps": "3", "rank": "2"}),
-                                            ("grace", {"layer": "1", "eps": "0.005", "steps": "5"}),
-                                            ("wise", WISE_TINY)])
+                                            ("grace", GRACE_SEQ), ("wise", WISE_SEQ)])
 def test_a_killed_sequential_run_of_a_view_editor_resumes_to_the_same_numbers(tmp_path, tiny_model_dir,
                                                                                editor, hparams):
     """`bench run --mode sequential` of ike (a context), lora (modules), grace (a codebook) or wise

@@ -393,9 +393,15 @@ class CrashingWise(Wise):
         return super().apply(model, tokenizer, case)
 
 
-def seq_options(tmp_path, **changes) -> RunOptions:
-    hparams = {k: str(v) for k, v in {**TINY, "steps": 8, "save_freq": 2, "merge_freq": 4,
+# A sequential run on the tiny model (also the SIGKILL resume test of tests/test_view.py): shards
+# saved every 2 edits and merged every 4, so a crash at the 6th edit falls after a merge and inside
+# an open shard
+SEQ_HPARAMS = {k: str(v) for k, v in {**TINY, "steps": 8, "save_freq": 2, "merge_freq": 4,
                                       "irrelevant": "train_split"}.items()}
+
+
+def seq_options(tmp_path, **changes) -> RunOptions:
+    hparams = dict(SEQ_HPARAMS)
     base = dict(editor="crashing-wise", tasks=["counterfact"], model="tiny", device="cpu", limit=None,
                 data_dir=str(FIXTURE_DATA), output_dir=str(tmp_path / "runs"), hparams=hparams,
                 batch_size=4, mode="sequential", eval_every=2, locality_probes=3, edit_batch=1,
