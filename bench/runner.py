@@ -292,46 +292,94 @@ def execute(opts: RunOptions, resume_dir: Path | None = None, argv: list[str] | 
             run.release()
 
 
-def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewrite_config: bool,
-             extra_hooks) -> Path:
-    opts, planned, shard, editor, lm = setup.opts, setup.planned, setup.shard, setup.editor, setup.lm
+def _write_config(setup: Setup, run: RunDir, resume_dir: Path | None, argv, rewrite_config: bool) -> dict:
+    """config.json, written by rank 0 for a new run or an extended one (which keeps the original
+    command and date and notes the extension)."""
     config = run_config(setup, argv)
-    if shard.rank == 0 and (resume_dir is None or rewrite_config):
-        if rewrite_config:  # keep the original command and date; note the extension
+    if setup.shard.rank == 0 and (resume_dir is None or rewrite_config):
+        if rewrite_config:
             old = run.read_config()
             config["command"], config["argv"], config["created"] = old["command"], old["argv"], old["created"]
             config["extended"] = old.get("extended", []) + [
-                {"limit": opts.limit, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
+                {"limit": setup.opts.limit, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
         run.write_config(config)
-    records = run.read_cases(repair=True)
-    done = {(r["task"], r["case_id"]) for r in records}
+    return config
+
+
+def _todo(setup: Setup, run: RunDir, done: set, log) -> tuple[list[tuple[object, EditCase]], int]:
+    """(the cases this process works on, how many edits are still to make). Sequential: every
+    case in order (bench.sequential knows which edits the saved state holds); single: case i of
+    the planned order belongs to process i mod world - a fixed split, so a resumed shard picks up
+    exactly its own remaining cases."""
+    planned, shard = setup.planned, setup.shard
     for t in planned:
         for s in t.skipped[:3]:
             log(f"skipped {t.name} record {s.index} of {s.source}: {s.reason}")
         if len(t.skipped) > 3:
             log(f"... and {len(t.skipped) - 3} more skipped {t.name} records")
-    sequential = opts.mode == "sequential"
-    if sequential and shard.world > 1:
-        raise BenchError("--mode sequential runs in one process (its edits build on each other)")
-
-    torch.manual_seed(opts.seed)
-    order = [(t.name, c.case_id) for t in planned for c in t.cases]
-    if sequential:  # every case, in order; bench.sequential knows which edits the saved state holds
+    if setup.opts.mode == "sequential":
+        if shard.world > 1:
+            raise BenchError("--mode sequential runs in one process (its edits build on each other)")
         todo = [(t, evaluation_case(setup, c)) for t in planned for c in t.cases]
         saved = run.read_state()
         n_edits = int(saved[1]["n_edits"]) if saved else 0
-        remaining = len(todo) - n_edits
-        if shard.rank == 0:
-            log(f"run directory: {run.path}  ({n_edits} edits already made, {remaining} to go)")
-    else:
-        # Case i of the planned order belongs to process i mod world: a fixed split, so a resumed
-        # shard picks up exactly its own remaining cases.
-        todo = [(t, evaluation_case(setup, c)) for i, (t, c) in enumerate((t, c) for t in planned for c in t.cases)
-                if i % shard.world == shard.rank and (t.name, c.case_id) not in done]
-        remaining = len(todo)
-        if shard.rank == 0:
-            log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go"
-                + (f" on this process of {shard.world})" if shard.world > 1 else ")"))
+        log(f"run directory: {run.path}  ({n_edits} edits already made, {len(todo) - n_edits} to go)")
+        return todo, len(todo) - n_edits
+    todo = [(t, evaluation_case(setup, c)) for i, (t, c) in enumerate((t, c) for t in planned for c in t.cases)
+            if i % shard.world == shard.rank and (t.name, c.case_id) not in done]
+    if shard.rank == 0:
+        log(f"run directory: {run.path}  ({len(done)} cases already done, {len(todo)} to go"
+            + (f" on this process of {shard.world})" if shard.world > 1 else ")"))
+    return todo, len(todo)
+
+
+def _run_single(setup: Setup, todo: list, jobs: Callable[[list], list[Job]], hooks: list[RunHook],
+                protocol: Protocol, write: Callable[[object, dict], None], bar) -> None:
+    """Single mode in windows of cases: their pre-edit answers are decoded together, and so are
+    the post-edit answers of weight edits (run_cases). The bar advances as records come."""
+    def while_edited(case: EditCase, view) -> None:
+        for hook in hooks:
+            hook.while_edited(case, view)
+
+    per_call = setup.editor.edits_per_call
+    window = max(per_call, WILD_WINDOW // per_call * per_call)
+    for start in range(0, len(todo), window):
+        chunk = todo[start:start + window]
+        bar.set_postfix_str(chunk[0][0].name)
+        for (task, _), record in zip(chunk, run_cases(
+                setup.lm, setup.editor, jobs(chunk), batch_size=setup.opts.batch_size, while_edited=while_edited,
+                protocol=protocol, progress=bar.set_postfix_str)):
+            write(task, record)
+            bar.set_postfix_str(task.name, refresh=False)
+            bar.update()
+
+
+def _write_summary(setup: Setup, run: RunDir, config: dict, records: list[dict], planned_edits: int,
+                   started: float) -> dict:
+    """summary.json from the run's records (a sequential run: its checkpoints too), with wall time
+    and peak memory."""
+    summary = summarize_run(config, records)
+    if setup.opts.mode == "sequential":
+        # A complete run's table is its cases' scores after all N edits (each case's own
+        # locality prompts included); an unfinished one shows its last checkpoint.
+        checkpoints = run.read_checkpoints()
+        if not checkpoints or checkpoints[-1]["n_edits"] != planned_edits:
+            summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
+        summary["sequential"] = sequential_summary(config, checkpoints, planned_edits)
+    summary["wall_time_s"] = round(time.perf_counter() - started, 2)
+    summary["memory"] = peak_memory(setup.lm.device)
+    run.write_summary(summary)
+    return summary
+
+
+def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewrite_config: bool,
+             extra_hooks) -> Path:
+    opts, planned, shard, editor, lm = setup.opts, setup.planned, setup.shard, setup.editor, setup.lm
+    config = _write_config(setup, run, resume_dir, argv, rewrite_config)
+    records = run.read_cases(repair=True)
+    sequential = opts.mode == "sequential"
+    torch.manual_seed(opts.seed)
+    todo, remaining = _todo(setup, run, {(r["task"], r["case_id"]) for r in records}, log)
     hooks: list[RunHook] = list(extra_hooks(setup, run)) if extra_hooks else []
     if opts.regression:
         hooks.append(RegressionHook(lm, opts.regression_options(), run.path, setup.data_dir,
@@ -339,10 +387,6 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
     if not sequential:  # the sequential loop calls it after its pre-edit evaluation
         for hook in hooks:
             hook.before_cases([c for _, c in todo])
-
-    def while_edited(case: EditCase, view) -> None:
-        for hook in hooks:
-            hook.while_edited(case, view)
 
     def write(task, record: dict) -> None:
         record["holdout"] = task.holdout
@@ -353,6 +397,8 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
             records.append(record)
         if record["error"]:
             tqdm.write(f"case {task.name}/{record['case_id']}: {record['error']}")
+        if sequential:  # single mode advances the bar itself (_run_single)
+            bar.update()
 
     protocol = Protocol(teacher_forced="teacher_forced" in opts.protocols, prompt_format=opts.prompt_format)
 
@@ -368,26 +414,9 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
     summary = None
     try:
         if sequential:
-            def written(task, record: dict) -> None:
-                write(task, record)
-                bar.update()
-
-            records, _ = run_sequential(setup, run, todo, jobs(todo), hooks, protocol, written,
-                                        progress=bar.set_postfix_str, log=log)
+            run_sequential(setup, run, todo, jobs(todo), hooks, protocol, write, progress=bar.set_postfix_str, log=log)
         else:
-            # Windows of cases: their pre-edit answers are decoded together, and so are the
-            # post-edit answers of weight edits (run_cases). The bar advances as records come.
-            per_call = editor.edits_per_call
-            window = max(per_call, WILD_WINDOW // per_call * per_call)
-            for start in range(0, len(todo), window):
-                chunk = todo[start:start + window]
-                bar.set_postfix_str(chunk[0][0].name)
-                for (task, _), record in zip(chunk, run_cases(
-                        lm, editor, jobs(chunk), batch_size=opts.batch_size, while_edited=while_edited,
-                        protocol=protocol, progress=bar.set_postfix_str)):
-                    write(task, record)
-                    bar.set_postfix_str(task.name, refresh=False)
-                    bar.update()
+            _run_single(setup, todo, jobs, hooks, protocol, write, bar)
         finished = True
     finally:
         bar.close()
@@ -395,20 +424,10 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
             shard.barrier()  # every shard is complete: merge them
         if shard.rank == 0 and (finished or shard.world == 1):
             if shard.world > 1:
-                records = run.merge_shards(order)
+                records = run.merge_shards([(t.name, c.case_id) for t in planned for c in t.cases])
             if sequential:
                 records = run.read_cases()
-            summary = summarize_run(config, records)
-            if sequential:
-                # A complete run's table is its cases' scores after all N edits (each case's own
-                # locality prompts included); an unfinished one shows its last checkpoint.
-                checkpoints = run.read_checkpoints()
-                if not checkpoints or checkpoints[-1]["n_edits"] != len(todo):
-                    summary["tasks"] = checkpoints[-1]["summary"] if checkpoints else {}
-                summary["sequential"] = sequential_summary(config, checkpoints, len(todo))
-            summary["wall_time_s"] = round(time.perf_counter() - started, 2)
-            summary["memory"] = peak_memory(lm.device)
-            run.write_summary(summary)
+            summary = _write_summary(setup, run, config, records, len(todo), started)
             if finished and shard.world == 1 and bar.n:  # what the next such run's training line estimates from
                 timings.record(setup.ctx.cache_dir, run_timing_key(opts, lm), summary["wall_time_s"] / bar.n)
     if shard.rank == 0:

@@ -121,7 +121,7 @@ def index_view(root: Path) -> dict:
 
 def build_index(root: Path, title: str | None = None) -> Path:
     """Write `root`/index.html over the leaderboards below `root` and return its path."""
-    from reports.exports import agreement_text, cross_model_cell  # late: not needed to read the leaderboards
+    from reports.markdown import agreement_text, cross_model_cell  # late: not needed to read the leaderboards
     from reports.render import environment
 
     root = Path(root)

@@ -8,7 +8,7 @@
 * ``leaderboard.md``  a Markdown summary (``fmt="md"`` or ``"all"``).
 
 This module is the entry point (`build_report`) and the HTML rendering; the data come from
-reports.runs (loading), reports.views (tables), reports.stats, reports.svg and reports.exports.
+reports.runs (loading), reports.views (tables), reports.stats, reports.svg, reports.exports and reports.markdown.
 docs/report.md describes what the page shows and the rules behind it.
 """
 
@@ -25,8 +25,8 @@ from markupsafe import Markup, escape
 
 from bench.core.errors import BenchError
 from bench.core.io import write_json_atomic
-from reports.exports import (agreement_text, checkpoints_frame, cross_model_cell, leaderboard_json,
-                             leaderboard_markdown, write_leaderboard_csv)
+from reports.exports import checkpoints_frame, leaderboard_json, write_leaderboard_csv
+from reports.markdown import agreement_text, cross_model_cell, leaderboard_markdown
 from reports.matrix import matrix_view, metric_grid, read_matrix, run_dirs as matrix_run_dirs, training_table
 from reports.runs import Run, SummaryRebuild, assign_labels, load_run, scrub_paths, slugify
 from reports.stats import ALPHA, MIN_PAIRS, format_p, p_text, signed
