@@ -157,6 +157,79 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+class _Cells:
+    """The statistics of the matrix's cells, from the runs its entries name (`found`): with one
+    seed and one task, the report's own statistic and paired comparison (runs compared within
+    their report group); otherwise reports.seeded's, over seeds and cases."""
+
+    def __init__(self, found: dict[Entry, Run], several: bool):
+        self.found, self.several = found, several
+        self.seeded = SeededStats()
+        self._training: dict[int, dict] = {}
+        self._pairings = [(set(id(r) for r in g.runs), Pairing(g)) for g in make_groups(list(found.values()))]
+
+    def _compare(self, a: Run, b: Run, task: str, key: str) -> dict | None:
+        for members, pairing in self._pairings:
+            if id(a) in members and id(b) in members:
+                return pairing.compare(a, b, Column(task, key, family_of(key)))
+        return None  # different models or modes: no paired comparison
+
+    def training_of(self, r: Run, seed: int) -> dict:
+        """What a run's editor trained on, its steps, the step of the network kept and its mean
+        Score on its training tasks."""
+        if id(r) not in self._training:
+            trained = r.train_tasks or []
+            self._training[id(r)] = {
+                "seed": seed, "run_dir": r.name, "trained_on": trained, "steps": r.notes.get("train_steps"),
+                # the network kept is the best validation's: an early one means the validation
+                # loss never got lower afterwards (unstable or overfitting)
+                "kept_step": (r.notes.get("final_validation") or {}).get("step"),
+                "training_score": _mean([(_stat(r, t, "score") or {}).get("post") for t in r.tasks if t in trained])}
+        return self._training[id(r)]
+
+    def cell(self, group: dict[int, Entry], tasks: list[str], key: str) -> dict | None:
+        if not self.several and len(tasks) == 1:  # one seed, one task: the report's own statistic
+            return _stat(self.found[next(iter(group.values()))], tasks[0], key)
+        return self.seeded.cell({s: self.found[e] for s, e in group.items()}, tasks, key)
+
+    def difference(self, ga: dict[int, Entry], gb: dict[int, Entry], tasks: list[str], key: str) -> dict | None:
+        if not self.several and len(tasks) == 1:
+            return self._compare(self.found[next(iter(ga.values()))], self.found[next(iter(gb.values()))],
+                                 tasks[0], key)
+        return self.seeded.difference({s: self.found[e] for s, e in ga.items()},
+                                      {s: self.found[e] for s, e in gb.items()}, tasks, key)
+
+
+def _matrix_row(cells: _Cells, col_key: str, task: str | None, tasks: list[str], first_editor: str,
+                family: list[dict]) -> dict:
+    """One row of the matrix: the entries of column `col_key` (one per editor and instruction
+    mode, over seeds) evaluated on `tasks`, and their paired differences (added to `family`)."""
+    found = cells.found
+    groups: dict[tuple[str, str], dict[int, Entry]] = {}
+    for e in found:
+        if e.holdout == col_key:
+            groups.setdefault((e.editor, e.instruction), {})[e.seed] = e
+    cols = []
+    for group in groups.values():
+        seeds = sorted(group)
+        first = group[seeds[0]]
+        per_seed = [cells.training_of(found[group[s]], s) for s in seeds]
+        cols.append({"entry": first, "label": first.label, "run": found[first], "seeds": seeds,
+                     "runs": {s: found[group[s]] for s in seeds}, "trained_on": per_seed[0]["trained_on"],
+                     "cells": {m: cells.cell(group, tasks, m) for m in MATRIX_METRICS},
+                     "training": per_seed,
+                     "training_score": _mean([x["training_score"] for x in per_seed]),
+                     "steps": per_seed[0]["steps"], "kept_step": per_seed[0]["kept_step"]})
+    diffs = []
+    for a, b in comparisons([next(iter(g.values())) for g in groups.values()], first_editor):
+        ga, gb = groups[(a.editor, a.instruction)], groups[(b.editor, b.instruction)]
+        diff_cells = {m: cells.difference(ga, gb, tasks, m) for m in MATRIX_METRICS}
+        family += [c for c in diff_cells.values() if c is not None]
+        diffs.append({"label": f"{a.label} − {b.label}", "a": a.label, "b": b.label, "cells": diff_cells})
+    label = task if col_key != MULTITASK else f"{MULTITASK}: {task or MEAN_ROW}"
+    return {"holdout": label, "column": col_key, "task": task, "tasks": tasks, "columns": cols, "diffs": diffs}
+
+
 def matrix_view(doc: dict, folder: Path, runs: list[Run]) -> dict:
     """What the matrix shows, from its document and the loaded runs (those it names are found by
     their directory): per held-out task, each entry's scores and its mean Score on the tasks it
@@ -170,90 +243,31 @@ def matrix_view(doc: dict, folder: Path, runs: list[Run]) -> dict:
             missing.append(e.run_dir)
         else:
             found[e] = r
-    # the one pairing of the report: runs compared within their group (same model, mode, format)
-    pairings = [(set(id(r) for r in g.runs), Pairing(g)) for g in make_groups(list(found.values()))]
-
-    def compare(a: Run, b: Run, task: str, key: str) -> dict | None:
-        for members, pairing in pairings:
-            if id(a) in members and id(b) in members:
-                return pairing.compare(a, b, Column(task, key, family_of(key)))
-        return None  # different models or modes: no paired comparison
-
-    several = len(doc.get("seeds") or [0]) > 1
-    seeded = SeededStats()
-    training_cache: dict[int, dict] = {}
-
-    def training_of(r: Run, seed: int) -> dict:
-        """What a run's editor trained on, its steps, the step of the network kept and its mean
-        Score on its training tasks."""
-        if id(r) not in training_cache:
-            trained = r.train_tasks or []
-            training_cache[id(r)] = {
-                "seed": seed, "run_dir": r.name, "trained_on": trained, "steps": r.notes.get("train_steps"),
-                # the network kept is the best validation's: an early one means the validation
-                # loss never got lower afterwards (unstable or overfitting)
-                "kept_step": (r.notes.get("final_validation") or {}).get("step"),
-                "training_score": _mean([(_stat(r, t, "score") or {}).get("post") for t in r.tasks if t in trained])}
-        return training_cache[id(r)]
-
-    def cell(group: dict[int, Entry], tasks: list[str], key: str) -> dict | None:
-        if not several and len(tasks) == 1:  # one seed, one task: the report's own statistic
-            return _stat(found[next(iter(group.values()))], tasks[0], key)
-        return seeded.cell({s: found[e] for s, e in group.items()}, tasks, key)
-
-    def difference(ga: dict[int, Entry], gb: dict[int, Entry], tasks: list[str], key: str) -> dict | None:
-        if not several and len(tasks) == 1:
-            return compare(found[next(iter(ga.values()))], found[next(iter(gb.values()))], tasks[0], key)
-        return seeded.difference({s: found[e] for s, e in ga.items()}, {s: found[e] for s, e in gb.items()},
-                                 tasks, key)
-
+    seeds = list(doc.get("seeds") or [0])
+    several = len(seeds) > 1
+    cells = _Cells(found, several)
     # rows: each held-out task (evaluated on it), then the multi-task column on each task and
     # on their mean
     columns = doc.get("columns") or list(doc["tasks"])
     specs = [(t, t, [t]) for t in doc["tasks"] if t in columns]
     if MULTITASK in columns:
         specs += [(MULTITASK, t, [t]) for t in doc["tasks"]] + [(MULTITASK, None, list(doc["tasks"]))]
-    rows, family = [], []
-    for col_key, task, tasks in specs:
-        groups: dict[tuple[str, str], dict[int, Entry]] = {}
-        for e in found:
-            if e.holdout == col_key:
-                groups.setdefault((e.editor, e.instruction), {})[e.seed] = e
-        cols = []
-        for group in groups.values():
-            seeds = sorted(group)
-            first = group[seeds[0]]
-            per_seed = [training_of(found[group[s]], s) for s in seeds]
-            cols.append({"entry": first, "label": first.label, "run": found[first], "seeds": seeds,
-                         "runs": {s: found[group[s]] for s in seeds}, "trained_on": per_seed[0]["trained_on"],
-                         "cells": {m: cell(group, tasks, m) for m in MATRIX_METRICS},
-                         "training": per_seed,
-                         "training_score": _mean([x["training_score"] for x in per_seed]),
-                         "steps": per_seed[0]["steps"], "kept_step": per_seed[0]["kept_step"]})
-        diffs = []
-        for a, b in comparisons([next(iter(g.values())) for g in groups.values()], doc["editors"][0]):
-            ga, gb = groups[(a.editor, a.instruction)], groups[(b.editor, b.instruction)]
-            cells = {m: difference(ga, gb, tasks, m) for m in MATRIX_METRICS}
-            family += [c for c in cells.values() if c is not None]
-            diffs.append({"label": f"{a.label} − {b.label}", "a": a.label, "b": b.label, "cells": cells})
-        label = task if col_key != MULTITASK else f"{MULTITASK}: {task or MEAN_ROW}"
-        rows.append({"holdout": label, "column": col_key, "task": task, "tasks": tasks, "columns": cols,
-                     "diffs": diffs})
+    family: list[dict] = []
+    rows = [_matrix_row(cells, col_key, task, tasks, doc["editors"][0], family) for col_key, task, tasks in specs]
     adjust_marks(family)
     for c in family:
         c["verdict"] = verdict(c)
     n_tests = sum(1 for c in family if c.get("p") is not None)
-    labels = list(dict.fromkeys(c["label"] for row in rows for c in row["columns"]))
-    diff_labels = list(dict.fromkeys(d["label"] for row in rows for d in row["diffs"]))
-    seeds = list(doc.get("seeds") or [0])
     rule = MATRIX_RULE.format(n=n_tests)
     if several:
         rule += " " + SEEDS_RULE.format(s=len(seeds), seeds=", ".join(map(str, seeds)))
     if MULTITASK in columns:
         rule += " " + MULTITASK_RULE.format(seeds=" and, with several seeds, the seeds" if several else "")
     view = {"editors": list(doc["editors"]), "tasks": list(doc["tasks"]), "metrics": list(MATRIX_METRICS),
-            "labels": labels, "diff_labels": diff_labels, "rows": rows, "missing": missing,
-            "n_tests": n_tests, "rule": rule, "seeds": seeds, "multitask": MULTITASK in columns,
+            "labels": list(dict.fromkeys(c["label"] for row in rows for c in row["columns"])),
+            "diff_labels": list(dict.fromkeys(d["label"] for row in rows for d in row["diffs"])),
+            "rows": rows, "missing": missing, "n_tests": n_tests, "rule": rule, "seeds": seeds,
+            "multitask": MULTITASK in columns,
             "command": scrub_paths(doc.get("command")), "training_hparams": doc.get("training_hparams") or {}}
     view["summary"] = multitask_summary(view)
     view["seed_table"] = seed_table(view)
