@@ -147,6 +147,51 @@ def _run_details(r: Run) -> dict:
             "notes": scrub_paths(r.notes), "wall_time_s": r.summary.get("wall_time_s"), "tasks": tasks}
 
 
+def _load_runs(run_dirs: list[Path], rebuild_summary: SummaryRebuild | None) -> list[Run]:
+    """Each run directory loaded once (a directory named twice is one run), labelled."""
+    seen, runs = set(), []
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        runs.append(load_run(Path(d), rebuild_summary))
+    assign_labels(runs)
+    return runs
+
+
+def _write_html(out_dir: Path, title: str, baseline: str, runs: list[Run], groups: list, files: list[str],
+                case_text: bool, views: dict) -> Path:
+    """index.html and a drill-down page per run and task; returns index.html's path."""
+    ov, sq, mx, xm = views["ov"], views["sq"], views["mx"], views["xm"]
+    env = _env()
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = env.get_template("index.html.j2").render(
+        title=title, generated=generated, baseline=baseline, runs=runs, files=files,
+        groups=[{"g": g, "overview": ov[g.gid], "holdout": views["ho"][g.gid], "cmp": views["cmp"][g.gid],
+                 "gap": views["pg"][g.gid], "pairwise": views["pw"][g.gid], "verdicts": views["vd"][g.gid],
+                 "scores": svg_scores(g, ov[g.gid]), "bars": svg_bars(g), "scatter": svg_scatter(g),
+                 "checkpoints": sq.get(g.gid),
+                 "curves": svg_curves(g, sequential_curves(g, sq[g.gid])) if g.gid in sq else None}
+                for g in groups],
+        details={r.slug: _run_details(r) for r in runs}, task_file=_task_file,
+        matrix=mx, matrix_grid=metric_grid(mx) if mx else [], cross_model=xm,
+        cross_model_cell=cross_model_cell, agreement_text=agreement_text,
+        matrix_training=training_table(mx) if mx else None)
+    main = out_dir / "index.html"
+    main.write_text(page, encoding="utf-8")
+    tpl = env.get_template("cases.html.j2")
+    for r in runs:
+        for t in dict.fromkeys(r.tasks + [str(c.get("task")) for c in r.cases]):
+            rows = case_rows(r, t, case_text)
+            (out_dir / _task_file(r, t)).write_text(tpl.render(
+                title=title, run=r, task=t, rows=rows, n_failed=sum(x["failed"] for x in rows),
+                n_kind={k: sum(k in x["kinds"] for x in rows) for k in ("edit", "broke", "error")},
+                case_text=case_text, has_cases_file=r.has_cases_file, holdout=r.unseen(t),
+                learned=r.train_tasks is not None, generated=generated), encoding="utf-8")
+    return main
+
+
 def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = None, fmt: str = "html",
                  title: str | None = None, case_text: bool = True, matrix: Path | None = None,
                  rebuild_summary: SummaryRebuild | None = None,
@@ -174,14 +219,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = Non
     if not run_dirs:
         raise BenchError("no run directories given")
     title = title or DEFAULT_TITLE
-    seen, runs = set(), []
-    for d in run_dirs:
-        key = Path(d).resolve()
-        if key in seen:
-            continue
-        seen.add(key)
-        runs.append(load_run(Path(d), rebuild_summary))
-    assign_labels(runs)
+    runs = _load_runs(run_dirs, rebuild_summary)
     groups = make_groups(runs)
     pick = baseline is None
     baseline = DEFAULT_BASELINE if baseline is None else baseline
@@ -219,31 +257,6 @@ def build_report(run_dirs: list[Path], out_dir: Path, baseline: str | None = Non
         main.write_text(leaderboard_markdown(title, baseline, groups, **views), encoding="utf-8")
         files.append("leaderboard.md")
     if fmt in ("html", "all"):
-        env = _env()
-        generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        page = env.get_template("index.html.j2").render(
-            title=title, generated=generated, baseline=baseline, runs=runs, files=files,
-            groups=[{"g": g, "overview": ov[g.gid], "holdout": ho[g.gid], "cmp": cmp[g.gid], "gap": pg[g.gid],
-                     "pairwise": pw[g.gid], "verdicts": vd[g.gid], "scores": svg_scores(g, ov[g.gid]),
-                     "bars": svg_bars(g), "scatter": svg_scatter(g),
-                     "checkpoints": sq.get(g.gid),
-                     "curves": svg_curves(g, sequential_curves(g, sq[g.gid])) if g.gid in sq else None}
-                    for g in groups],
-            details={r.slug: _run_details(r) for r in runs}, task_file=_task_file,
-            matrix=mx, matrix_grid=metric_grid(mx) if mx else [], cross_model=xm,
-            cross_model_cell=cross_model_cell, agreement_text=agreement_text,
-            matrix_training=training_table(mx) if mx else None)
-        main = out_dir / "index.html"
-        main.write_text(page, encoding="utf-8")
-        tpl = env.get_template("cases.html.j2")
-        for r in runs:
-            tasks = list(dict.fromkeys(r.tasks + [str(c.get("task")) for c in r.cases]))
-            for t in tasks:
-                rows = case_rows(r, t, case_text)
-                (out_dir / _task_file(r, t)).write_text(tpl.render(
-                    title=title, run=r, task=t, rows=rows, n_failed=sum(x["failed"] for x in rows),
-                    n_kind={k: sum(k in x["kinds"] for x in rows) for k in ("edit", "broke", "error")},
-                    case_text=case_text, has_cases_file=r.has_cases_file, holdout=r.unseen(t),
-                    learned=r.train_tasks is not None, generated=generated), encoding="utf-8")
+        main = _write_html(out_dir, title, baseline, runs, groups, files, case_text, views)
     assert main is not None
     return main
