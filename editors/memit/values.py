@@ -243,6 +243,26 @@ class _LossIndex:
         self.row_case = torch.tensor([rows.case_of(r) for r in current], device=device)
 
 
+def _stop(hp, step: int, active: list[bool], infos: list[dict], loss: torch.Tensor, nll: torch.Tensor,
+          kl: torch.Tensor, prob: torch.Tensor) -> list[int]:
+    """Record each active case's loss terms in `infos` and mark the cases whose stop rule fires
+    inactive; returns those."""
+    stopped = []
+    for c, (lv, nv, kv, pv) in enumerate(zip(loss.tolist(), nll.tolist(), kl.tolist(), prob.tolist())):
+        if not active[c]:
+            continue
+        infos[c] = {"loss": lv, "nll": nv, "kl": kv, "target_prob": pv}
+        if hp.v_stop_rule == "loss":
+            # ROME's loop: stop on the total loss; the last iteration only evaluates.
+            stop = lv < hp.v_stop_threshold or step == hp.v_num_grad_steps - 1
+        else:
+            stop = nv < hp.v_stop_threshold
+        if stop:
+            active[c] = False
+            stopped.append(c)
+    return stopped
+
+
 def optimise_z(model, layout, hp, rows: CaseRows, z_layer: int,
                prefix: PrefixCache | None) -> tuple[torch.Tensor, list[dict]]:
     """(z per case (n_cases, hidden), each case's facts: steps, final loss terms, target
@@ -290,20 +310,7 @@ def optimise_z(model, layout, hp, rows: CaseRows, z_layer: int,
             wd = hp.v_weight_decay * stacked.norm(dim=1) / init_sq
             loss = nll + hp.kl_factor * kl + wd
 
-            stopped = []
-            for c, (lv, nv, kv, pv) in enumerate(zip(loss.tolist(), nll.tolist(), (hp.kl_factor * kl).tolist(),
-                                                     prob.tolist())):
-                if not active[c]:
-                    continue
-                infos[c] = {"loss": lv, "nll": nv, "kl": kv, "target_prob": pv}
-                if hp.v_stop_rule == "loss":
-                    # ROME's loop: stop on the total loss; the last iteration only evaluates.
-                    stop = lv < hp.v_stop_threshold or step == hp.v_num_grad_steps - 1
-                else:
-                    stop = nv < hp.v_stop_threshold
-                if stop:
-                    active[c] = False
-                    stopped.append(c)
+            stopped = _stop(hp, step, active, infos, loss, nll, hp.kl_factor * kl, prob)
             if not any(active):
                 break
             loss[torch.tensor(active, device=device)].sum().backward()

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +28,7 @@ from bench.core.distributed import Shard
 from bench.core.errors import BenchError, Interrupted
 from bench.core.timings import WorkAfter
 from editors.mend.checkpoint import load_training_state, save_training_state
+from editors.mend.fitstate import FitState, StopAfterStep, mean_stats
 from editors.mend.factors import (EditTarget, LowRankEdits, base_hidden, encode_batch, factor_pass,
                                   logprobs_at_answers, per_sequence_mean, rerun_blocks)
 from editors.mend.networks import EditorNetwork
@@ -258,7 +255,7 @@ class MetaTrainer:
 
     # -- training state (stop and resume) ------------------------------------------------------
 
-    def save_state(self, path: Path, fs: "FitState", key: str) -> None:
+    def save_state(self, path: Path, fs: FitState, key: str) -> None:
         """Everything `fit` needs to go on from `fs` exactly as if it had never stopped."""
         tensors = {f"net/{k}": v for k, v in self.net.state_dict().items()}
         if fs.best_state is not None:
@@ -283,7 +280,7 @@ class MetaTrainer:
                  "opt_scalars": scalars}
         save_training_state(path, tensors, state)
 
-    def load_state(self, path: Path, key: str) -> "FitState | None":
+    def load_state(self, path: Path, key: str) -> FitState | None:
         """Restore the state saved by save_state; None (nothing changed) when the file is
         unreadable or belongs to another training."""
         try:
@@ -355,7 +352,7 @@ class MetaTrainer:
             at = f" (step {saved_step})" if saved_step != fs.step else ""
             return Interrupted(f"{head}: saved {partial}{at}; run the same command again to continue")
 
-        ctrl_c = _StopAfterStep(enabled=bool(every))
+        ctrl_c = StopAfterStep(enabled=bool(every))
         bar = tqdm(total=hp.max_steps, initial=fs.step, desc=f"train {self.lm.spec}", unit="step",
                    dynamic_ncols=True, disable=not main)
         try:
@@ -386,12 +383,17 @@ class MetaTrainer:
             raise interrupted() from None
         finally:
             bar.close()
+        return self._finish(fs, started, resumed_at)
+
+    def _finish(self, fs: FitState, started: float, resumed_at: int) -> dict:
+        """Validate once more if training stopped between validations, put the best network in
+        place and say how training went."""
         best, best_state, best_step = fs.best, fs.best_state, fs.best_step
         step = fs.step
         if self.val_by_task and step and (not fs.history or fs.history[-1]["step"] != step):
             val = self.shard.broadcast(self.validate())  # stopped by the time budget between validations
             val["step"] = step
-            fs.history.append({"step": step, "train": _mean_stats(fs.recent), "val": val})
+            fs.history.append({"step": step, "train": mean_stats(fs.recent), "val": val})
             if val["loss"] < best["loss"]:
                 best, best_step, best_state = val, step, None
         if best_state is not None:
@@ -404,7 +406,7 @@ class MetaTrainer:
                 "history": fs.history, "sampled_per_task": dict(self.sampled),
                 "resumed_at_step": resumed_at or None}
 
-    def _one_step(self, fs: "FitState", started: float, bar, main: bool) -> None:
+    def _one_step(self, fs: FitState, started: float, bar, main: bool) -> None:
         """One optimizer step, then validation (and early stopping) when it is due."""
         hp = self.hp
         t0 = time.perf_counter()
@@ -417,7 +419,7 @@ class MetaTrainer:
         fs.step += 1
         step = fs.step
         fs.recent = (fs.recent + [stats])[-20:]
-        avg = _mean_stats(fs.recent)
+        avg = mean_stats(fs.recent)
         bar.update(1)
         line = (f"loss {avg['loss']:.3f} nll {avg['edit_nll']:.2f} acc {avg['edit_acc']:.2f} "
                 f"kl {avg['loc_kl']:.3f} {avg['s_per_step']:.2f}s/step")
@@ -450,54 +452,3 @@ def _training_left(bar) -> float | None:
     if done <= 0 or d["total"] is None:
         return None
     return (d["total"] - d["n"]) * elapsed / done
-
-
-@dataclass
-class FitState:
-    """Where `fit` stands: what save_state writes besides the network, optimizer and sampler."""
-
-    step: int = 0
-    elapsed_s: float = 0.0
-    stop_reason: str | None = None  # set once training has ended
-    best: dict = field(default_factory=lambda: {"loss": float("inf")})
-    best_step: int = 0
-    bad_rounds: int = 0
-    history: list = field(default_factory=list)
-    recent: list = field(default_factory=list)  # the last 20 steps' statistics (progress bar)
-    best_state: dict | None = None
-
-
-class _StopAfterStep:
-    """While training (main thread, default Ctrl-C handling): the first Ctrl-C only asks to stop
-    at the next step boundary, where the state is saved; a second one interrupts at once."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.requested, self.installed = enabled, False, False
-
-    def __enter__(self) -> "_StopAfterStep":
-        self.installed = (self.enabled and threading.current_thread() is threading.main_thread()
-                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-        if self.installed:
-            signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:  # a raw write: a signal handler must not re-enter a buffered stream
-            os.write(2, b"\nstopping after this training step to save its state "
-                        b"(Ctrl-C again stops at once)\n")
-        except OSError:
-            pass
-
-    def __exit__(self, *exc) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _mean_stats(rows: list[dict]) -> dict:
-    out = {}
-    for key in rows[0]:
-        vals = [r[key] for r in rows if not (isinstance(r[key], float) and math.isnan(r[key]))]
-        out[key] = float(sum(vals) / len(vals)) if vals else float("nan")
-    return out

@@ -5,6 +5,8 @@ kl_pos) stays close to the original (KL) and the delta stays small (weight decay
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,51 @@ from bench.core.layout import output_logits
 from editors.rome.hparams import RomeHparams
 from editors.rome.inputs import RomeState, Seq, batch_inputs, cache_fixed_tokens, forward
 from editors.rome.prefix_cache import crop
+
+
+class _Reads(NamedTuple):
+    """The positions whose logits the loss reads: (row, column) of each target prediction, then
+    the essence position; each target token's label, owning rewrite prompt and weight (1 / the
+    prompt's target length)."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    labels: torch.Tensor
+    owner: torch.Tensor
+    weights: torch.Tensor
+
+
+def _positions(rewrite: list[Seq], essence: Seq, skip: list[int], width: int,
+               device) -> tuple[torch.Tensor, _Reads]:
+    """(where the delta goes: a (batch, width, 1) mask of each sequence's subject-last token,
+    the positions the loss reads), in the batch's columns (each row starts `skip` tokens in)."""
+    seqs = rewrite + [essence]
+    edit_mask = torch.zeros(len(seqs), width, 1, device=device)
+    for b, (s, k) in enumerate(zip(seqs, skip)):
+        edit_mask[b, s.lookup - k] = 1.0
+    rows, cols, labels, owner = [], [], [], []
+    for b, s in enumerate(rewrite):
+        for j in range(s.tgt_len):
+            rows.append(b)
+            cols.append(s.tgt_start + j - 1 - skip[b])  # the position predicting token j
+            labels.append(s.labels[j])
+            owner.append(b)
+    rows.append(len(seqs) - 1)
+    cols.append(essence.kl_pos - skip[-1])
+    return edit_mask, _Reads(torch.tensor(rows, device=device), torch.tensor(cols, device=device),
+                             torch.tensor(labels, device=device), torch.tensor(owner, device=device),
+                             torch.tensor([1.0 / rewrite[o].tgt_len for o in owner], device=device))
+
+
+def _loss(logp: torch.Tensor, reads: _Reads, n_rewrite: int, kl_init: torch.Tensor, hp: RomeHparams,
+          delta: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(each rewrite prompt's target NLL, their mean, the essence KL term, the total loss with
+    the weight decay) from the log-probabilities at the read positions (the essence's last)."""
+    tok_lp = logp[:-1].gather(1, reads.labels[:, None]).squeeze(1)
+    per_prompt = torch.zeros(n_rewrite, device=logp.device).index_add(0, reads.owner, -tok_lp * reads.weights)
+    nll = per_prompt.mean()
+    kl = hp.kl_factor * F.kl_div(kl_init, logp[-1:], log_target=True, reduction="batchmean")
+    wd = hp.v_weight_decay * delta.norm() / init.norm() ** 2
+    return per_prompt, nll, kl, nll + kl + wd
 
 
 def compute_value(model, st: RomeState, hp: RomeHparams, rewrite: list[Seq],
@@ -25,28 +72,10 @@ def compute_value(model, st: RomeState, hp: RomeHparams, rewrite: list[Seq],
     keep = prefix.width if prefix is not None else None
     if hp.reuse_context_prefix:  # ... and, with this, only from the subject's last token on
         ids, mask, skip, extra, keep = cache_fixed_tokens(st, seqs, skip, prefix, device)
-    batch, width = ids.shape
+    width = ids.shape[1]
 
-    # Where the delta goes: each sequence's subject-last token.
-    edit_mask = torch.zeros(batch, width, 1, device=device)
-    for b, (s, k) in enumerate(zip(seqs, skip)):
-        edit_mask[b, s.lookup - k] = 1.0
-    # Positions whose logits a loss reads: target predictions, then the essence position.
-    rows, cols, labels, owner = [], [], [], []
-    for b, s in enumerate(rewrite):
-        for j in range(s.tgt_len):
-            rows.append(b)
-            cols.append(s.tgt_start + j - 1 - skip[b])  # the position predicting token j
-            labels.append(s.labels[j])
-            owner.append(b)
-    rows.append(len(seqs) - 1)
-    cols.append(essence.kl_pos - skip[-1])
-    rows_t = torch.tensor(rows, device=device)
-    cols_t = torch.tensor(cols, device=device)
-    labels_t = torch.tensor(labels, device=device)
-    owner_t = torch.tensor(owner, device=device)
+    edit_mask, reads = _positions(rewrite, essence, skip, width, device)
     n_rewrite = len(rewrite)
-    weights = torch.tensor([1.0 / rewrite[o].tgt_len for o in owner], device=device)
 
     loss_layer = hp.v_loss_layer if hp.v_loss_layer >= 0 else layout.num_layers + hp.v_loss_layer
     loss_layer = max(loss_layer, st.layer)
@@ -83,18 +112,10 @@ def compute_value(model, st: RomeState, hp: RomeHparams, rewrite: list[Seq],
                     hidden = captured["h"]
                     if layout.final_norm is not None:
                         hidden = layout.final_norm(hidden)
-                logp = torch.log_softmax(output_logits(model, hidden[rows_t, cols_t]).float(), -1)
-                tok_lp = logp[:-1].gather(1, labels_t[:, None]).squeeze(1)
-                per_prompt = torch.zeros(n_rewrite, device=device).index_add(
-                    0, owner_t, -tok_lp * weights)
-                nll = per_prompt.mean()
-                kl_lp = logp[-1:]
+                logp = torch.log_softmax(output_logits(model, hidden[reads.rows, reads.cols]).float(), -1)
                 if kl_init is None:
-                    kl_init = kl_lp.detach().clone()
-                kl = hp.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True,
-                                             reduction="batchmean")
-                wd = hp.v_weight_decay * delta.norm() / state["init"].norm() ** 2
-                loss = nll + kl + wd
+                    kl_init = logp[-1:].detach().clone()
+                per_prompt, nll, kl, loss = _loss(logp, reads, n_rewrite, kl_init, hp, delta, state["init"])
                 info = {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
                         "target_prob": torch.exp(-per_prompt).mean().item()}
                 if hp.v_stop_rule == "loss":
