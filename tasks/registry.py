@@ -1,4 +1,5 @@
-"""The task registry: the runner and the CLI call only the functions defined here.
+"""The task registry: the runner and the CLI call only the functions named here (where a
+task's files are found is tasks.datafiles).
 
     list_cards() -> {name: TaskCard}
     get_card(name) -> TaskCard
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,13 @@ from bench.core.errors import BenchError
 from bench.core.io import file_sha256
 from tasks import sources
 from tasks.card import SplitRule, TaskCard, merge_options, parse_card
+from tasks.datafiles import (SAMPLE_PREFIX, SAMPLES_DIR, expected_paths, file_key, file_path, local_file,
+                             resolve_data_dir, uses_sample)
 from tasks.fields import FieldMapper, RecordError
 from tasks.loaders import get_loader, read_records
 
 CARDS_DIR = Path(__file__).parent / "cards"
-SAMPLES_DIR = Path(__file__).parent / "samples"
 SPLITS = ("train", "eval")
-SAMPLE_PREFIX = "sample/"  # how sample files are named in hashes and status
 
 _CARDS: dict[str, TaskCard] | None = None
 _SPLIT_CACHE: dict[tuple, TaskSplit] = {}
@@ -63,100 +63,6 @@ def get_card(name: str) -> TaskCard:
     if name not in cards:
         raise BenchError(f"unknown task {name!r}; available: {', '.join(cards)}")
     return cards[name]
-
-
-# --------------------------------------------------------------------------------------------
-# Data directory and files
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_data_dir(arg: str | None) -> tuple[Path | None, bool]:
-    """--data-dir, else $BENCH_DATA, else ../shared/data (a development checkout), else none.
-
-    Returns (directory, False), or (None, True) meaning "no data directory" (each task then uses
-    its cached published copy, else the built-in sample). A directory
-    that is named explicitly (argument or $BENCH_DATA) but does not exist, or is not a
-    directory, is an error.
-    """
-    for given, origin in ((arg, "--data-dir"), (os.environ.get("BENCH_DATA") or None, "$BENCH_DATA")):
-        if given:
-            try:
-                path = Path(given).expanduser()
-            except RuntimeError:  # "~someone" with no such user
-                raise BenchError(f"data directory from {origin}: cannot expand {given!r}") from None
-            if not path.exists():
-                raise BenchError(f"data directory from {origin} does not exist: {path}")
-            if not path.is_dir():
-                raise BenchError(f"data directory from {origin} is not a directory: {path}")
-            return path.resolve(), False
-    dev = Path.cwd() / ".." / "shared" / "data"
-    if dev.is_dir():
-        return dev.resolve(), False
-    return None, True
-
-
-def expected_paths(card: TaskCard) -> str:
-    """The files a data directory must hold for the task (each key's first candidate)."""
-    return ", ".join(paths[0] for paths in card.files.values())
-
-
-def _fetch_hint(card: TaskCard) -> str:
-    return f"; or fetch its published copy: bench data fetch {card.name}" if card.remotes else ""
-
-
-def _no_sample(card: TaskCard) -> BenchError:
-    return BenchError(f"task {card.name!r} has no built-in sample; pass --data-dir (or set "
-                      f"$BENCH_DATA) to a directory holding {expected_paths(card)}{_fetch_hint(card)}")
-
-
-def _uses_sample(card: TaskCard, data_dir: Path | None) -> bool:
-    """The built-in sample stands in for a task only when there is no data directory and no
-    published copy of the task's files is cached."""
-    return data_dir is None and card.has_sample and sources.cached_files(card) is None
-
-
-def _local_file(card: TaskCard, key: str, data_dir: Path) -> tuple[Path, str] | None:
-    """The first candidate of file `key` that is a file in the data directory; None when none
-    exists, BenchError when one exists but is not a regular file."""
-    candidates = card.files[key]
-    for rel in candidates:
-        if (Path(data_dir) / rel).is_file():
-            return Path(data_dir) / rel, rel
-    for rel in candidates:  # none is a file: say why if one of them exists
-        path = Path(data_dir) / rel
-        if path.is_dir():
-            raise BenchError(f"task {card.name!r}: data path {path} is a directory, not a file")
-        if path.exists():
-            raise BenchError(f"task {card.name!r}: data path {path} is not a regular file")
-    return None
-
-
-def _file_path(card: TaskCard, key: str, data_dir: Path | None) -> tuple[Path, str]:
-    """(absolute path, name used in reports) of one of the card's files: from the data
-    directory, else the cached published copy (its digest checked), else the built-in sample
-    when there is no data directory; BenchError if absent."""
-    if _uses_sample(card, data_dir):
-        path = SAMPLES_DIR / card.sample_files[key]
-        if not path.is_file():  # a card naming a sample that is not shipped
-            raise BenchError(f"task {card.name!r}: built-in sample file not found: {path}")
-        return path, SAMPLE_PREFIX + card.sample_files[key]
-    if data_dir is not None and (found := _local_file(card, key, data_dir)) is not None:
-        return found
-    if (cached := sources.cached_files(card)) is not None:
-        remote, paths = cached
-        sources.verify(card.name, remote, key, paths[key])
-        return paths[key], remote.address(key)
-    if data_dir is None:
-        raise _no_sample(card)
-    candidates = card.files[key]
-    also = f" (also looked for {', '.join(candidates[1:])})" if len(candidates) > 1 else ""
-    raise BenchError(f"task {card.name!r}: data file not found: {Path(data_dir) / candidates[0]}{also}"
-                     f"{_fetch_hint(card)}")
-
-
-def _file_key(path: Path) -> tuple:
-    st = path.stat()
-    return str(path.resolve()), st.st_mtime_ns, st.st_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,13 +179,13 @@ def load_split(name: str, split: str, data_dir: Path | None, holdout: bool = Fal
     """
     card = get_card(name)
     opts = merge_options(card, options)
-    sample = _uses_sample(card, data_dir)
+    sample = uses_sample(card, data_dir)
     rule = _rule_for(card, split, holdout, sample)
-    path, source = _file_path(card, rule.file, data_dir)
+    path, source = file_path(card, rule.file, data_dir)
     # a split kept clear of other records depends on their file too
-    avoid_path, avoid_source = _file_path(card, rule.avoid.file, data_dir) if rule.avoid else (None, "")
+    avoid_path, avoid_source = file_path(card, rule.avoid.file, data_dir) if rule.avoid else (None, "")
     # options change the cases, so they are part of the key (as canonical JSON: values may be lists)
-    key = (card.name, split, rule, _file_key(path), avoid_path and _file_key(avoid_path),
+    key = (card.name, split, rule, file_key(path), avoid_path and file_key(avoid_path),
            json.dumps(opts, sort_keys=True, default=repr))
     if key not in _SPLIT_CACHE:
         avoid = (_edits_of(card, rule, avoid_path, opts), avoid_source) if rule.avoid else None
@@ -312,7 +218,7 @@ def _files_read(card: TaskCard, sample: bool, split: str | None = None) -> list[
 def task_status(name: str, data_dir: Path | None) -> dict:
     """What `bench tasks` shows: files, whether they were found, case and skip counts."""
     card = get_card(name)
-    sample = _uses_sample(card, data_dir)
+    sample = uses_sample(card, data_dir)
     rules = _rules_used(card, sample)
     file_keys = list(dict.fromkeys(r.file for r in rules.values()))  # train's file first
     if sample:
@@ -329,7 +235,7 @@ def task_status(name: str, data_dir: Path | None) -> dict:
         "metrics": list(card.metrics), "holdout_only": card.holdout_only,
     }
     try:
-        status["source"] = list(dict.fromkeys(_file_path(card, k, data_dir)[1] for k in file_keys))
+        status["source"] = list(dict.fromkeys(file_path(card, k, data_dir)[1] for k in file_keys))
     except BenchError as exc:
         status["missing"] = str(exc)
         return status
@@ -349,7 +255,7 @@ def task_status(name: str, data_dir: Path | None) -> dict:
 def trainable(name: str, data_dir: Path | None) -> bool:
     """Whether the task can be trained on: it has a train split and its data is found."""
     card = get_card(name)
-    if card.holdout_only or card.rule("train", False, _uses_sample(card, data_dir)) is None:
+    if card.holdout_only or card.rule("train", False, uses_sample(card, data_dir)) is None:
         return False
     try:
         data_file_hashes(name, data_dir, split="train")
@@ -366,8 +272,8 @@ def data_file_hashes(name: str, data_dir: Path | None, split: str | None = None)
     of a cached published copy)."""
     card = get_card(name)
     out = {}
-    for key in _files_read(card, _uses_sample(card, data_dir), split):
-        path, rel = _file_path(card, key, data_dir)
+    for key in _files_read(card, uses_sample(card, data_dir), split):
+        path, rel = file_path(card, key, data_dir)
         out[rel] = file_sha256(path)
     return out
 
@@ -401,7 +307,7 @@ def task_source(name: str, data_dir: Path | None) -> dict:
                            "licence": published.licence if published else None,
                            "provenance": published.provenance if published else None,
                            "verified": None, "differs": [], "files": {}}
-    if _uses_sample(card, data_dir):
+    if uses_sample(card, data_dir):
         out.update(data="built-in sample", origin="built-in sample", location="tasks/samples",
                    licence=SAMPLE_LICENCE, provenance=SAMPLE_PROVENANCE,
                    files={SAMPLE_PREFIX + f: file_sha256(SAMPLES_DIR / f)
@@ -410,7 +316,7 @@ def task_source(name: str, data_dir: Path | None) -> dict:
     cached = sources.cached_files(card)
     origins, checks, locations = [], [], []
     for key in card.files:
-        local = _local_file(card, key, data_dir) if data_dir is not None else None
+        local = local_file(card, key, data_dir) if data_dir is not None else None
         if local is not None:
             path, rel = local
             digest = out["files"][rel] = file_sha256(path)
@@ -498,7 +404,7 @@ def provide(name: str, data_dir: Path | None, sample: bool = True, force: bool =
         if src["data"] is not None:  # the built-in sample: nothing to fetch instead
             return src
         for key in card.files:  # the loader's own one-line reason (missing file, no sample)
-            _file_path(card, key, data_dir)
+            file_path(card, key, data_dir)
         raise _cannot_have(card, data_dir, "its card names no published copy")
     variable = sources.offline()
     if variable is not None:
