@@ -42,7 +42,9 @@ from bench.session import RunOptions
 from editors import get_editor_class
 from editors.mend import Mend
 from editors.mend.factors import edit_factors
+from bench.core.io import read_json
 from reports.directions import analyze_set, write_directions
+from reports.directions_seeds import write_seed_summary
 from tasks.instructions import instruct
 
 CONDITIONS = ("raw", "seen", "unseen")
@@ -200,3 +202,51 @@ def run_directions(plan: DirectionsPlan, log: Callable[[str], None] = print) -> 
             + (f"; {where}" if where else ""))
     log(f"directions: {', '.join(str(f) for f in files)}")
     return {"meta": meta, "sets": [{k: v for k, v in s.items() if k != "points"} for s in sets]}
+
+
+def _finished(plan: DirectionsPlan) -> dict | None:
+    """The directions.json an earlier analysis left in plan.output_dir, when it was made with
+    the same model, seed, tasks, held-out tasks, n, sketch, hyperparameters and editors (and
+    dtype, when one is asked for); else None (the seed is analysed again)."""
+    path = plan.output_dir / "directions.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = read_json(path)
+    except BenchError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    opts = plan.base
+    model = opts.model if not Path(opts.model).exists() else Path(opts.model).name
+    same = (doc.get("model") == model and doc.get("seed") == opts.seed and doc.get("tasks") == list(plan.tasks)
+            and doc.get("holdout") == list(plan.holdout) and doc.get("n_per_task") == plan.n
+            and doc.get("sketch") == plan.sketch and doc.get("hparams") == dict(plan.hparams)
+            and sorted(doc.get("editors") or {}) == sorted(plan.editors) and isinstance(doc.get("sets"), list)
+            and (opts.dtype == "auto" or str(doc.get("model_identity", "")).endswith(f":{opts.dtype}")))
+    return doc if same else None
+
+
+def run_directions_seeds(plan: DirectionsPlan, seeds: list[int], log: Callable[[str], None] = print) -> dict:
+    """The analysis once per training seed (each seed's checkpoints, instruction wrapping and
+    sketch), in plan.output_dir/seed-<S>; a seed whose folder already holds the same analysis
+    is read, not redone (a killed analysis resumes). Then seeds.json and seeds.csv
+    (reports.directions_seeds) in plan.output_dir."""
+    if len(set(seeds)) != len(seeds):
+        raise BenchError("--seeds names a seed twice")
+    check_plan(plan)
+    docs = {}
+    for seed in seeds:
+        one = dataclasses.replace(plan, base=dataclasses.replace(plan.base, seed=seed),
+                                  output_dir=plan.output_dir / f"seed-{seed}")
+        doc = _finished(one)
+        if doc is None:
+            log(f"seed {seed}: analysing into {one.output_dir}")
+            run_directions(one, log)
+            doc = read_json(one.output_dir / "directions.json")
+        else:
+            log(f"seed {seed}: the analysis in {one.output_dir} is this one's; not redone")
+        docs[seed] = doc
+    files = write_seed_summary(plan.output_dir, docs)
+    log(f"directions over seeds {', '.join(map(str, seeds))}: {', '.join(str(f) for f in files)}")
+    return docs

@@ -150,3 +150,84 @@ def test_bad_input_is_one_line(capsys, tmp_path):
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "d").exists()
+
+
+def _doc(seed: int, sil: float, cos_ab: float, held_sil: float, nearest: str) -> dict:
+    """A directions.json with one set, its numbers given."""
+    mean_cosine = {"a": {"a": 1.0, "b": cos_ab, "h": 0.5}, "b": {"a": cos_ab, "b": 1.0, "h": 0.1},
+                   "h": {"a": 0.5, "b": 0.1, "h": 1.0}}
+    return {"seed": seed, "model": "m", "tasks": ["a", "b", "h"], "holdout": ["h"], "n_per_task": 6, "sketch": 0,
+            "sets": [{"editor": "mend", "kind": "update", "condition": "seen", "tasks": ["a", "b", "h"],
+                      "held_out": ["h"], "silhouette_2d": sil, "silhouette_cosine": sil / 2,
+                      "mean_cosine": mean_cosine,
+                      "placement": {"h": {"silhouette_2d": held_sil, "nearest_mean": nearest}}}]}
+
+
+def test_the_seed_summary_is_each_numbers_mean_and_spread(tmp_path):
+    from reports.directions_seeds import seed_summary, write_seed_summary
+
+    docs = {0: _doc(0, 0.30, 0.20, 0.10, "a"), 1: _doc(1, 0.50, 0.40, -0.10, "a"), 2: _doc(2, 0.10, 0.30, None, "b")}
+    (row,) = seed_summary(docs)
+    assert (row["editor"], row["kind"], row["condition"], row["seeds"]) == ("mend", "update", "seen", [0, 1, 2])
+    sil = row["silhouette_2d"]
+    assert sil["per_seed"] == {0: 0.30, 1: 0.50, 2: 0.10}
+    assert sil["mean"] == pytest.approx(0.30) and sil["sd"] == pytest.approx(0.20)  # sd of 0.3, 0.5, 0.1
+    # the task-mean cosine: the mean over the 3 task pairs, then over seeds
+    per = {s: (c + 0.5 + 0.1) / 3 for s, c in ((0, 0.2), (1, 0.4), (2, 0.3))}
+    assert row["task_mean_cosine"]["per_seed"] == pytest.approx(per)
+    assert row["task_mean_cosine"]["mean"] == pytest.approx(np.mean(list(per.values())))
+    assert row["task_mean_cosine"]["sd"] == pytest.approx(np.std(list(per.values()), ddof=1))
+    # a seed without a held-out silhouette is left out of its mean, not counted as 0
+    assert row["held_out_silhouette_2d"]["per_seed"] == {0: 0.10, 1: -0.10}
+    assert row["held_out_silhouette_2d"]["mean"] == pytest.approx(0.0)
+    assert row["held_out_nearest"] == {0: "a", 1: "a", 2: "b"}
+    files = write_seed_summary(tmp_path, docs)
+    assert [f.name for f in files] == ["seeds.json", "seeds.csv"]
+    (line,) = list(csv.DictReader((tmp_path / "seeds.csv").open()))
+    assert line["silhouette_2d_mean"] == "0.3000" and line["silhouette_2d_sd"] == "0.2000"
+    assert line["silhouette_2d_seed1"] == "0.5000" and line["held_out_nearest_seed2"] == "b"
+    assert line["held_out_silhouette_2d_seed2"] == ""
+
+
+def test_analyze_directions_over_seeds_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the built-in sample of the tasks
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "directions"
+    args = ["analyze", "directions", "--editors", "instructedit,mend", "--tasks", "counterfact,zsre,recast",
+            "--holdout", "zsre", "--n", "2", "--sketch", "4", "--model", str(tiny_model_dir), "--output-dir", str(out),
+            "--hparam", "rank=8", "--hparam", "max_steps=2", "--hparam", "batch_size=2", "--hparam", "val_cases=2",
+            "--seeds", "0,1"]
+    assert main(args + ["--train"]) == 0
+    docs = {s: json.loads((out / f"seed-{s}" / "directions.json").read_text()) for s in (0, 1)}
+    assert [docs[s]["seed"] for s in (0, 1)] == [0, 1]
+    # each seed's own checkpoints (the seed is part of the cache key)
+    for editor in ("instructedit", "mend"):
+        assert docs[0]["editors"][editor]["checkpoint"] != docs[1]["editors"][editor]["checkpoint"]
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["sets"]) == 9
+    mend_seen = next(r for r in summary["sets"] if (r["editor"], r["condition"]) == ("mend", "seen"))
+    per_seed = {int(s): v for s, v in mend_seen["silhouette_2d"]["per_seed"].items()}
+    assert per_seed == {s: next(x["silhouette_2d"] for x in docs[s]["sets"]
+                                if (x["editor"], x["condition"]) == ("mend", "seen")) for s in (0, 1)}
+    # again: both seeds' analyses are found and read, not redone (a killed analysis resumes)
+    stamps = {s: (out / f"seed-{s}" / "directions.json").stat().st_mtime_ns for s in (0, 1)}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("not redone") == 2
+    assert stamps == {s: (out / f"seed-{s}" / "directions.json").stat().st_mtime_ns for s in (0, 1)}
+    # another n is another analysis: redone (its checkpoints are cached, so no --train needed)
+    assert main(args[:-2] + ["--seeds", "1", "--n", "3"]) == 0
+    assert json.loads((out / "seed-1" / "directions.json").read_text())["n_per_task"] == 3
+
+
+def test_bad_seeds_are_one_line(capsys, tmp_path):
+    base = ["analyze", "directions", "--output-dir", str(tmp_path / "d"), "--seeds"]
+    assert main(base + ["1,1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seeds names a seed twice" in err, err
+    for seeds in ("x", "-1", ","):
+        with pytest.raises(SystemExit) as exc:  # argparse's usage error
+            main(base + [seeds])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "argument --seeds: expected comma-separated non-negative integers" in err
+    assert not (tmp_path / "d").exists()

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cli.common import DATA_DIR_HELP, Parser, add_model_arguments, add_seed_argument, csv_list, task_options
+from bench.cli.common import (DATA_DIR_HELP, Parser, add_model_arguments, add_seed_argument, csv_list, seed_list,
+                              task_options)
 from bench.core.defaults import EQUAL_STEPS
+from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
 from bench.core.io import check_writable_dir
 
@@ -43,6 +45,11 @@ def register(sub) -> None:
                         + ", the matrix's: its checkpoints are found in the cache)")
     add_model_arguments(d)
     add_seed_argument(d)
+    d.add_argument("--seeds", type=seed_list, default=None, metavar="S[,S]",
+                   help="analyse the checkpoints of each of these training seeds (as bench holdout-matrix "
+                        "--seeds trained them; replaces --seed), each into OUTPUT_DIR/seed-S, then seeds.json and "
+                        "seeds.csv: every number's mean, spread and per-seed values. A seed whose folder holds "
+                        "the same analysis is not redone")
     d.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     d.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
                    help="override one option of a task card (repeatable)")
@@ -50,13 +57,13 @@ def register(sub) -> None:
                    help="train a checkpoint that is not in the cache (default: an error naming it)")
     d.add_argument("--output-dir", default=DEFAULT_OUTPUT,
                    help=f"where directions.json, directions.csv, summary.csv and directions.svg go "
-                        f"(default {DEFAULT_OUTPUT})")
+                        f"(with --seeds: its seed-S folders, seeds.json and seeds.csv; default {DEFAULT_OUTPUT})")
     d.set_defaults(func=main_directions)
 
 
 def main_directions(args: argparse.Namespace) -> int:
     # late: the analysis imports torch, scikit-learn and the editors; the parser above does not
-    from bench.directions import DirectionsPlan, check_plan, run_directions
+    from bench.directions import DirectionsPlan, check_plan, run_directions, run_directions_seeds
     from bench.session import RunOptions
 
     base = RunOptions(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
@@ -67,6 +74,12 @@ def main_directions(args: argparse.Namespace) -> int:
                           train=args.train)
     check_plan(plan)
     base.check()  # unknown tasks, task options: before the model loads
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise BenchError("--seeds names a seed twice")
     check_writable_dir(plan.output_dir, "--output-dir")  # before the model loads and the work is done
-    run_directions(plan)
+    if args.seeds is None:
+        run_directions(plan)
+    else:
+        run_directions_seeds(plan, args.seeds)
     return 0
+

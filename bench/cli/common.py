@@ -49,6 +49,17 @@ def csv_list(value: str) -> list[str]:
     return items
 
 
+def seed_list(value: str) -> list[int]:
+    """--seeds: comma-separated non-negative integers (argparse names the option on error)."""
+    try:
+        seeds = [int(v) for v in csv_list(value)]
+    except (ValueError, argparse.ArgumentTypeError):
+        seeds = [-1]
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {value!r}")
+    return seeds
+
+
 def limit(value: str) -> int | None:
     try:
         n = int(value)

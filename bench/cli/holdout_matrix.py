@@ -7,23 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.cli.common import DATA_DIR_HELP, add_model_arguments, add_seed_argument, csv_list, limit, task_options
+from bench.cli.common import (DATA_DIR_HELP, add_model_arguments, add_seed_argument, csv_list, limit, seed_list,
+                              task_options)
 from bench.core.defaults import DEFAULT_LIMIT, EQUAL_STEPS, PROTOCOLS
 from bench.core.errors import BenchError
 from bench.core.io import check_writable_dir
 from bench.core.hparams import parse_hparam_args
 
 DEFAULT_OUTPUT = "runs/holdout-matrix"
-
-
-def seed_list(value: str) -> list[int]:
-    try:
-        seeds = [int(v) for v in csv_list(value)]
-    except (ValueError, argparse.ArgumentTypeError):
-        seeds = [-1]
-    if any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {value!r}")
-    return seeds
 
 
 def register(sub) -> None:
