@@ -75,6 +75,18 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     assert "git_commit" in config["versions"]
 
     records = read_lines(path / "cases.jsonl")
+    _check_records(records)
+    summary = json.loads((path / "summary.json").read_text())
+    _check_summary(summary, config, records)
+    memory = summary["memory"]  # the process's peak memory (on CPU: peak resident set)
+    assert memory["peak_mb"] == memory["peak_rss_mb"] > 0 and "ru_maxrss" in memory["measured"]
+    assert any("records skipped" in line for line in logs)  # the printed table notes skips
+    assert any(f"results: {path}" == line for line in logs)
+
+
+def _check_records(records: list[dict]) -> None:
+    """cases.jsonl of the run above: one record per planned case, in order, with the metrics the
+    case can have."""
     assert len(records) == sum(N_CASES.values())
     keys = [(r["task"], r["case_id"]) for r in records]
     assert len(set(keys)) == len(keys)
@@ -100,7 +112,9 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
             expected |= {"efficacy", "paraphrase", "neighborhood"}
         assert set(r["post"]) == set(r["pre"]) == expected
 
-    summary = json.loads((path / "summary.json").read_text())
+
+def _check_summary(summary: dict, config: dict, records: list[dict]) -> None:
+    """summary.json of the run above: its means are the records' and its task facts the data's."""
     assert summary["config"] == {"model": "random:llama", "editor": "ft",
                                  "hparams": config["editor"]["hparams"], "seed": 0, "mode": "single",
                                  "metric_definitions": "easyedit-token-accuracy/v1"}
@@ -130,10 +144,6 @@ def test_run_writes_config_cases_and_summary(tmp_path, tiny_load):
     # a finished run's summary says so (bench.core.runfiles.completeness)
     assert strip_volatile(summary) == {**summarize_run(config, records), "complete": True,
                                        "finished_cases": len(records), "planned_cases": sum(N_CASES.values())}
-    memory = summary["memory"]  # the process's peak memory (on CPU: peak resident set)
-    assert memory["peak_mb"] == memory["peak_rss_mb"] > 0 and "ru_maxrss" in memory["measured"]
-    assert any("records skipped" in line for line in logs)  # the printed table notes skips
-    assert any(f"results: {path}" == line for line in logs)
 
 
 def test_limit_and_holdout(tmp_path, tiny_load):
