@@ -216,10 +216,9 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
              extra_hooks) -> Path:
     opts, planned, shard, editor, lm = setup.opts, setup.planned, setup.shard, setup.editor, setup.lm
     config = _write_config(setup, run, resume_dir, argv, rewrite_config)
-    records = run.read_cases(repair=True)
     sequential = opts.mode == "sequential"
     torch.manual_seed(opts.seed)
-    todo, remaining = _todo(setup, run, {(r["task"], r["case_id"]) for r in records}, log)
+    todo, remaining = _todo(setup, run, {(r["task"], r["case_id"]) for r in run.read_cases(repair=True)}, log)
     hooks: list[RunHook] = list(extra_hooks(setup, run)) if extra_hooks else []
     if opts.regression:
         hooks.append(RegressionHook(lm, opts.regression_options(), run.path, setup.data_dir,
@@ -233,8 +232,6 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
         for hook in hooks:
             hook.on_record(record)
         run.append_case(record, rank=shard.rank if shard.world > 1 else None)
-        if not sequential:
-            records.append(record)
         if record["error"]:
             tqdm.write(f"case {task.name}/{record['case_id']}: {record['error']}")
         if sequential:  # single mode advances the bar itself (_run_single)
@@ -265,7 +262,7 @@ def _execute(setup: Setup, run: RunDir, resume_dir: Path | None, argv, log, rewr
         if shard.rank == 0 and (finished or shard.world == 1):
             if shard.world > 1:
                 records = run.merge_shards([(t.name, c.case_id) for t in planned for c in t.cases])
-            if sequential:
+            else:  # the file is the truth: a signal between writing a record and keeping it in memory
                 records = run.read_cases()
             summary = _write_summary(setup, run, config, records, len(todo), started)
             if finished and shard.world == 1 and bar.n:  # what the next such run's training line estimates from
