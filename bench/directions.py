@@ -38,11 +38,11 @@ import torch
 from bench import session
 from bench.core.distributed import Shard
 from bench.core.errors import BenchError
+from bench.core.io import read_json
 from bench.session import RunOptions
 from editors import get_editor_class
 from editors.mend import Mend
 from editors.mend.factors import edit_factors
-from bench.core.io import read_json
 from reports.directions import analyze_set, write_directions
 from reports.directions_seeds import write_seed_summary
 from tasks.instructions import instruct
@@ -178,7 +178,7 @@ def collect(plan: DirectionsPlan, log: Callable[[str], None] = print) -> tuple[d
     for (editor, kind, cond), rows in vectors.items():
         sets.append({"editor": editor, "kind": kind, "condition": cond, "points": points,
                      "result": analyze_set(np.stack(rows), tasks_of, plan.holdout)})
-    meta = {"model": opts.model if not Path(opts.model).exists() else Path(opts.model).name,
+    meta = {"model": _model_name(opts),
             "model_identity": lm.identity, "seed": opts.seed, "tasks": [t.name for t in planned],
             "holdout": list(plan.holdout), "n_per_task": plan.n,
             "edited_weights": names, "sketch": plan.sketch,
@@ -204,6 +204,12 @@ def run_directions(plan: DirectionsPlan, log: Callable[[str], None] = print) -> 
     return {"meta": meta, "sets": [{k: v for k, v in s.items() if k != "points"} for s in sets]}
 
 
+def _model_name(opts: RunOptions) -> str:
+    """The model as directions.json names it: a preset or hub id as given, a local path by its
+    last part (no machine path in the files)."""
+    return opts.model if not Path(opts.model).exists() else Path(opts.model).name
+
+
 def _finished(plan: DirectionsPlan) -> dict | None:
     """The directions.json an earlier analysis left in plan.output_dir, when it was made with
     the same model, seed, tasks, held-out tasks, n, sketch, hyperparameters and editors (and
@@ -218,8 +224,7 @@ def _finished(plan: DirectionsPlan) -> dict | None:
     if not isinstance(doc, dict):
         return None
     opts = plan.base
-    model = opts.model if not Path(opts.model).exists() else Path(opts.model).name
-    same = (doc.get("model") == model and doc.get("seed") == opts.seed and doc.get("tasks") == list(plan.tasks)
+    same = (doc.get("model") == _model_name(opts) and doc.get("seed") == opts.seed and doc.get("tasks") == list(plan.tasks)
             and doc.get("holdout") == list(plan.holdout) and doc.get("n_per_task") == plan.n
             and doc.get("sketch") == plan.sketch and doc.get("hparams") == dict(plan.hparams)
             and sorted(doc.get("editors") or {}) == sorted(plan.editors) and isinstance(doc.get("sets"), list)

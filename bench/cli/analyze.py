@@ -10,7 +10,6 @@ from pathlib import Path
 from bench.cli.common import (DATA_DIR_HELP, Parser, add_model_arguments, add_seed_argument, csv_list, seed_list,
                               task_options)
 from bench.core.defaults import EQUAL_STEPS
-from bench.core.errors import BenchError
 from bench.core.hparams import parse_hparam_args
 from bench.core.io import check_writable_dir
 
@@ -74,12 +73,9 @@ def main_directions(args: argparse.Namespace) -> int:
                           train=args.train)
     check_plan(plan)
     base.check()  # unknown tasks, task options: before the model loads
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        raise BenchError("--seeds names a seed twice")
     check_writable_dir(plan.output_dir, "--output-dir")  # before the model loads and the work is done
     if args.seeds is None:
         run_directions(plan)
     else:
         run_directions_seeds(plan, args.seeds)
     return 0
-

@@ -41,10 +41,11 @@ from bench.sequential.stream import EditStream, is_checkpoint
 
 def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], jobs: list[Job],
                    hooks: list[RunHook], protocol: Protocol, write: Callable[[object, dict], None],
-                   progress, log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+                   progress, log: Callable[[str], None] = print) -> None:
     """Run (or resume) the sequential protocol over `items` (planned task, evaluation case) with
-    their `jobs`; `write(task, record)` stores a case record; returns (case records, checkpoint
-    records). The model is back to its unedited weights when this returns or raises."""
+    their `jobs`; `write(task, record)` stores a case record; at the end each case record is
+    rewritten with its scores after all the edits (cases.jsonl). The model is back to its
+    unedited weights when this returns or raises."""
     stream = EditStream(setup, run, items, jobs, hooks, protocol, write, progress, log)
     stream.read_pre_edit()
     stream.read_locality_probes()
@@ -59,7 +60,7 @@ def run_sequential(setup, run: RunDir, items: list[tuple[object, EditCase]], job
                 stream.evaluate_checkpoint(n)
     finally:
         stream.undo_all()
-    return stream.final_records(), stream.checkpoints
+    stream.write_final_records()
 
 
 def sequential_summary(config: dict, checkpoints: list[dict], planned: int) -> dict:

@@ -268,11 +268,12 @@ class EditStream:
             for name, value in self.originals.items():
                 self.params[name].copy_(value)
 
-    def final_records(self) -> list[dict]:
-        """Every case record with its scores at the last checkpoint (the model with every edit),
-        so that it reads as a single-mode one with "post" after all N edits; rewritten to disk."""
+    def write_final_records(self) -> None:
+        """Rewrite cases.jsonl with every case record's scores at the last checkpoint (the model
+        with every edit), so that it reads as a single-mode one with "post" after all N edits;
+        nothing when the run has not reached its last checkpoint."""
         if not (self.checkpoints and self.checkpoints[-1]["n_edits"] == self.total):
-            return self.records
+            return
         final = {(c["task"], c["case_id"]): c for c in self.checkpoints[-1]["cases"]}
         for record in self.records:
             got = final.get(_key(record))
@@ -283,4 +284,3 @@ class EditStream:
                 record["wild"]["generations"]["post"] = got["wild"]["generations"]
                 record["wild"]["verdicts"]["post"] = got["wild"]["verdicts"]
         self.run.write_cases(self.records)
-        return self.records
