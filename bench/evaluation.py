@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from bench.core.cases import EditCase
+from bench.core.decoding import reference
 from bench.core.generation import Generation
 from bench.core.layout import output_logits
 from bench.core.metrics import case_scores
@@ -50,6 +51,7 @@ class EvalState:
     fluency: list[Generation] | None = None
     forced_s: float = 0.0  # seconds of the teacher-forced evaluation
     wild_s: float = 0.0  # seconds of generation (this case's share of a batched one)
+    cached: bool = False  # its generations were read from the answer cache, not generated
 
 
 def shares_prefix(view) -> bool:
@@ -86,13 +88,21 @@ def wild_groups(jobs: list[Job]) -> list[list[int]]:
 
 def evaluate_wild(lm, jobs: list[Job], states: list[EvalState],
                   earlier: list[EvalState] | None = None,
-                  on_rows: Callable[[list[int]], None] | None = None) -> None:
+                  on_rows: Callable[[list[int]], None] | None = None, unedited: bool = False) -> None:
     """Generations (and fluency texts) for the jobs evaluated in the wild, batched across the
     jobs that share their settings, into `states`; with the `earlier` (pre-edit) states, only
     what the edited model no longer reproduces is decoded again. `on_rows`: told which jobs
-    (indices) the rows of each forward pass belong to."""
+    (indices) the rows of each forward pass belong to. `unedited`: the model holds no edit, so
+    answers kept by the settings' answer cache (bench.core.answer_cache) are read, not generated,
+    and the ones generated are kept."""
     for ks in wild_groups(jobs):
         settings = jobs[ks[0]].wild
+        # (not on the reference paths: benchmarks and identity tests compare what they generate)
+        cache = settings.answers if unedited and earlier is None and on_rows is None and not reference() else None
+        if cache is not None:
+            ks = _from_cache(lm, cache, jobs, states, ks)
+            if not ks:
+                continue
         cases = [jobs[k].case for k in ks]
         shared_prefix = all(jobs[k].share_prefix for k in ks)
         tell = None if on_rows is None else (lambda rows, ks=ks: on_rows([ks[r] for r in rows]))
@@ -108,6 +118,22 @@ def evaluate_wild(lm, jobs: list[Job], states: list[EvalState],
         for k, g, f in zip(ks, gens, flu):
             states[k].generations, states[k].fluency = g, f
             states[k].wild_s += share
+            if cache is not None:
+                cache.put(lm, jobs[k].case, settings, g, f)
+
+
+def _from_cache(lm, cache, jobs: list[Job], states: list[EvalState], ks: list[int]) -> list[int]:
+    """The states of the jobs `ks` whose unedited answers `cache` keeps, filled from it; the jobs
+    left to generate."""
+    left = []
+    for k in ks:
+        kept = cache.get(lm, jobs[k].case, jobs[k].wild)
+        if kept is None:
+            left.append(k)
+        else:
+            states[k].generations, states[k].fluency = kept
+            states[k].cached = True
+    return left
 
 
 # An activation whose square overflows float32 (the precision norms compute in): the next norm
@@ -184,8 +210,13 @@ def case_record(job: Job, tokenizer, pre: EvalState) -> dict:
         result = wild_result(job.case, pre.generations, None, job.wild,
                              (pre.fluency, None) if pre.fluency is not None else None)
         record["pre"].update(result["pre"])
-        record["wild"] = result["record"]
+        record["wild"] = _wild_entry(result, pre)
     return record
+
+
+def _wild_entry(result: dict, pre: EvalState) -> dict:
+    """The record's `wild` entry, saying where the unedited answers came from."""
+    return {**result["record"], "unedited_answers": "cached" if pre.cached else "generated"}
 
 
 def add_post(record: dict, job: Job, tokenizer, pre: EvalState, post: EvalState, info: dict) -> None:
@@ -196,7 +227,7 @@ def add_post(record: dict, job: Job, tokenizer, pre: EvalState, post: EvalState,
         fluency = (pre.fluency, post.fluency) if pre.fluency is not None else None
         result = wild_result(job.case, pre.generations, post.generations, job.wild, fluency)
         record["post"].update(result["post"])
-        record["wild"] = result["record"]
+        record["wild"] = _wild_entry(result, pre)
     if info:  # the edit handle's facts
         record["edit"] = dict(info)
 

@@ -31,7 +31,8 @@ from bench.regression.hook import RegressionHook
 from bench.sequential import run_sequential, sequential_summary
 from bench.single import WILD_WINDOW, run_case, run_cases
 from bench.runconfig import run_config
-from bench.session import RunOptions, Setup, evaluation_case, options_from_config, run_timing_key, set_up
+from bench.options import options_from_config
+from bench.session import RunOptions, Setup, evaluation_case, run_timing_key, set_up
 
 __all__ = ["Job", "Protocol", "RunHook", "run_case", "run_cases", "execute", "resume", "summarize_run",
            "format_summary"]

@@ -59,7 +59,7 @@ def run_cases(lm, editor, jobs: list[Job], batch_size: int, reuse_unchanged_bloc
     pres = [EvalState() for _ in jobs]
     if progress is not None and len(jobs) > 1 and any(job.wild is not None for job in jobs):
         progress(f"{jobs[0].case.task}: the unedited model's answers for {len(jobs)} cases")
-    evaluate_wild(lm, jobs, pres)  # the unedited model's answers, all jobs together
+    evaluate_wild(lm, jobs, pres, unedited=True)  # the unedited model's answers, all jobs together
     records: list[dict | None] = [None] * len(jobs)
     # Weight edits: each edit's changed weights are kept and the answers of all of them decoded
     # together afterwards; their records (and every later one) are held till then.

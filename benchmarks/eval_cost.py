@@ -12,7 +12,9 @@ first and this one last (`--this-first` swaps that; on a busy machine run it bot
 per case of the edit, the teacher-forced evaluation (pre + post) and the wild evaluation (pre +
 post generations), wild / edit, the wall time of the run and, for sequential runs, each
 checkpoint's seconds; then, when two or more runs were made, whether their case records agree
-(benchmarks/compare_runs.py: scores, predictions, generated answers).
+(benchmarks/compare_runs.py: scores, predictions, generated answers). `--again` runs this
+checkout once more at the end, so that the second run reads what the first left in the cache
+(the unedited model's answers: docs/wild.md, "Cost").
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def costs(run: Path) -> dict:
     ok = [c for c in cases if not c.get("error")]
     mean = lambda key: statistics.mean(c["time"].get(key, 0.0) for c in ok) if ok else float("nan")  # noqa: E731
     out = {"cases": len(ok), "edit_s": mean("edit_s"), "eval_s": mean("eval_s"), "wild_s": mean("wild_s")}
+    per_task: dict[str, list[dict]] = {}
+    for c in ok:
+        per_task.setdefault(c["task"], []).append(c["time"])
+    out["tasks"] = {t: (statistics.mean(x["edit_s"] for x in ts), statistics.mean(x.get("wild_s", 0.0) for x in ts))
+                    for t, ts in sorted(per_task.items())}
+    out["cached"] = sum((c.get("wild") or {}).get("unedited_answers") == "cached" for c in ok)
     path = run / "checkpoints.jsonl"
     if path.exists():
         out["checkpoints"] = [(c["n_edits"], c["time"]["eval_s"])
@@ -67,11 +75,16 @@ def main() -> None:
     ap.add_argument("--checkout", action="append", default=[], type=Path,
                     help="another checkout of the harness to run the same command from (repeatable)")
     ap.add_argument("--this-first", action="store_true", help="run this checkout before the others")
+    ap.add_argument("--again", action="store_true",
+                    help="run this checkout once more at the end (this-again): it reads what the runs "
+                         "before it left in the cache, e.g. the unedited model's answers")
     ap.add_argument("--runs-dir", type=Path, default=Path("eval-cost-runs"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each run (default 1)")
     args = ap.parse_args(own)
     checkouts = [(f"before{k}" if len(args.checkout) > 1 else "before", c.resolve()) for k, c in enumerate(args.checkout)]
     order = [("this", HERE)] + checkouts if args.this_first else checkouts + [("this", HERE)]
+    if args.again:
+        order.append(("this-again", HERE))
     machine = _common.machine()
     results = {}
     for label, checkout in order:
@@ -87,6 +100,11 @@ def main() -> None:
         cps = ", ".join(f"{n}: {s:.1f}" for n, s in r.get("checkpoints", []))
         print(f"| {label} | {r['cases']} | {r['edit_s']:.3f} | {r['eval_s']:.3f} | {r['wild_s']:.3f} | "
               f"{ratio:.2f} | {r['wall']:.0f} | {cps} |")
+    print("\nper task, edit / wild (s per case); cases whose unedited answers came from the answer cache")
+    for label, _ in order:
+        r = results[label]
+        tasks = "; ".join(f"{t} {e:.2f} / {w:.2f}" for t, (e, w) in r["tasks"].items())
+        print(f"  {label}: {tasks}; cached {r['cached']} of {r['cases']}")
     if len(order) > 1:
         base = read_run(str(results[order[0][0]]["run"]))
         for label, _ in order[1:]:

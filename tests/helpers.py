@@ -100,8 +100,12 @@ def jsonl_lines(path) -> list[dict]:
 
 
 def without_time(record: dict) -> dict:
-    """A run record without its timings (which differ between otherwise equal runs)."""
-    return {k: v for k, v in record.items() if k != "time"}
+    """A run record without its timings and without saying where its unedited answers came from
+    (generated or read from the answer cache), which differ between otherwise equal runs."""
+    out = {k: v for k, v in record.items() if k != "time"}
+    if isinstance(out.get("wild"), dict):
+        out["wild"] = {k: v for k, v in out["wild"].items() if k != "unedited_answers"}
+    return out
 
 
 # --------------------------------------------------------------------------------------------

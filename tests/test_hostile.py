@@ -439,9 +439,9 @@ def test_generation_lengths_are_bounded(tmp_path, capsys, tiny_load, extra, patt
 @pytest.mark.parametrize("extra, pattern", [
     (["--max-new-tokens", "4", "--fluency", "3"],
      r"--max-new-tokens, --fluency only apply to generated answers, which only --protocol wild makes"),
-    (["--wild-scorer", "exact_match"], r"--wild-scorer only apply to generated answers"),
-    (["--regression-corpus", "corpus.txt"], r"--regression-corpus only apply to the lm-eval regression"),
-    (["--lm-limit", "5"], r"--lm-limit only apply to the lm-eval regression"),
+    (["--wild-scorer", "exact_match"], r"--wild-scorer only applies to generated answers"),
+    (["--regression-corpus", "corpus.txt"], r"--regression-corpus only applies to the lm-eval regression"),
+    (["--lm-limit", "5"], r"--lm-limit only applies to the lm-eval regression"),
 ])
 def test_options_the_run_would_not_use_are_errors(tmp_path, capsys, tiny_load, extra, pattern):
     assert_one_line(cli(run_args(tmp_path, *extra), capsys), r"^bench: error: " + pattern)

@@ -24,7 +24,7 @@ from editors.base import CombinedHandle, EditContext, TrainingData
 from editors.ike import IKE, RETRIEVERS, IkeHparams
 from editors.ike.demos import quotas
 from editors.ike.retrievers import TfidfRetriever
-from tests.helpers import FIXTURE_DATA
+from tests.helpers import FIXTURE_DATA, without_time
 from tests.helpers import jsonl_lines as lines_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -445,7 +445,7 @@ def test_a_killed_sequential_run_resumes_exactly(tmp_path, tiny_load, monkeypatc
         CrashingIKE.fail_at = None
     crashed = next((tmp_path / "b" / "runs").iterdir())
     resume(crashed, log=lambda s: None)
-    strip = lambda r: {k: v for k, v in r.items() if k != "time"}  # noqa: E731
+    strip = without_time
     ra, rb = lines_of(straight / "cases.jsonl"), lines_of(crashed / "cases.jsonl")
     assert [strip(r) for r in ra] == [strip(r) for r in rb]
     ca, cb = lines_of(straight / "checkpoints.jsonl"), lines_of(crashed / "checkpoints.jsonl")

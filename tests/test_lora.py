@@ -18,7 +18,7 @@ from bench.core.probes import encode_probe
 from bench.core.snapshot import model_fingerprint
 from bench.core.tiny import ARCHS, tiny_config, tiny_model, tiny_tokenizer
 from editors.lora import LoRA, LoRAHparams, attention_roles, target_names
-from tests.helpers import FIXTURE_DATA
+from tests.helpers import FIXTURE_DATA, without_time
 from tests.helpers import jsonl_lines as lines_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -362,7 +362,7 @@ def test_a_killed_sequential_run_resumes_exactly(tmp_path, tiny_load, monkeypatc
         CrashingLoRA.fail_at = None
     crashed = next((tmp_path / "b" / "runs").iterdir())
     resume(crashed, log=lambda s: None)
-    strip = lambda r: {k: v for k, v in r.items() if k != "time"}  # noqa: E731
+    strip = without_time
     ra, rb = lines_of(straight / "cases.jsonl"), lines_of(crashed / "cases.jsonl")
     assert len(ra) == 5 and [strip(r) for r in ra] == [strip(r) for r in rb]
     ca, cb = lines_of(straight / "checkpoints.jsonl"), lines_of(crashed / "checkpoints.jsonl")

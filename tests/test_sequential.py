@@ -142,8 +142,10 @@ def test_edit_batch_calls_the_editor_with_batches(tmp_path, tiny_load, monkeypat
             return EditHandle(model, [], info={"cases": [{"k": i} for i in range(len(cases))], "joint_s": 1})
 
     monkeypatch.setattr(editors, "get_editor_class", lambda name: Recording)
+    import bench.options
     import bench.session
     monkeypatch.setattr(bench.session, "get_editor_class", lambda name: Recording)
+    monkeypatch.setattr(bench.options, "get_editor_class", lambda name: Recording)  # RunOptions.check
     path = execute(options(tmp_path, editor="recording", hparams={}, edit_batch=2, eval_every=4),
                    log=lambda s: None)
     assert [len(c) for c in calls] == [2, 2, 2, 2, 1]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench.core.tiny import tiny_model
+from tests.helpers import without_time
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -24,9 +25,7 @@ def _bench(args: list[str], env: dict, launcher: list[str] | None = None) -> sub
 
 
 def _cases(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "cases.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("time", None)  # wall-clock timings differ between runs
+    records = [without_time(json.loads(line)) for line in (run_dir / "cases.jsonl").read_text().splitlines()]
     return sorted(records, key=lambda r: (r["task"], r["case_id"]))
 
 

@@ -156,6 +156,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fluency", type=int, default=0, metavar="TOKENS",
                    help="wild: also measure fluency (ROME's n-gram entropy) on this many generated "
                         "tokens from the edit and rephrase prompts (default 0: off)")
+    p.add_argument("--no-answer-cache", dest="answer_cache", action="store_false",
+                   help="wild: generate the unedited model's answers even where the cache keeps them "
+                        "from an earlier run on the same model, cases and settings (docs/wild.md)")
     p.add_argument("--lm-limit", type=limit, default=DEFAULT_LM_LIMIT,
                    help=f"docs per lm-eval task (default {DEFAULT_LM_LIMIT}; 0 = all)")
     p.add_argument("--regression-corpus", default=None, metavar="FILE",
@@ -228,6 +231,7 @@ def options_from_args(args, **changes) -> RunOptions:
                       prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
                       wild_scorer=args.wild_scorer, judge=args.judge, judge_url=args.judge_url,
                       judge_model=args.judge_model, fluency_tokens=args.fluency,
+                      answer_cache=getattr(args, "answer_cache", True),
                       instruction_mode=args.instruction_mode, batch_size=args.batch_size,
                       retrain=args.retrain, run_name=args.name, lm_limit=args.lm_limit,
                       regression_corpus=args.regression_corpus, edit_batch=args.edit_batch,

@@ -400,9 +400,10 @@ def model_from_config(config, tokenizer, seed: int = 0, device: str = "cpu") -> 
     model = AutoModelForCausalLM.from_config(config)
     model.to(device).eval().requires_grad_(False)
     prepare_tokenizer(tokenizer)
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    # the seed inside the hash: `identity` keeps only the hash's first 16 characters
+    digest = hashlib.sha256(json.dumps([config.to_dict(), seed], sort_keys=True, default=str).encode())
     return LoadedModel(model=model, tokenizer=tokenizer, spec=f"random:{config.model_type}",
-                       source_hash=f"{digest.hexdigest()[:16]}-seed{seed}",
+                       source_hash=digest.hexdigest(),
                        layout=find_layout(model), device=torch.device(device),
                        dtype=next(model.parameters()).dtype)
 

@@ -55,6 +55,8 @@ class WildSettings:
     judge: object | None = None  # a bench.core.judge judge; adds the "judge" verdict
     fluency_tokens: int = 0  # > 0: also generate this many tokens for fluency
     decode_batch: int = DECODE_BATCH  # rows decoded together (decoding reads every weight per step)
+    # a bench.core.answer_cache.AnswerCache: the unedited model's answers kept across runs (None: off)
+    answers: object | None = None
     _verdicts: dict = field(default_factory=dict, repr=False)  # judge verdicts memo
 
     def __post_init__(self) -> None:

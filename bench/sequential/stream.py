@@ -121,7 +121,7 @@ class EditStream:
             chunk = missing[start:start + PRE_CHUNK]
             states = [EvalState(forced=evaluate_forced(lm, jobs[i], self.protocol, self.opts.batch_size))
                       for i in chunk]
-            evaluate_wild(lm, [jobs[i] for i in chunk], states)
+            evaluate_wild(lm, [jobs[i] for i in chunk], states, unedited=True)
             for i, st in zip(chunk, states):
                 rec = case_record(jobs[i], lm.tokenizer, st)
                 if st.forced is not None:  # what the last checkpoint compares each case's locality with
