@@ -74,8 +74,10 @@ def _stop_counts(records: list[dict], cap: int) -> dict:
                 if entry:
                     stops[entry["stop"]] = stops.get(entry["stop"], 0) + 1
     total = sum(stops.values())
+    cached = sum((r.get("wild") or {}).get("unedited_answers") == "cached" for r in records)
     return {"max_new_tokens": cap, "generations": total, "stops": stops,
-            "cap_hit_rate": round(stops.get("max_new_tokens", 0) / total, 4) if total else None}
+            "cap_hit_rate": round(stops.get("max_new_tokens", 0) / total, 4) if total else None,
+            "unedited_answers_cached": cached}
 
 
 def format_summary(summary: dict) -> str:
@@ -95,6 +97,9 @@ def format_summary(summary: dict) -> str:
     notes += [f"{t}: generated answers cut by the cap ({i['wild']['max_new_tokens']} tokens): "
               f"{i['wild']['stops'].get('max_new_tokens', 0)} of {i['wild']['generations']}"
               for t, i in summary["task_info"].items() if i.get("wild") and i["wild"]["generations"]]
+    notes += [f"{t}: the unedited model's answers of {i['wild']['unedited_answers_cached']} cases read from the "
+              "answer cache (--no-answer-cache: generate them)"
+              for t, i in summary["task_info"].items() if (i.get("wild") or {}).get("unedited_answers_cached")]
     return "\n".join([table] + notes)
 
 

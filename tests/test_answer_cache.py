@@ -75,6 +75,8 @@ def test_a_second_run_reads_the_unedited_answers_and_records_the_same(tmp_path, 
     second = _run(tmp_path, "second", mode=mode)
     assert unedited_generations == []  # nothing generated on the unedited model
     assert {r["wild"]["unedited_answers"] for r in second} == {"cached"}
+    summary = json.loads(next((tmp_path / "runs").glob("second-*/summary.json")).read_text())
+    assert sum(i["wild"]["unedited_answers_cached"] for i in summary["task_info"].values()) == n
     assert _without_source(second) == _without_source(first)
     fresh = _run(tmp_path, "fresh", mode=mode, answer_cache=False)
     assert sum(unedited_generations) == n
