@@ -57,6 +57,9 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     summary_one = json.loads((run_one / "summary.json").read_text())
     summary_two = json.loads((run_two / "summary.json").read_text())
     assert summary_one["tasks"] == summary_two["tasks"]
+    # the second run read the unedited model's answers the first one left in the answer cache
+    cached = lambda summary: [i["wild"].pop("unedited_answers_cached") for i in summary["task_info"].values()]  # noqa: E731
+    assert sum(cached(summary_one)) == 0 and sum(cached(summary_two)) == len(cases_two)
     assert summary_one["task_info"] == summary_two["task_info"]
 
 
