@@ -125,7 +125,7 @@ class AnswerCache:
             gens, fluency = _decode(value["answers"]), _decode(value["fluency"])
         except (ValueError, KeyError, TypeError):
             return None  # an entry this code cannot read: generated again (and replaced)
-        if len(gens) != len(case.rephrase_prompts) + len(case.locality) + len(case.portability) + 1:
+        if len(gens) != len(wild_probes(case)):  # one answer per probe, in wild_probes order
             return None
         if (fluency is None) != (not settings.fluency_tokens):
             return None
