@@ -60,6 +60,15 @@ def shares_prefix(view) -> bool:
     return view is not None and bool(view.context) and "modules" not in view.kinds
 
 
+def plain_reading(view) -> bool:
+    """Whether the model read through `view` computes each position from the tokens before it
+    alone, as the unedited architecture does (no edit, or weights only): then a teacher-forced
+    pass over prompt + answer holds the prompt's prefill for a generation (bench.core.prefill).
+    A module or hook may read the whole sequence (a codebook keyed on the last token, a router
+    over all positions), and a context changes the prompt."""
+    return view is None or set(view.kinds) <= {"weights"}
+
+
 def viewed(job: Job, view) -> Job:
     """The job as the edited model is given it: its case through the edit's view (`view`: an
     edit handle; a context goes in front of every probe prompt)."""

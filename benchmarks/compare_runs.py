@@ -8,8 +8,9 @@ For every (task, case_id) finished in both runs, the `pre` and `post` score dict
 `predictions`, the wild protocol's generated answers and the edit error (if any) must be equal: scores within `--tolerance` (default 0:
 exact), predictions and errors exactly. Prints one row per task (cases compared, equal,
 differing, only in one run, and the largest absolute score difference per metric over pre and
-post) and the first differing cases with what differs. Exit status 0 when every compared case is
-equal, 1 otherwise (also when the runs have no case in common), 2 on a usage error.
+post) and the first differing cases with what differs; for sequential runs, whether the
+checkpoint records are equal (all of each record but its time). Exit status 0 when every compared
+case and checkpoint is equal, 1 otherwise (also when the runs have no case in common), 2 on a usage error.
 
 `--ignore-metric NAME` (every task) and `--ignore-task-metric TASK:METRIC` (one task) leave a
 metric out, for a deliberate change. Ignoring a token-accuracy metric also ignores the
@@ -64,6 +65,31 @@ def read_run(path: str) -> dict[tuple[str, str], dict]:
     if not records:
         raise BenchError(f"{path} holds no finished case (no {run.cases_path.name})")
     return {(r["task"], str(r["case_id"])): r for r in records}
+
+
+def compare_checkpoints(path_a: str, path_b: str) -> tuple[int, list[str]] | None:
+    """Sequential runs: (the number of checkpoints in both runs, one line per checkpoint that
+    differs naming the fields that do), over the whole records less their time - every retained
+    case's scores and generated answers, the fixed probes', the summary; None when either run
+    has no checkpoint."""
+    a = {c["n_edits"]: c for c in RunDir(Path(path_a)).read_checkpoints()}
+    b = {c["n_edits"]: c for c in RunDir(Path(path_b)).read_checkpoints()}
+    if not a or not b:
+        return None
+    both = sorted(a.keys() & b.keys())
+    lines = []
+    for n in both:
+        fields = sorted(k for k in (a[n].keys() | b[n].keys()) - {"time"} if a[n].get(k) != b[n].get(k))
+        if fields:
+            lines.append(f"checkpoint at {n} edits differs in: {', '.join(fields)}")
+    return len(both), lines
+
+
+def checkpoint_report(found: tuple[int, list[str]] | None) -> str:
+    if found is None:
+        return ""
+    n, lines = found
+    return "\n".join([f"checkpoints: {n - len(lines)} of {n} in both runs equal (their times left out)", *lines])
 
 
 def short(value, width: int = 60) -> str:
@@ -192,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     differing = sum(len(r.differing) for r in tasks.values())
     print(f"\n{compared - differing} of {compared} compared cases equal"
           + ("" if not differing else f"; {differing} differ"))
+    checkpoints = compare_checkpoints(args.run_a, args.run_b)
+    if checkpoints is not None:
+        print(checkpoint_report(checkpoints))
+        differing += len(checkpoints[1])
     return 0 if differing == 0 else 1
 
 

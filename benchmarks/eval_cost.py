@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import _common
-from compare_runs import compare_runs, read_run, report, Ignore
+from compare_runs import Ignore, checkpoint_report, compare_checkpoints, compare_runs, read_run, report
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -111,6 +111,8 @@ def main() -> None:
             tasks = compare_runs(base, read_run(str(results[label]["run"])), Ignore(), 0.0)
             print(f"\ncase records, {order[0][0]} vs {label}:")
             print(report(tasks, Ignore(), show=3))
+            print(checkpoint_report(compare_checkpoints(str(results[order[0][0]]["run"]),
+                                                        str(results[label]["run"]))))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,21 @@ def test_compare_runs_a_differing_generation(tmp_path):
     assert res.returncode == 1 and "wild.generations.post" in res.stdout
 
 
+def test_compare_runs_a_differing_checkpoint(tmp_path):
+    """Sequential runs: checkpoint records are compared whole, less their time."""
+    def with_checkpoint(path, answer, seconds):
+        run = write_run(path, [record("zsre", "z1", {"reliability": 1.0})])
+        cp = {"n_edits": 1, "cases": [{"case_id": "z1", "wild": {"prompt": answer}}], "time": {"eval_s": seconds}}
+        (run / "checkpoints.jsonl").write_text(json.dumps(cp) + "\n")
+        return run
+
+    a = with_checkpoint(tmp_path / "a", " Rome", 1.0)
+    res = run_script("compare_runs.py", a, with_checkpoint(tmp_path / "b", " Rome", 2.0))
+    assert res.returncode == 0 and "checkpoints: 1 of 1 in both runs equal" in res.stdout
+    res = run_script("compare_runs.py", a, with_checkpoint(tmp_path / "c", " Oslo", 1.0))
+    assert res.returncode == 1 and "checkpoint at 1 edits differs in: cases" in res.stdout
+
+
 def test_eval_cost_runs_bench_from_two_checkouts_and_compares_them(tiny_model_dir, tmp_path):
     """This checkout twice (as if it were another): the table has a row each, and the records agree."""
     res = run_script("eval_cost.py", "--checkout", ROOT, "--runs-dir", tmp_path, "--",

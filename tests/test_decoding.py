@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from bench.core.decoding import MIN_SHARED, plan_batches, reference_paths
-from bench.core.generation import StopRules, _StopCheck, _cut, generate, regenerate
+from bench.core.generation import StopRules, StopCheck, _cut, generate, regenerate
 from bench.core.probes import score_probes
 from bench.core.tiny import tiny_model, tiny_tokenizer
 from bench.runner import execute
@@ -58,7 +58,7 @@ def test_rows_with_a_long_common_context_are_batched_together():
 def test_the_stop_check_fires_exactly_where_the_whole_text_first_holds_a_stop(tokens, at_newline, stops):
     tok = tiny_tokenizer()
     rules = StopRules(max_new_tokens=64, stop_strings=tuple(stops), at_newline=at_newline)
-    check = _StopCheck(tok, rules)
+    check = StopCheck(tok, rules)
     first_check = next((k for k in range(1, len(tokens) + 1) if check(tokens[:k])), None)
     first_whole = next((k for k in range(1, len(tokens) + 1)
                         if _cut(tok.decode(tokens[:k], skip_special_tokens=True), rules)[1] is not None), None)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from bench.core.cases import EditCase, PromptAnswer
 from bench.core.errors import BenchError
-from bench.core.generation import Generation, StopRules, _cut, _finish, generate, regenerate
+from bench.core.generation import Generation, StopRules, _cut, as_generation, generate, regenerate
 from bench.core.judge import HTTPJudge, JudgeItem, parse_verdict
 from bench.core.probes import encode_probe, evaluate_case
 from bench.core.scorers import answer_first, exact_match, normalize_answer, token_f1
@@ -80,9 +80,9 @@ def test_a_newline_token_stops_the_answer():
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     word = tok(" Paris", add_special_tokens=False)["input_ids"]
     rules = StopRules(max_new_tokens=20)
-    gen = _finish(tok, word + newline + word, tok.eos_token_id, rules)
+    gen = as_generation(tok, word + newline + word, tok.eos_token_id, rules)
     assert (gen.text, gen.stop) == (" Paris", "newline")
-    gen = _finish(tok, newline + word + [tok.eos_token_id] + word, tok.eos_token_id, rules)
+    gen = as_generation(tok, newline + word + [tok.eos_token_id] + word, tok.eos_token_id, rules)
     assert (gen.text, gen.stop, gen.n_tokens) == ("\n Paris", "eos", len(newline + word))
 
 

@@ -136,6 +136,15 @@ def run_rows(model, rows: list[list[int]], shared: int, pad: int) -> torch.Tenso
     return out.last_hidden_state
 
 
+def run_rows_cached(model, rows: list[list[int]], pad: int):
+    """`run_rows` with nothing shared, also returning the key-value cache of the pass (right
+    padded: row k's token j at column j)."""
+    device = next(model.parameters()).device
+    _, ids, mask = _padded(model, rows, 0, pad, left=False)
+    out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+    return out.last_hidden_state, cache_of(out)
+
+
 @torch.no_grad()
 def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad: int,
                   stopped: Callable[[list[int]], bool], batch_size: int = 32,
@@ -159,27 +168,42 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, eos: int
         tell(idx)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **with_cache(model, cache))
-        cache = cache_of(logits)
-        alive = list(range(len(rows)))  # batch row -> index into rows
-        last = positions[:, -1]
-        for step in range(max_new_tokens):
-            tokens = logits.logits[:, -1].argmax(-1)
-            keep = []
-            for r, (k, t) in enumerate(zip(alive, tokens.tolist())):
-                out[idx[k]].append(t)
-                if not ((eos is not None and t == eos) or stopped(out[idx[k]])):
-                    keep.append(r)
-            if not keep or step == max_new_tokens - 1:
-                break
-            if len(keep) < len(alive):  # rows that stopped leave the batch
-                sel = torch.tensor(keep, device=device)
-                cache.batch_select_indices(sel)
-                tokens, mask, last = tokens[sel], mask[sel], last[sel]
-                alive = [alive[r] for r in keep]
-                tell([idx[k] for k in alive])
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            last = last + 1
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
-                           use_cache=True, logits_to_keep=1, **with_cache(model, cache))
-            cache = cache_of(logits)
+        continue_greedy(model, cache_of(logits), mask, positions[:, -1], logits.logits[:, -1].argmax(-1),
+                        [out[i] for i in idx], [max_new_tokens] * len(idx), eos, [stopped] * len(idx),
+                        lambda alive, idx=idx: tell([idx[k] for k in alive]))
     return out
+
+
+@torch.no_grad()
+def continue_greedy(model, cache, mask: torch.Tensor, last: torch.Tensor, tokens: torch.Tensor,
+                    outs: list[list[int]], caps: list[int], eos: int | None,
+                    stops: list[Callable[[list[int]], bool]],
+                    tell: Callable[[list[int]], None] | None = None) -> None:
+    """Greedy decoding of a batch whose prompts are already in `cache` (left padded: `mask` over
+    its columns, `last` each row's last position), from each row's first new token (`tokens`,
+    the argmax after its prompt). Row k's tokens are appended to `outs[k]` until it stops: EOS,
+    `stops[k](its tokens)`, or `caps[k]` tokens; a row that stops leaves the batch. `tell` is
+    told, before each later forward pass, which rows (indices into `outs`) it runs."""
+    device = tokens.device
+    alive = list(range(len(outs)))
+    while True:
+        keep = []
+        for r, (k, t) in enumerate(zip(alive, tokens.tolist())):
+            outs[k].append(t)
+            if not ((eos is not None and t == eos) or stops[k](outs[k]) or len(outs[k]) >= caps[k]):
+                keep.append(r)
+        if not keep:
+            return
+        if len(keep) < len(alive):  # rows that stopped leave the batch
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            tokens, mask, last = tokens[sel], mask[sel], last[sel]
+            alive = [alive[r] for r in keep]
+            if tell is not None:
+                tell(alive)
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        last = last + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
+                       use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+        cache = cache_of(logits)
+        tokens = logits.logits[:, -1].argmax(-1)

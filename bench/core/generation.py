@@ -68,7 +68,7 @@ class _NaturalStop(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class _StopCheck:
+class StopCheck:
     """Whether a row's new tokens hold a stop marker after the answer has begun, asked after
     every token: only the last few tokens are decoded, and the whole row only when they hold a
     marker (to see whether the answer had begun before it)."""
@@ -100,9 +100,9 @@ def generate(model, tokenizer, prompts: list[str], rules: StopRules, batch_size:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    rows = greedy_decode(model, ids, rules.max_new_tokens, eos, pad, _StopCheck(tokenizer, rules),
+    rows = greedy_decode(model, ids, rules.max_new_tokens, eos, pad, StopCheck(tokenizer, rules),
                          batch_size, share=share_prefix, on_rows=on_rows)
-    return [_finish(tokenizer, row, eos, rules) for row in rows]
+    return [as_generation(tokenizer, row, eos, rules) for row in rows]
 
 
 @torch.no_grad()
@@ -129,11 +129,13 @@ def generate_reference(model, tokenizer, prompts: list[str], rules: StopRules,
         ids = model.generate(**enc, generation_config=config,
                              stopping_criteria=StoppingCriteriaList([_NaturalStop(tokenizer, width, rules)]))
         for row in ids[:, width:].tolist():
-            out.append(_finish(tokenizer, row, eos, rules))
+            out.append(as_generation(tokenizer, row, eos, rules))
     return out
 
 
-def _finish(tokenizer, row: list[int], eos: int | None, rules: StopRules) -> Generation:
+def as_generation(tokenizer, row: list[int], eos: int | None, rules: StopRules) -> Generation:
+    """The Generation of decoded token ids `row` (up to and including its stop token): the text cut
+    at its stop marker, the stop's reason and the tokens before any EOS."""
     if eos is not None and eos in row:
         tokens, reason = row[: row.index(eos)], "eos"
     else:

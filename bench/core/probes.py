@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.core.cases import EditCase
-from bench.core.decoding import MIN_SHARED, in_order, plan_batches, reference, run_rows
+from bench.core.decoding import MIN_SHARED, in_order, plan_batches, reference, run_rows, run_rows_cached
 from bench.core.layout import output_logits
 
 
@@ -56,7 +56,7 @@ class ProbeResult:
 
 @torch.no_grad()
 def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: int = 32,
-                 share_prefix: bool = False) -> list[ProbeResult]:
+                 share_prefix: bool = False, prefill=None) -> list[ProbeResult]:
     """Teacher-forced argmax and log-probabilities at the answer positions of each probe.
 
     Answer token j is predicted at position len(prompt) - 1 + j, which sees only the prompt and
@@ -66,7 +66,9 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
     blind to what follows. Right padding keeps every real token at the position it has unbatched;
     vocabulary logits are computed only at the answer positions (the vocabulary projection
     dominates the cost). `share_prefix`: sequences with a long common token prefix (an in-context
-    edit's context) are batched together and the prefix run once (bench.core.decoding)."""
+    edit's context) are batched together and the prefix run once (bench.core.decoding). `prefill`
+    (a bench.core.prefill.SharedPrefill): generations from prompts these sequences begin with
+    are started from this pass (its hidden states and key-value cache are handed to it)."""
     device = next(model.parameters()).device
     encoded = [encode_probe(tokenizer, p, a) for p, a in probes]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -83,6 +85,10 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
             runs.append(seq)
         readers.setdefault(run_of_prefix[seq], []).append(i)
     results: list[ProbeResult | None] = [None] * len(encoded)
+    if prefill is not None and not reference():  # (on the reference paths it generates everything itself)
+        prefill.attach(run_of_prefix)
+    else:
+        prefill = None
     batches = (plan_batches([list(s) for s in runs], batch_size, share=True) if share_prefix and not reference()
                else in_order(len(runs), batch_size))
     for chunk, shared in batches:
@@ -98,7 +104,11 @@ def score_probes(model, tokenizer, probes: list[tuple[str, str]], batch_size: in
                     cols.append(len(p_ids) - 1 + j - shared)  # the position that predicts answer token j
                     targets.append(tok)
                 owners.append(i)
-        hidden = run_rows(model, [list(runs[r]) for r in chunk], shared, pad)
+        if prefill is not None and not shared:
+            hidden, cache = run_rows_cached(model, [list(runs[r]) for r in chunk], pad)
+            prefill.take(chunk, hidden, cache)
+        else:
+            hidden = run_rows(model, [list(runs[r]) for r in chunk], shared, pad)
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
         logprobs = torch.log_softmax(output_logits(model, picked).float(), dim=-1)
         target_t = torch.tensor(targets, device=device)
@@ -168,12 +178,12 @@ def evaluate_case(model, tokenizer, case: EditCase, counterfact: bool = False,
 
 
 def evaluate_cases(model, tokenizer, cases: list[EditCase], counterfact: bool = False,
-                   batch_size: int = 32, share_prefix: bool = False) -> list[CaseEval]:
+                   batch_size: int = 32, share_prefix: bool = False, prefill=None) -> list[CaseEval]:
     """`evaluate_case` for many cases in one batched pass over all their probes (a sequential
-    run's checkpoints score every edit made so far this way)."""
+    run's checkpoints score every edit made so far this way; `prefill`: as for score_probes)."""
     per_case = [build_probes(case, counterfact) for case in cases]
     results = score_probes(model, tokenizer, [p for probes in per_case for _, p in probes],
-                           batch_size=batch_size, share_prefix=share_prefix)
+                           batch_size=batch_size, share_prefix=share_prefix, prefill=prefill)
     out, at = [], 0
     for probes in per_case:
         slots: dict[str, list[ProbeResult]] = {}

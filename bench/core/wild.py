@@ -74,6 +74,11 @@ def wild_probes(case: EditCase) -> list[WildProbe]:
     return probes
 
 
+def probe_prompts(tokenizer, case: EditCase, settings: WildSettings) -> list[str]:
+    """The prompts the model is given for a case's wild probes (in `wild_probes` order)."""
+    return [format_prompt(tokenizer, p.prompt, settings.prompt_format) for p in wild_probes(case)]
+
+
 def default_max_new_tokens(tokenizer, cases: list[EditCase], margin: int = CAP_MARGIN) -> int:
     """The longest gold answer of `cases` in tokens (tokenised as a continuation, after a space),
     plus `margin`: no gold answer can be cut by the cap."""
@@ -90,8 +95,8 @@ def generate_cases(model, tokenizer, cases: list[EditCase], settings: WildSettin
     `earlier` generations of the same cases (before the edit), only the probes whose earlier
     answer the model no longer gives are decoded again (bench.core.generation.regenerate).
     `on_rows`: told which cases (indices) the rows of each forward pass belong to."""
-    probes = [wild_probes(case) for case in cases]
-    prompts = [format_prompt(tokenizer, p.prompt, settings.prompt_format) for ps in probes for p in ps]
+    probes = [probe_prompts(tokenizer, case, settings) for case in cases]
+    prompts = [p for ps in probes for p in ps]
     tell = _per_case(probes, on_rows)
     if earlier is None:
         gens = generate(model, tokenizer, prompts, settings.rules, batch_size, share_prefix, tell)

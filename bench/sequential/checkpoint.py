@@ -7,11 +7,14 @@ from dataclasses import replace
 
 import numpy as np
 
+from bench.core.decoding import reference
 from bench.core.metrics import case_scores, summarize_task
+from bench.core.prefill import SharedPrefill
 from bench.core.probes import CaseEval, ProbeResult, evaluate_cases
 from bench.core.prompts import format_case
-from bench.core.wild import fluency_texts, generate_cases, generated_texts, ngram_entropy, score_generations
-from bench.evaluation import Job, Protocol, shares_prefix, wild_groups
+from bench.core.wild import (fluency_texts, generate_cases, generated_texts, ngram_entropy, probe_prompts,
+                             score_generations)
+from bench.evaluation import Job, Protocol, plain_reading, shares_prefix, wild_groups
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
 LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
@@ -41,22 +44,25 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
     given = [view.view_case(c) for c in cases] if view is not None else cases
     share = shares_prefix(view)
     out: list[dict] = [{"post": {}} for _ in jobs]
+    prefill, per_job = _shared_prefill(lm, jobs, given, protocol, view)
     if protocol.teacher_forced:
         for cf in (False, True):
             idx = [i for i, job in enumerate(jobs) if job.counterfact == cf]
             if not idx:
                 continue
             evals = evaluate_cases(model, tok, [format_case(tok, given[i], protocol.prompt_format) for i in idx],
-                                   counterfact=cf, batch_size=batch_size, share_prefix=share)
+                                   counterfact=cf, batch_size=batch_size, share_prefix=share, prefill=prefill)
             for i, ev in zip(idx, evals):
                 before = _unedited_locality(pre[i]["pre_locality_ids"]) if pre is not None else None
                 out[i]["post"].update(case_scores(ev, before))
+    generated = _per_job(prefill.finish(), per_job) if prefill is not None else {}
     for idx in wild_groups(jobs):
         settings = jobs[idx[0]].wild
         # (no check of the unedited answers first, as single mode does: at 128 rows a decoding
         # step is cheap per row, and the teacher-forced check costs more than decoding)
-        gens = generate_cases(model, tok, [given[i] for i in idx], settings, settings.decode_batch,
-                              share_prefix=share)
+        gens = ([generated[i] for i in idx] if generated else
+                generate_cases(model, tok, [given[i] for i in idx], settings, settings.decode_batch,
+                               share_prefix=share))
         flu = (fluency_texts(model, tok, [given[i] for i in idx], settings, settings.decode_batch,
                              share_prefix=share)
                if settings.fluency_tokens else [None] * len(idx))
@@ -67,6 +73,27 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
                 scores["fluency"] = float(np.mean([ngram_entropy(x.text) for x in f]))
             out[i]["post"].update(scores)
             out[i]["wild"] = record
+    return out
+
+
+def _shared_prefill(lm, jobs: list[Job], given, protocol: Protocol, view):
+    """(a SharedPrefill of every wild probe's prompt, each job's number of them) when the
+    teacher-forced pass can start the generations (bench.evaluation.plain_reading), else
+    (None, None)."""
+    wild = [i for i, job in enumerate(jobs) if job.wild is not None]
+    if not wild or not protocol.teacher_forced or not plain_reading(view) or reference():
+        return None, None
+    prompts = {i: probe_prompts(lm.tokenizer, given[i], jobs[i].wild) for i in wild}
+    prefill = SharedPrefill(lm.model, lm.tokenizer, [p for i in wild for p in prompts[i]],
+                            [jobs[i].wild.rules for i in wild for _ in prompts[i]],
+                            max(jobs[i].wild.decode_batch for i in wild))
+    return prefill, {i: len(prompts[i]) for i in wild}
+
+
+def _per_job(gens: list, counts: dict[int, int]) -> dict[int, list]:
+    out, at = {}, 0
+    for i, n in counts.items():
+        out[i], at = gens[at:at + n], at + n
     return out
 
 

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.core.cases import EditCase
+from bench.core.decoding import reference
 from bench.core.generation import Generation, generate, regenerate
+from bench.core.prefill import SharedPrefill
 from bench.core.probes import score_probes
 from bench.core.prompts import format_prompt
 from bench.core.scorers import normalize_answer
 from bench.core.wild import locality_verdicts
-from bench.evaluation import Job, Protocol, shares_prefix
+from bench.evaluation import Job, Protocol, plain_reading, shares_prefix
 
 # --------------------------------------------------------------------------------------------
 # Locality probes
@@ -60,30 +62,42 @@ def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], p
     """What the model says on each probe: teacher forced, the argmax tokens over the answer and
     its log-probability (and target_new's, for CounterFact's neighbourhood comparison); in the
     wild, the generated answer and the primary scorer's verdict on it. With the `earlier`
-    (unedited) readings, generations the model still reproduces are not decoded again. `view`:
-    the handle of the edits on the model (a context goes in front of every probe prompt)."""
+    (unedited) readings, generations the model still reproduces are not decoded again, unless the
+    generations start from the teacher-forced pass (bench.core.prefill: both protocols, a model
+    read plainly), which costs less than that check. `view`: the handle of the edits on the
+    model (a context goes in front of every probe prompt)."""
     model, tok = lm.model, lm.tokenizer
     out: list[dict] = [{} for _ in probes]
     seen = view.view_text if view is not None else (lambda text: text)
     share = shares_prefix(view)
     fmt = lambda text: format_prompt(tok, seen(text), protocol.prompt_format)  # noqa: E731
+    wild = [i for i, p in enumerate(probes) if jobs_by_task[p.task].wild is not None]
+    prefill = None
+    if wild and protocol.teacher_forced and plain_reading(view) and not reference():
+        # the generations start from the teacher-forced pass (bench.core.prefill)
+        settings = [jobs_by_task[probes[i].task].wild for i in wild]
+        prefill = SharedPrefill(model, tok, [format_prompt(tok, seen(probes[i].prompt), w.prompt_format)
+                                             for i, w in zip(wild, settings)],
+                                [w.rules for w in settings], max(w.decode_batch for w in settings))
     if protocol.teacher_forced and probes:
         for o, r in zip(out, score_probes(model, tok, [(fmt(p.prompt), p.answer) for p in probes], batch_size,
-                                          share_prefix=share)):
+                                          share_prefix=share, prefill=prefill)):
             o.update(pred_ids=r.pred_ids, true_lp=r.mean_logprob)
         cf = [i for i, p in enumerate(probes) if jobs_by_task[p.task].counterfact]
         news = score_probes(model, tok, [(fmt(probes[i].prompt), probes[i].target_new) for i in cf], batch_size,
                             share_prefix=share)
         for i, r in zip(cf, news):
             out[i]["new_lp"] = r.mean_logprob
+    started = dict(zip(wild, prefill.finish())) if prefill is not None else {}
     groups: dict[int, list[int]] = {}
-    for i, p in enumerate(probes):
-        if jobs_by_task[p.task].wild is not None:
-            groups.setdefault(id(jobs_by_task[p.task].wild), []).append(i)
+    for i in wild:
+        groups.setdefault(id(jobs_by_task[probes[i].task].wild), []).append(i)
     for idx in groups.values():
         settings = jobs_by_task[probes[idx[0]].task].wild
         prompts = [format_prompt(tok, seen(probes[i].prompt), settings.prompt_format) for i in idx]
-        if earlier is None:
+        if started:
+            gens = [started[i] for i in idx]
+        elif earlier is None:
             gens = generate(model, tok, prompts, settings.rules, settings.decode_batch, share)
         else:
             gens = regenerate(model, tok, prompts, [_as_generation(earlier[i]["generation"]) for i in idx],
