@@ -91,3 +91,17 @@ def test_sequential_checkpoints_start_generations_from_the_pass_and_record_what_
     monkeypatch.setattr(SharedPrefill, "take", spy)
     _runs_agree(tmp_path, editor="ft", tasks=tasks, limit=6, hparams={"steps": 2})
     assert sum(taken) > 0
+
+
+def test_only_a_model_read_plainly_lets_the_pass_stand_for_a_prefill():
+    """Weights alone (or no edit): yes. Modules or hooks may read the whole sequence, and a
+    context changes the prompt: no."""
+    from bench.evaluation import plain_reading
+    from editors.base import EditHandle
+    model = tiny_model("llama").model
+    name = next(n for n, _ in model.named_parameters())
+    assert plain_reading(None)
+    assert plain_reading(EditHandle(model))  # the `none` editor's: nothing changed
+    assert plain_reading(EditHandle(model, [name]))
+    assert not plain_reading(EditHandle(model, [name], modules=True))
+    assert not plain_reading(EditHandle(model, context="Paris is in Italy. "))
