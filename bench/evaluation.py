@@ -15,6 +15,7 @@ from bench.core.cases import EditCase
 from bench.core.decoding import reference
 from bench.core.generation import Generation
 from bench.core.layout import output_logits
+from bench.core.prefill import SharedPrefill
 from bench.core.metrics import case_scores
 from bench.core.probes import CaseEval, evaluate_case, predictions
 from bench.core.prompts import format_case
@@ -67,6 +68,17 @@ def plain_reading(view) -> bool:
     A module or hook may read the whole sequence (a codebook keyed on the last token, a router
     over all positions), and a context changes the prompt."""
     return view is None or set(view.kinds) <= {"weights"}
+
+
+def shared_prefill(lm, prompts: list[str], settings: list[WildSettings], protocol: Protocol,
+                   view) -> SharedPrefill | None:
+    """A SharedPrefill of `prompts` (each generated with its settings' stop rules) when the
+    teacher-forced pass can start them: both protocols, the model read plainly (plain_reading),
+    not the reference paths; else None (generate them as usual)."""
+    if not prompts or not protocol.teacher_forced or not plain_reading(view) or reference():
+        return None
+    return SharedPrefill(lm.model, lm.tokenizer, prompts, [s.rules for s in settings],
+                         max(s.decode_batch for s in settings))
 
 
 def viewed(job: Job, view) -> Job:

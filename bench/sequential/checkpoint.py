@@ -7,14 +7,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from bench.core.decoding import reference
 from bench.core.metrics import case_scores, summarize_task
-from bench.core.prefill import SharedPrefill
 from bench.core.probes import CaseEval, ProbeResult, evaluate_cases
 from bench.core.prompts import format_case
 from bench.core.wild import (fluency_texts, generate_cases, generated_texts, ngram_entropy, probe_prompts,
                              score_generations)
-from bench.evaluation import Job, Protocol, plain_reading, shares_prefix, wild_groups
+from bench.evaluation import Job, Protocol, shared_prefill, shares_prefix, wild_groups
 
 # Metrics read from the fixed locality probes rather than from the edited cases.
 LOCALITY_METRICS = ("locality", "neighborhood", "wild_locality", "wild_locality_correct")
@@ -78,16 +76,13 @@ def retention(lm, jobs: list[Job], protocol: Protocol, batch_size: int,
 
 def _shared_prefill(lm, jobs: list[Job], given, protocol: Protocol, view):
     """(a SharedPrefill of every wild probe's prompt, each job's number of them) when the
-    teacher-forced pass can start the generations (bench.evaluation.plain_reading), else
+    teacher-forced pass can start the generations (bench.evaluation.shared_prefill), else
     (None, None)."""
     wild = [i for i, job in enumerate(jobs) if job.wild is not None]
-    if not wild or not protocol.teacher_forced or not plain_reading(view) or reference():
-        return None, None
     prompts = {i: probe_prompts(lm.tokenizer, given[i], jobs[i].wild) for i in wild}
-    prefill = SharedPrefill(lm.model, lm.tokenizer, [p for i in wild for p in prompts[i]],
-                            [jobs[i].wild.rules for i in wild for _ in prompts[i]],
-                            max(jobs[i].wild.decode_batch for i in wild))
-    return prefill, {i: len(prompts[i]) for i in wild}
+    prefill = shared_prefill(lm, [p for i in wild for p in prompts[i]],
+                             [jobs[i].wild for i in wild for _ in prompts[i]], protocol, view)
+    return (prefill, {i: len(prompts[i]) for i in wild}) if prefill is not None else (None, None)
 
 
 def _per_job(gens: list, counts: dict[int, int]) -> dict[int, list]:

@@ -9,14 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.core.cases import EditCase
-from bench.core.decoding import reference
 from bench.core.generation import Generation, generate, regenerate
-from bench.core.prefill import SharedPrefill
 from bench.core.probes import score_probes
 from bench.core.prompts import format_prompt
 from bench.core.scorers import normalize_answer
 from bench.core.wild import locality_verdicts
-from bench.evaluation import Job, Protocol, plain_reading, shares_prefix
+from bench.evaluation import Job, Protocol, shared_prefill, shares_prefix
 
 # --------------------------------------------------------------------------------------------
 # Locality probes
@@ -72,13 +70,11 @@ def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], p
     share = shares_prefix(view)
     fmt = lambda text: format_prompt(tok, seen(text), protocol.prompt_format)  # noqa: E731
     wild = [i for i, p in enumerate(probes) if jobs_by_task[p.task].wild is not None]
-    prefill = None
-    if wild and protocol.teacher_forced and plain_reading(view) and not reference():
-        # the generations start from the teacher-forced pass (bench.core.prefill)
-        settings = [jobs_by_task[probes[i].task].wild for i in wild]
-        prefill = SharedPrefill(model, tok, [format_prompt(tok, seen(probes[i].prompt), w.prompt_format)
-                                             for i, w in zip(wild, settings)],
-                                [w.rules for w in settings], max(w.decode_batch for w in settings))
+    wild_prompt = {i: format_prompt(tok, seen(probes[i].prompt), jobs_by_task[probes[i].task].wild.prompt_format)
+                   for i in wild}
+    # the generations start from the teacher-forced pass where they can (bench.core.prefill)
+    prefill = shared_prefill(lm, [wild_prompt[i] for i in wild], [jobs_by_task[probes[i].task].wild for i in wild],
+                             protocol, view)
     if protocol.teacher_forced and probes:
         for o, r in zip(out, score_probes(model, tok, [(fmt(p.prompt), p.answer) for p in probes], batch_size,
                                           share_prefix=share, prefill=prefill)):
@@ -94,7 +90,7 @@ def read_probes(lm, probes: list[LocalityProbe], jobs_by_task: dict[str, Job], p
         groups.setdefault(id(jobs_by_task[probes[i].task].wild), []).append(i)
     for idx in groups.values():
         settings = jobs_by_task[probes[idx[0]].task].wild
-        prompts = [format_prompt(tok, seen(probes[i].prompt), settings.prompt_format) for i in idx]
+        prompts = [wild_prompt[i] for i in idx]
         if started:
             gens = [started[i] for i in idx]
         elif earlier is None:
